@@ -1,0 +1,708 @@
+"""Load generator for the completion service: async HTTP client, closed/Poisson loops, SSE, reports."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence, TextIO
+
+import aiohttp
+
+from common import metrics
+from common.metrics import Stats
+
+DEFAULT_PROMPT = "请简要介绍人工智能的发展历史"
+ROOT_ENDPOINT = "/"
+OPENAI_ENDPOINT = "/v1/completions"
+ENDPOINTS = (ROOT_ENDPOINT, OPENAI_ENDPOINT)
+UNKNOWN_NODE = "unknown"
+CONNECTION_ERROR = "connection_error"
+
+# A stream chunk, or an error body, can exceed aiohttp's 64 KiB line buffer with long outputs.
+_READ_BUFSIZE = 1 << 20
+# Only the socket connect gets this bound: aiohttp's `connect` timeout would also count the wait
+# for a free pooled connection, which is the load test's own queueing, not the server's fault.
+_SOCK_CONNECT_TIMEOUT_S = 30.0
+_ERROR_MESSAGE_CHARS = 300
+
+
+@dataclass(slots=True)
+class LoadConfig:
+    """What load to generate and against which service."""
+
+    url: str = "http://localhost:8000"
+    endpoint: str = ROOT_ENDPOINT
+    prompts: Sequence[str] = (DEFAULT_PROMPT,)
+    max_tokens: int = 128
+    concurrency: int = 20
+    num_requests: int = 100          # 0: no count limit (then `duration` must bound the run)
+    request_rate: float = math.inf   # requests/s with Poisson arrivals; inf: closed loop
+    duration: float | None = None    # stop issuing new requests after this many seconds
+    timeout: float = 600.0           # per request, whole request including the streamed body
+    stream: bool = False
+    model: str = "DeepSeek-R1"       # sent on /v1/completions only
+    api_key: str | None = None
+    ignore_eos: bool = False
+    temperature: float | None = None
+    seed: int | None = None
+    progress: bool = False
+    expected_nodes: int | None = None
+
+    def target_url(self) -> str:
+        return self.url.rstrip("/") + self.endpoint
+
+    def public_dict(self) -> dict[str, Any]:
+        """Parameters for reports: the API key redacted, prompts summarised (the list can be huge)."""
+        data = asdict(self)
+        data["api_key"] = "***" if self.api_key else None
+        prompts = list(self.prompts)
+        data["prompts"] = {"count": len(prompts), "first": prompts[0] if prompts else None}
+        data["request_rate"] = None if math.isinf(self.request_rate) else self.request_rate
+        data["target_url"] = self.target_url()
+        return data
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """One request's outcome; failures are data (`error` holds a kind such as 'http_503')."""
+
+    index: int
+    start: float                      # seconds since the run started
+    latency: float = 0.0              # seconds from send to the last byte (or the failure)
+    ok: bool = False
+    status: int = 0                   # HTTP status; 0 when no response arrived
+    error: str | None = None
+    message: str = ""
+    node: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    usage_reported: bool = False      # False: output_tokens counted from stream chunks (or unknown)
+    finish_reason: str | None = None
+    ttft: float | None = None         # streaming only
+    itl: list[float] | None = None    # streaming only: gaps between content chunks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class LoadResult:
+    """Everything a run produced: the config, every request's result and the run's timing."""
+
+    config: LoadConfig
+    results: list[RequestResult]
+    duration: float                   # first send to last completion, seconds
+    started_at: float                 # wall-clock epoch seconds
+    aborted: str | None = None        # why issuing stopped early, if it did
+    event_loop: str = "asyncio"
+
+
+@dataclass(slots=True)
+class NodeStats:
+    node: str
+    count: int
+    share: float
+    latency: Stats
+
+
+@dataclass(slots=True)
+class Summary:
+    """Aggregates of a run, shaped like `vllm bench serve`'s report plus per-node figures."""
+
+    completed: int                    # requests that got a final outcome
+    successes: int
+    failures: int
+    error_kinds: dict[str, int]
+    duration: float
+    request_throughput: float         # successful requests / s
+    output_token_throughput: float
+    total_token_throughput: float
+    total_prompt_tokens: int
+    total_output_tokens: int
+    latency: Stats
+    ttft: Stats | None
+    tpot: Stats | None
+    itl: Stats | None
+    nodes: list[NodeStats]
+    balance: float | None             # min share / max share over nodes, see metrics.balance
+    max_share_deviation: float | None
+    expected_nodes: int | None
+    aborted: str | None = None
+    sample_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def node_counts(self) -> dict[str, int]:
+        return {entry.node: entry.count for entry in self.nodes}
+
+    @property
+    def unreachable(self) -> bool:
+        """True when nothing ever answered: every request failed to connect."""
+        return self.completed > 0 and self.error_kinds.get(CONNECTION_ERROR, 0) == self.completed
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["node_counts"] = self.node_counts
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Request building and the HTTP client
+
+
+def build_payloads(config: LoadConfig) -> list[bytes]:
+    """One encoded body per distinct prompt, so the hot loop only picks bytes, never serialises."""
+    payloads = []
+    for prompt in config.prompts:
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": config.max_tokens}
+        if config.endpoint == OPENAI_ENDPOINT:
+            body["model"] = config.model
+        if config.stream:
+            body["stream"] = True
+            if config.endpoint == OPENAI_ENDPOINT:
+                body["stream_options"] = {"include_usage": True}
+        if config.temperature is not None:
+            body["temperature"] = config.temperature
+        if config.ignore_eos:
+            body["ignore_eos"] = True
+        payloads.append(json.dumps(body, ensure_ascii=False).encode())
+    return payloads
+
+
+def build_headers(config: LoadConfig) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if config.stream:
+        headers["Accept"] = "text/event-stream"
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    return headers
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        error = data.get("error", data) if isinstance(data, dict) else data
+        message = error.get("message", error) if isinstance(error, dict) else error
+        text = str(message)
+    except (ValueError, AttributeError):
+        text = body.decode("utf-8", "replace")
+    return text.strip()[:_ERROR_MESSAGE_CHARS]
+
+
+def _apply_usage(result: RequestResult, usage: Any) -> None:
+    if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+        result.output_tokens = int(usage["completion_tokens"])
+        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        result.usage_reported = True
+
+
+def _parse_json_body(result: RequestResult, body: bytes) -> None:
+    data = json.loads(body)
+    choice = data["choices"][0]
+    if not isinstance(choice.get("text", ""), str):
+        raise ValueError("choices[0].text is not a string")
+    result.finish_reason = choice.get("finish_reason")
+    result.node = data.get("node") or UNKNOWN_NODE
+    _apply_usage(result, data.get("usage"))
+    result.ok = True
+
+
+async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, sent_at: float) -> None:
+    perf = time.perf_counter
+    itl: list[float] = []
+    result.itl = itl
+    content_chunks = 0
+    last_chunk_at = 0.0
+    done = False
+    node = None
+    async for raw_line in response.content:
+        line = raw_line.strip()
+        # SSE: blank lines separate events, ':' lines are comments; only data lines matter here.
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            done = True
+            continue  # keep reading to EOF so the keep-alive connection goes back to the pool
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = "stream_error"
+            result.message = _error_message(data)
+            continue
+        node = chunk.get("node") or node
+        choices = chunk.get("choices")
+        if choices:
+            # Like `vllm bench serve`, every chunk with choices counts for TTFT/ITL even when its
+            # text is empty (special tokens), so the two tools' figures compare directly.
+            choice = choices[0]
+            now = perf() - sent_at
+            if result.ttft is None:
+                result.ttft = now
+            else:
+                itl.append(now - last_chunk_at)
+            last_chunk_at = now
+            if choice.get("text"):
+                content_chunks += 1
+            if choice.get("finish_reason"):
+                result.finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if usage:
+            _apply_usage(result, usage)
+    result.node = node or UNKNOWN_NODE
+    if result.error is not None:
+        return
+    if not done:
+        result.error = "invalid_response"
+        result.message = "event stream ended without 'data: [DONE]'"
+        return
+    if not result.usage_reported:
+        result.output_tokens = content_chunks
+    result.ok = True
+
+
+async def send_request(session: aiohttp.ClientSession, url: str, payload: bytes,
+                       headers: dict[str, str], stream: bool, index: int,
+                       run_started: float) -> RequestResult:
+    """Send one request; never raises for request failures, they come back as the result's `error`."""
+    sent_at = time.perf_counter()
+    result = RequestResult(index=index, start=sent_at - run_started)
+    try:
+        async with session.post(url, data=payload, headers=headers) as response:
+            result.status = response.status
+            if response.status != 200:
+                body = await response.read()
+                result.error = f"http_{response.status}"
+                result.message = _error_message(body)
+            elif stream:
+                await _read_stream(result, response, sent_at)
+            else:
+                _parse_json_body(result, await response.read())
+    except asyncio.TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
+        result.error = "connect_timeout" if "connect" in type(exc).__name__.lower() else "timeout"
+        result.message = str(exc) or type(exc).__name__
+    except aiohttp.ClientConnectorError as exc:
+        result.error = CONNECTION_ERROR
+        result.message = str(exc)
+    except aiohttp.ServerDisconnectedError as exc:
+        result.error = "server_disconnected"
+        result.message = str(exc) or "server disconnected"
+    except aiohttp.ClientPayloadError as exc:
+        result.error = "payload_error"
+        result.message = str(exc)
+    except aiohttp.ClientError as exc:
+        result.error = "client_error"
+        result.message = f"{type(exc).__name__}: {exc}"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        result.error = "invalid_response"
+        result.message = f"{type(exc).__name__}: {exc}"[:_ERROR_MESSAGE_CHARS]
+    except Exception as exc:  # noqa: BLE001 - a load test records every failure instead of dying
+        result.error = f"error_{type(exc).__name__}"
+        result.message = str(exc)[:_ERROR_MESSAGE_CHARS]
+    result.latency = time.perf_counter() - sent_at
+    if result.error is not None:
+        result.ok = False
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The load loops
+
+
+class _Run:
+    """State shared by the workers of one run; single-threaded (asyncio), so no locks."""
+
+    def __init__(self, config: LoadConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.session = session
+        self.url = config.target_url()
+        self.payloads = build_payloads(config)
+        self.headers = build_headers(config)
+        self.results: list[RequestResult] = []
+        self.next_index = 0
+        self.failures = 0
+        self.answered = 0             # requests that got any HTTP response
+        self.connection_errors = 0
+        self.aborted: str | None = None
+        self.started = time.perf_counter()
+        self.deadline = (self.started + config.duration) if config.duration else math.inf
+        limit = config.num_requests if config.num_requests > 0 else math.inf
+        self.limit = limit
+        # "Unreachable from the start": the first wave of requests all failed to connect.
+        self.abort_after = int(min(limit, max(config.concurrency, 3)))
+
+    def claim(self) -> int | None:
+        """The next request's index, or None once the count, the duration or an abort says stop."""
+        if self.aborted is not None or self.next_index >= self.limit:
+            return None
+        if time.perf_counter() >= self.deadline:
+            return None
+        index = self.next_index
+        self.next_index += 1
+        return index
+
+    async def one(self, index: int) -> None:
+        payloads = self.payloads
+        result = await send_request(self.session, self.url, payloads[index % len(payloads)],
+                                    self.headers, self.config.stream, index, self.started)
+        self.results.append(result)
+        if result.ok:
+            self.answered += 1
+            return
+        self.failures += 1
+        if result.status:
+            self.answered += 1
+        elif result.error == CONNECTION_ERROR:
+            self.connection_errors += 1
+            if self.answered == 0 and self.connection_errors >= self.abort_after:
+                self.aborted = f"{CONNECTION_ERROR}: {result.message}"
+
+    async def closed_loop(self) -> None:
+        async def worker() -> None:
+            while (index := self.claim()) is not None:
+                await self.one(index)
+
+        await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+
+    async def poisson_loop(self) -> None:
+        """Poisson arrivals at `request_rate`, still never more than `concurrency` in flight.
+
+        When the cap is hit the next arrival waits for a free slot (as `vllm bench serve
+        --max-concurrency` does), so the offered rate is an upper bound, not a promise.
+        """
+        rng = random.Random(self.config.seed)
+        slots = asyncio.Semaphore(self.config.concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+        next_arrival = time.perf_counter()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            slots.release()
+
+        while True:
+            delay = next_arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            index = self.claim()
+            if index is None:
+                slots.release()
+                break
+            task = asyncio.create_task(self.one(index))
+            in_flight.add(task)
+            task.add_done_callback(finished)
+            next_arrival += rng.expovariate(self.config.request_rate)
+        if in_flight:
+            await asyncio.gather(*in_flight)
+
+
+class ProgressBar:
+    """Progress on a stream (stderr): a redrawn bar on a TTY, plain periodic lines otherwise."""
+
+    def __init__(self, run: _Run, stream: TextIO | None = None,
+                 interval: float | None = None) -> None:
+        self.run = run
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # Logs (CI, `| tee`) must not fill up with redraws: far fewer lines when not a TTY.
+        self.interval = interval if interval is not None else (0.25 if self.tty else 5.0)
+
+    def line(self) -> str:
+        run = self.run
+        done = len(run.results)
+        elapsed = time.perf_counter() - run.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        if math.isfinite(run.limit):
+            total = int(run.limit)
+            fraction = done / total if total else 1.0
+            head = f"{done}/{total} {fraction * 100:5.1f}%"
+        elif math.isfinite(run.deadline):
+            fraction = min(1.0, elapsed / run.config.duration) if run.config.duration else 1.0
+            head = f"{done} done, {elapsed:.0f}/{run.config.duration:.0f}s"
+        else:
+            fraction, head = 0.0, f"{done} done"
+        in_flight = run.next_index - done
+        text = (f"{head} | {rate:8.1f} req/s | in flight {in_flight} | failed {run.failures}"
+                f" | {elapsed:6.1f}s")
+        if self.tty:
+            width = 24
+            filled = int(width * fraction)
+            return f"[{'#' * filled}{'.' * (width - filled)}] {text}"
+        return f"progress: {text}"
+
+    def draw(self, final: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.line() + ("\n" if final else ""))
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    async def follow(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                self.draw()
+        except asyncio.CancelledError:
+            self.draw(final=True)
+            raise
+
+
+async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) -> LoadResult:
+    """Drive the service with `config` and return every request's result; failures are data."""
+    validate_config(config)
+    connector = aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=config.timeout,
+                                    sock_connect=min(config.timeout, _SOCK_CONNECT_TIMEOUT_S))
+    # trust_env=False: a proxy from the environment must never sit between us and the service.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                     read_bufsize=_READ_BUFSIZE, raise_for_status=False) as session:
+        started_at = time.time()
+        run = _Run(config, session)
+        progress_task = None
+        if config.progress:
+            progress_task = asyncio.create_task(ProgressBar(run, progress_stream).follow())
+        try:
+            if math.isinf(config.request_rate):
+                await run.closed_loop()
+            else:
+                await run.poisson_loop()
+        finally:
+            duration = time.perf_counter() - run.started
+            if progress_task is not None:
+                progress_task.cancel()
+                try:
+                    await progress_task
+                except asyncio.CancelledError:
+                    pass
+    run.results.sort(key=lambda result: result.index)
+    return LoadResult(config=config, results=run.results, duration=duration,
+                      started_at=started_at, aborted=run.aborted,
+                      event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (Ray Serve's uvicorn brings it): it halves the client's per-request cost."""
+    if os.environ.get("LOADGEN_NO_UVLOOP"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_load_sync(config: LoadConfig, progress_stream: TextIO | None = None) -> LoadResult:
+    """run_load from synchronous code, on uvloop when available."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(run_load(config, progress_stream))
+
+
+def validate_config(config: LoadConfig) -> None:
+    """Raise ValueError for a config that cannot describe a run."""
+    if config.concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if config.num_requests < 0:
+        raise ValueError("num_requests must be >= 0")
+    if config.num_requests == 0 and not config.duration:
+        raise ValueError("num_requests 0 (no limit) needs a duration")
+    if config.duration is not None and config.duration <= 0:
+        raise ValueError("duration must be positive")
+    if not config.request_rate > 0:
+        raise ValueError("request_rate must be positive (inf for a closed loop)")
+    if not config.timeout > 0:
+        raise ValueError("timeout must be positive")
+    if config.max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    if config.endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+    if not config.prompts:
+        raise ValueError("at least one prompt is needed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and reports
+
+
+def summarize(result: LoadResult) -> Summary:
+    """Aggregate a run's results into throughputs, latency distributions and per-node figures."""
+    successes = [r for r in result.results if r.ok]
+    failures = [r for r in result.results if not r.ok]
+    error_kinds: dict[str, int] = {}
+    sample_errors: dict[str, str] = {}
+    for failure in failures:
+        kind = failure.error or "unknown_error"
+        error_kinds[kind] = error_kinds.get(kind, 0) + 1
+        sample_errors.setdefault(kind, failure.message)
+    error_kinds = dict(sorted(error_kinds.items(), key=lambda item: (-item[1], item[0])))
+
+    prompt_tokens = sum(r.prompt_tokens for r in successes)
+    output_tokens = sum(r.output_tokens for r in successes)
+    duration = result.duration
+
+    ttft = tpot = itl = None
+    if result.config.stream:
+        ttft = metrics.describe([r.ttft for r in successes if r.ttft is not None])
+        tpots = [metrics.tpot(r.latency, r.ttft, r.output_tokens) for r in successes]
+        tpot = metrics.describe([value for value in tpots if value is not None])
+        itl = metrics.describe([gap for r in successes if r.itl for gap in r.itl])
+
+    latencies_by_node: dict[str, list[float]] = {}
+    for r in successes:
+        latencies_by_node.setdefault(r.node or UNKNOWN_NODE, []).append(r.latency)
+    counts = {node: len(values) for node, values in latencies_by_node.items()}
+    shares = metrics.shares(counts)
+    nodes = [NodeStats(node=node, count=counts[node], share=shares[node],
+                       latency=metrics.describe(latencies_by_node[node]))
+             for node in sorted(counts, key=lambda name: (-counts[name], name))]
+
+    expected = result.config.expected_nodes
+    return Summary(
+        completed=len(result.results),
+        successes=len(successes),
+        failures=len(failures),
+        error_kinds=error_kinds,
+        duration=duration,
+        request_throughput=metrics.throughput(len(successes), duration),
+        output_token_throughput=metrics.throughput(output_tokens, duration),
+        total_token_throughput=metrics.throughput(prompt_tokens + output_tokens, duration),
+        total_prompt_tokens=prompt_tokens,
+        total_output_tokens=output_tokens,
+        latency=metrics.describe([r.latency for r in successes]),
+        ttft=ttft,
+        tpot=tpot,
+        itl=itl,
+        nodes=nodes,
+        balance=metrics.balance(counts, expected),
+        max_share_deviation=metrics.max_share_deviation(counts, expected),
+        expected_nodes=expected,
+        aborted=result.aborted,
+        sample_errors=sample_errors,
+    )
+
+
+_WIDTH = 56
+
+
+def _row(label: str, value: Any) -> str:
+    return f"{label + ':':<40}{value}"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.2f}"
+
+
+def _stats_rows(title: str, short: str, stats: Stats | None) -> list[str]:
+    if stats is None:
+        return []
+    rows = [f"{(' ' + title + ' '):-^{_WIDTH}}"]
+    if stats.count == 0:
+        return rows + [_row(f"{short} (ms)", "n/a (no samples)")]
+    rows.append(_row(f"Mean {short} (ms)", _ms(stats.mean)))
+    for label, value in (("P50", stats.p50), ("P90", stats.p90), ("P99", stats.p99)):
+        rows.append(_row(f"{label} {short} (ms)", _ms(value)))
+    return rows
+
+
+def format_report(summary: Summary, config: LoadConfig) -> str:
+    """The end-of-run table, laid out like `vllm bench serve`'s result block."""
+    mode = ("closed loop" if math.isinf(config.request_rate)
+            else f"Poisson {config.request_rate:g} req/s")
+    lines = [f"{' Load Test Result ':=^{_WIDTH}}",
+             _row("Target", config.target_url()),
+             _row("Mode", f"{mode}, concurrency {config.concurrency}"
+                          f"{', streaming' if config.stream else ''}"),
+             _row("Successful requests", summary.successes),
+             _row("Failed requests", summary.failures)]
+    for kind, count in summary.error_kinds.items():
+        lines.append(_row(f"  {kind}", count))
+    if summary.aborted:
+        lines.append(_row("Stopped early", summary.aborted[:60]))
+    lines += [
+        _row("Benchmark duration (s)", f"{summary.duration:.2f}"),
+        _row("Total input tokens", summary.total_prompt_tokens),
+        _row("Total generated tokens", summary.total_output_tokens),
+        _row("Request throughput (req/s)", f"{summary.request_throughput:.2f}"),
+        _row("Output token throughput (tok/s)", f"{summary.output_token_throughput:.2f}"),
+        _row("Total token throughput (tok/s)", f"{summary.total_token_throughput:.2f}"),
+    ]
+    lines += _stats_rows("End-to-end Latency", "E2EL", summary.latency)
+    lines += _stats_rows("Time to First Token", "TTFT", summary.ttft)
+    lines += _stats_rows("Time per Output Token (excl. 1st token)", "TPOT", summary.tpot)
+    lines += _stats_rows("Inter-token Latency", "ITL", summary.itl)
+    lines.append(f"{' Per-node distribution ':-^{_WIDTH}}")
+    if summary.nodes:
+        node_width = max(12, min(56, max(len(entry.node) for entry in summary.nodes)))
+        lines.append(f"{'node':<{node_width}} {'count':>7} {'share':>7} "
+                     f"{'mean ms':>9} {'p50 ms':>9} {'p99 ms':>9}")
+        for entry in summary.nodes:
+            name = entry.node if len(entry.node) <= node_width else entry.node[:node_width - 1] + "~"
+            lines.append(f"{name:<{node_width}} {entry.count:>7} {entry.share * 100:>6.1f}% "
+                         f"{_ms(entry.latency.mean):>9} {_ms(entry.latency.p50):>9} "
+                         f"{_ms(entry.latency.p99):>9}")
+        seen = len(summary.nodes)
+        expected = f" of {summary.expected_nodes} expected" if summary.expected_nodes else ""
+        balance = "n/a" if summary.balance is None else f"{summary.balance:.3f}"
+        lines.append(_row("Nodes answering", f"{seen}{expected}"))
+        lines.append(_row("Balance (min/max share, 1 = even)", balance))
+        if summary.expected_nodes and seen < summary.expected_nodes:
+            lines.append(f"WARNING: only {seen} of {summary.expected_nodes} expected nodes answered")
+    else:
+        lines.append("no successful answers")
+    lines.append("=" * _WIDTH)
+    return "\n".join(lines)
+
+
+def environment_info() -> dict[str, Any]:
+    return {"python": platform.python_version(), "aiohttp": aiohttp.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+def result_to_json(result: LoadResult, summary: Summary,
+                   include_requests: bool = False) -> dict[str, Any]:
+    """Everything a run produced, as JSON-ready data."""
+    data: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(result.started_at)),
+        "parameters": result.config.public_dict(),
+        "environment": {**environment_info(), "event_loop": result.event_loop},
+        "summary": summary.to_dict(),
+        "nodes": [asdict(entry) for entry in summary.nodes],
+        "errors": summary.error_kinds,
+    }
+    if include_requests:
+        data["requests"] = [r.to_dict() for r in result.results]
+    return data
+
+
+def write_json(path: str, result: LoadResult, summary: Summary,
+               include_requests: bool = False) -> None:
+    data = result_to_json(result, summary, include_requests)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, ensure_ascii=False, indent=2)
+        handle.write("\n")
+
+
+def load_prompts(path: str) -> list[str]:
+    """Prompts from a file: one per line, or JSONL objects with a "prompt" field; blanks skipped."""
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("{"):
+                try:
+                    record = json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{number}: invalid JSON: {exc}") from None
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    raise ValueError(f"{path}:{number}: JSON line without a string 'prompt'")
+                prompts.append(record["prompt"])
+            else:
+                prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts

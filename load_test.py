@@ -1,0 +1,149 @@
+"""Load test for the completion service: concurrency/rate-controlled requests, latency and per-node report."""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Sequence
+
+from common.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, make_parser
+from common.loadgen import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
+                            run_load_sync, summarize, write_json)
+
+EPILOG = """examples:
+  python load_test.py                                  # 20 in flight, 100 requests
+  python load_test.py -c 30 -n 150 -p "请简要解释相对论"
+  python load_test.py --stream -c 64 -n 1000 --json result.json
+  python load_test.py --request-rate 5 --duration 60 -n 0 --prompt-file prompts.jsonl
+
+exit codes: 0 all requests succeeded, 1 any request failed (or the service was unreachable),
+2 bad flags."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also rejects nan
+        raise ValueError("must be positive")
+    return value
+
+
+# argparse names the converter in its error message ("invalid _positive_int value").
+_positive_int.__name__ = "positive integer"
+_non_negative_int.__name__ = "non-negative integer"
+_positive_float.__name__ = "positive number"
+
+
+def build_parser():
+    parser = make_parser("Send concurrent completion requests to the service and report "
+                         "throughput, latency (TTFT/TPOT/ITL when streaming) and how the "
+                         "answers spread over the cluster's nodes.", EPILOG)
+    load = parser.add_argument_group("load")
+    add_flag(load, "-c", "--concurrency", env="LOAD_CONCURRENCY", default=20, type=_positive_int,
+             help="requests in flight at once (the cap, also with --request-rate)")
+    add_flag(load, "-n", "--num-requests", env="LOAD_NUM_REQUESTS", default=100,
+             type=_non_negative_int, help="requests to send; 0 = no limit (needs --duration)")
+    add_flag(load, "--request-rate", env="LOAD_REQUEST_RATE", default=math.inf,
+             type=_positive_float,
+             help="mean requests/s with Poisson arrivals; inf = closed loop (each finished "
+                  "request immediately starts the next)")
+    add_flag(load, "--duration", env="LOAD_DURATION", default=None, type=_positive_float,
+             help="stop issuing new requests after this many seconds (in-flight ones finish)")
+    add_flag(load, "--seed", env="LOAD_SEED", default=0, type=int,
+             help="random seed for the Poisson arrival times")
+    request = parser.add_argument_group("requests")
+    add_flag(request, "-p", "--prompt", default=DEFAULT_PROMPT, help="prompt sent with every request")
+    add_flag(request, "--prompt-file", env="LOAD_PROMPT_FILE", default=None,
+             help="file of prompts, one per line or JSONL {\"prompt\": ...}, used in turn "
+                  "(overrides --prompt)")
+    add_flag(request, "--max-tokens", env="LOAD_MAX_TOKENS", default=128, type=_positive_int,
+             help="max_tokens per request")
+    add_flag(request, "--temperature", env="LOAD_TEMPERATURE", default=None, type=float,
+             help="sampling temperature (server default when unset)")
+    add_flag(request, "--ignore-eos", env="LOAD_IGNORE_EOS", default=False, type=bool,
+             help="ask the server to generate exactly --max-tokens tokens")
+    add_flag(request, "--stream", env="LOAD_STREAM", default=False, type=bool,
+             help="stream answers (SSE) and measure TTFT, TPOT and ITL")
+    service = parser.add_argument_group("service")
+    add_flag(service, "--url", env="SERVICE_URL", default="http://localhost:8000",
+             help="service base URL")
+    add_flag(service, "--endpoint", env="LOAD_ENDPOINT", default="/", choices=ENDPOINTS,
+             help="'/' (the service's own API) or '/v1/completions' (OpenAI format)")
+    add_flag(service, "--model", env="SERVED_MODEL_NAME", default="DeepSeek-R1",
+             help="model name sent on /v1/completions")
+    add_flag(service, "--api-key", env="API_KEY", default=None,
+             help="sent as 'Authorization: Bearer <key>'")
+    add_flag(service, "--timeout", env="LOAD_TIMEOUT", default=600.0, type=_positive_float,
+             help="per-request timeout in seconds, including the whole streamed answer")
+    add_flag(service, "--expected-nodes", env="EXPECTED_NODES", default=None, type=_positive_int,
+             help="nodes that should be serving: ones that answered nothing count as 0 in the "
+                  "balance figure")
+    output = parser.add_argument_group("output")
+    add_flag(output, "--json", dest="json_file", default=None, metavar="FILE",
+             help="write parameters, summary, per-node stats and error kinds to FILE")
+    output.add_argument("--json-requests", action="store_true",
+                        help="also write every request's record into the --json file")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()  # env-var defaults are parsed here and may be invalid
+        args = parser.parse_args(list(argv) if argv is not None else None)
+        if args.num_requests == 0 and args.duration is None:
+            parser.error("-n 0 (no limit) needs --duration")
+        prompts = [args.prompt]
+        if args.prompt_file:
+            try:
+                prompts = load_prompts(args.prompt_file)
+            except (OSError, ValueError) as exc:
+                parser.error(f"--prompt-file: {exc}")
+    except SystemExit as exc:  # argparse exits 2 on bad flags and 0 for --help
+        if isinstance(exc.code, str):  # common.cli's message for an invalid env var
+            print(exc.code, file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+    config = LoadConfig(
+        url=args.url, endpoint=args.endpoint, prompts=prompts, max_tokens=args.max_tokens,
+        concurrency=args.concurrency, num_requests=args.num_requests,
+        request_rate=args.request_rate, duration=args.duration, timeout=args.timeout,
+        stream=args.stream, model=args.model, api_key=args.api_key, ignore_eos=args.ignore_eos,
+        temperature=args.temperature, seed=args.seed, progress=not args.no_progress,
+        expected_nodes=args.expected_nodes)
+
+    try:
+        result = run_load_sync(config)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    summary = summarize(result)
+
+    if args.json_file:
+        try:
+            write_json(args.json_file, result, summary, include_requests=args.json_requests)
+        except OSError as exc:
+            print(f"error: cannot write {args.json_file}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    if summary.unreachable:
+        message = summary.sample_errors.get("connection_error", "")
+        print(f"error: service unreachable at {config.target_url()}: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(format_report(summary, config))
+    return EXIT_OK if summary.failures == 0 and summary.successes > 0 else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
