@@ -485,7 +485,7 @@ async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) ->
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (Ray Serve's uvicorn brings it): it halves the client's per-request cost."""
+    """uvloop when installed (Ray Serve's uvicorn brings it): about 25% more requests/s per core."""
     if os.environ.get("LOADGEN_NO_UVLOOP"):
         return None
     try:
