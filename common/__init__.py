@@ -1,0 +1,1 @@
+"""Shared code of the Ray Serve + vLLM deployment scripts: config, engine, HTTP API, Ray helpers."""

@@ -1,0 +1,71 @@
+"""Command-line plumbing shared by every script: flags with env-var fallbacks, exit codes."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+# Exit codes shared by all scripts, so operators' automation can tell failures apart.
+EXIT_OK = 0
+EXIT_FAILURE = 1          # the thing asked for failed (deploy failed, requests failed, ...)
+EXIT_USAGE = 2            # bad flags (argparse's own code)
+EXIT_RAY_UNREACHABLE = 3  # no Ray cluster at --address
+EXIT_UNHEALTHY = 4        # the cluster answered but something is pending/unhealthy/dead
+EXIT_TIMEOUT = 5          # a wait ran out (e.g. replicas still PENDING)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults in --help and keeps the description's line breaks."""
+
+
+def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, epilog=epilog,
+                                   formatter_class=HelpFormatter)
+
+
+def str_to_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def env_default(env: str | None, default: Any, convert: Callable[[str], Any] | None) -> Any:
+    """The flag's default: the env var's value (converted) when set, else `default`."""
+    if env and os.environ.get(env) not in (None, ""):
+        raw = os.environ[env]
+        if convert is None:
+            return raw
+        try:
+            return convert(raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            sys.exit(f"error: environment variable {env}={raw!r} is invalid: {exc}")
+    return default
+
+
+def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: str,
+             env: str | None = None, default: Any = None, type: Callable[[str], Any] | None = None,
+             help: str = "", **kwargs: Any) -> argparse.Action:
+    """argparse.add_argument with an env-var fallback, named in --help as [env: NAME]."""
+    if type is bool:
+        type = str_to_bool
+        kwargs.setdefault("nargs", "?")
+        kwargs.setdefault("const", True)
+    if env:
+        help = f"{help} [env: {env}]" if help else f"[env: {env}]"
+    value = env_default(env, default, type)
+    return parser.add_argument(*names, default=value, type=type, help=help, **kwargs)
+
+
+def add_address_flag(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--address", env="RAY_ADDRESS", default="auto",
+             help="Ray cluster to connect to ('auto' finds the local cluster started by `ray start`)")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    return parser.parse_args(list(argv) if argv is not None else None)

@@ -1,0 +1,190 @@
+"""Deploying an application: replica options per device, the scripts' shared main, readiness wait."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable
+
+from common import cli
+from common.config import (EngineConfig, ServeConfig, add_engine_args, add_serve_args,
+                           engine_config_from_args, replica_env, serve_config_from_args)
+
+
+def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, Any]:
+    """Ray resources of one replica, reserved exactly once.
+
+    - cpu: the replica reserves CPUs only (the demo and the simulated-cluster tests).
+    - cuda, one GPU per replica: the replica actor holds the GPU and vLLM runs in it.
+    - cuda, tensor/pipeline parallel: the replica gets its own placement group, one bundle per
+      GPU, STRICT_PACK (all on one node); the replica actor itself takes only CPU from bundle 0
+      and vLLM's Ray workers take the GPUs of the bundles (common/engine.py points vLLM at the
+      group). Ray Serve's own ray.serve.llm does the same. Asking `num_gpus=8` for the replica
+      and letting vLLM reserve 8 more for its workers books 16 GPUs per replica: the guide's
+      "never reaches the second machine".
+    """
+    cpus = serve_config.cpus_per_replica
+    env = {"env_vars": replica_env(engine, serve_config.env_vars)}
+    if engine.device == "cpu":
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
+    gpus = engine.gpus_per_replica
+    if gpus == 1:
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
+    return {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
+        "placement_group_bundles": [{"CPU": cpus, "GPU": 1}] + [{"GPU": 1}] * (gpus - 1),
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def replica_demand(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, float]:
+    """What one replica needs on a single node, for preflight checks."""
+    if engine.device == "cpu":
+        return {"CPU": serve_config.cpus_per_replica}
+    return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.gpus_per_replica)}
+
+
+def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
+                       **topology: Any) -> dict[str, Any]:
+    """All options of an LLM deployment: resources + request limits + health + topology."""
+    options = replica_resources(engine, serve_config)
+    options.update(
+        max_ongoing_requests=serve_config.max_ongoing_requests,
+        max_queued_requests=serve_config.max_queued_requests,
+    )
+    options.update(topology)
+    return options
+
+
+def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMServer",
+            **topology: Any):
+    """The Serve application of one LLM deployment answering HTTP itself."""
+    from common.ingress import LLMDeployment
+
+    return LLMDeployment.options(
+        name=name, **deployment_options(engine, serve_config, **topology)
+    ).bind(engine, serve_config)
+
+
+# ---- the scripts' shared main --------------------------------------------------------------------
+
+BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
+
+
+def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
+                add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                engine_defaults: EngineConfig | None = None,
+                serve_defaults: ServeConfig | None = None) -> int:
+    """Parse flags, connect to Ray, build the app (build may return an exit code), deploy it."""
+    parser = cli.make_parser(description)
+    cli.add_address_flag(parser)
+    cli.add_flag(parser, "--proxy-location", env="SERVE_PROXY_LOCATION", default="EveryNode",
+                 choices=["EveryNode", "HeadOnly", "Disabled"],
+                 help="where Serve runs HTTP proxies (EveryNode: any node's IP answers)")
+    if add_topology_args:
+        add_topology_args(parser.add_argument_group("topology"))
+    add_engine_args(parser, engine_defaults)
+    add_serve_args(parser, serve_defaults)
+    args = parser.parse_args(argv)
+    engine = engine_config_from_args(args)
+    serve_config = serve_config_from_args(args)
+    problems = engine.validate()
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return cli.EXIT_USAGE
+
+    from common.cluster import connect
+
+    connect(args.address)
+    app = build(args, engine, serve_config)
+    if isinstance(app, int):
+        return app
+    return deploy(app, serve_config, proxy_location=args.proxy_location)
+
+
+def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode") -> int:
+    """Start Serve if needed, deploy the app without blocking, wait until it runs or fails."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    serve.start(proxy_location=proxy_location,
+                http_options={"host": serve_config.host, "port": serve_config.port})
+    print(f"deploying application {serve_config.app_name!r} "
+          f"(route {serve_config.route_prefix}) ...", flush=True)
+    serve.run_many([RunTarget(target=app, name=serve_config.app_name,
+                              route_prefix=serve_config.route_prefix)],
+                   wait_for_ingress_deployment_creation=False,
+                   wait_for_applications_running=False)
+    code = wait_ready(serve_config.app_name, serve_config.timeout_s)
+    if code == cli.EXIT_OK:
+        print_ready(serve_config)
+    return code
+
+
+def _replica_summary(app_status) -> str:
+    parts = []
+    for name, dep in app_status.deployments.items():
+        states = ", ".join(f"{n} {s}" for s, n in sorted(dep.replica_states.items())) or "none"
+        parts.append(f"{name}: {states}")
+    return "; ".join(parts)
+
+
+def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> int:
+    """Poll Serve until the app is RUNNING; on failure or timeout say why, with exit codes."""
+    from ray import serve
+
+    from common import cluster
+
+    started = time.monotonic()
+    last_line = ""
+    while True:
+        elapsed = time.monotonic() - started
+        status = serve.status().applications.get(app_name)
+        if status is not None:
+            state = str(status.status.value if hasattr(status.status, "value") else status.status)
+            line = f"[{elapsed:5.0f}s] {app_name}: {state} ({_replica_summary(status)})"
+            if line != last_line:
+                print(line, flush=True)
+                last_line = line
+            if state == "RUNNING":
+                return cli.EXIT_OK
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                print(f"error: application {app_name!r} is {state}", file=sys.stderr)
+                for name, dep in status.deployments.items():
+                    if dep.message:
+                        print(f"  {name}: {dep.message}", file=sys.stderr)
+                return cli.EXIT_FAILURE
+        if elapsed > timeout_s:
+            break
+        time.sleep(poll_s)
+    print(f"error: application {app_name!r} not ready after {timeout_s:.0f}s "
+          f"(--timeout / DEPLOY_TIMEOUT)", file=sys.stderr)
+    pending = cluster.pending_demands()
+    if pending:
+        print("the cluster cannot place these demands (as `ray status` lists them):",
+              file=sys.stderr)
+        for demand in pending:
+            print(f"  {demand.count} x {demand.shape} ({demand.kind}): {demand.reason}",
+                  file=sys.stderr)
+    print("the application stays deployed and Serve keeps trying; "
+          "inspect with `python check_cluster.py`, remove with `python stop_service.py`",
+          file=sys.stderr)
+    return cli.EXIT_TIMEOUT
+
+
+def print_ready(serve_config: ServeConfig) -> None:
+    from common import cluster
+
+    replicas = cluster.list_replicas(serve_config.app_name)
+    print(f"\napplication {serve_config.app_name!r} is RUNNING with {len(replicas)} replica(s):")
+    print(cluster.format_placement(replicas))
+    host = "localhost" if serve_config.host in ("0.0.0.0", "::", "127.0.0.1") \
+        else serve_config.host
+    url = f"http://{host}:{serve_config.port}{serve_config.route_prefix.rstrip('/')}/"
+    auth = f" -H 'Authorization: Bearer $API_KEY'" if serve_config.api_key else ""
+    print(f"\nURL: {url}")
+    print(f"try:  curl -X POST {url} -H 'Content-Type: application/json'{auth} "
+          "-d '{\"prompt\": \"请简要介绍人工智能的发展历史\", \"max_tokens\": 64}'")
+    print("load: python load_test.py -c 20 -n 100")
+    print(f"stop: python stop_service.py --app {serve_config.app_name}")

@@ -1,0 +1,54 @@
+"""Builds the vLLM async engine for one replica and wraps the few engine calls the API needs."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from common.config import EngineConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+def build_engine(config: EngineConfig):
+    """Create vLLM's AsyncLLM from the config, inside the current (replica) process.
+
+    For tensor/pipeline parallelism on GPUs the replica was scheduled in its own placement group
+    (one bundle per GPU, STRICT_PACK; see common/deploy.py). vLLM's Ray executor is pointed at that
+    group, so its workers take exactly those GPUs. Without this, the replica would reserve GPUs
+    for itself and vLLM would create a second placement group for its workers: the same GPUs
+    booked twice, which is why a second TP=8 replica could never be placed on a 2 x 8 GPU cluster.
+    """
+    from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs(**config.engine_kwargs())
+    vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    if config.device == "cuda" and config.gpus_per_replica > 1:
+        import ray.util
+
+        placement_group = ray.util.get_current_placement_group()
+        if placement_group is None:
+            raise RuntimeError(
+                "tensor/pipeline parallelism needs the replica to run in its own placement group "
+                "(placement_group_bundles); deploy it through common.deploy")
+        vllm_config.parallel_config.placement_group = placement_group
+    logger.info("starting vLLM engine: model=%s tp=%d pp=%d device=%s pid=%d",
+                config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
+                config.device, os.getpid())
+    return AsyncLLM.from_vllm_config(
+        vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
+        enable_log_requests=False, disable_log_stats=False)
+
+
+def max_model_len(engine: Any) -> int:
+    return int(engine.model_config.max_model_len)
+
+
+def unfinished_requests(engine: Any) -> int:
+    """Requests the engine still holds (for /health and the disconnect test)."""
+    processor = getattr(engine, "output_processor", None)
+    if processor is None:
+        return -1
+    return int(processor.get_num_unfinished_requests())

@@ -1,0 +1,114 @@
+"""Checks before deploying: how many replicas the cluster can hold, and whether a model fits a GPU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from common.config import EngineConfig
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def cluster_total(resource: str) -> float:
+    return sum(r.get(resource, 0.0) for r in alive_node_resources())
+
+
+def slots_on_node(node: dict[str, float], demand: dict[str, float]) -> int:
+    """How many replicas with `demand` fit on one node's total resources."""
+    counts = []
+    for name, amount in demand.items():
+        if amount > 0:
+            counts.append(math.floor(node.get(name, 0.0) / amount + 1e-9))
+    return min(counts) if counts else 0
+
+
+def replica_slots(demand: dict[str, float], replicas_per_node: int | None = None,
+                  nodes: list[dict[str, float]] | None = None) -> int:
+    """Replicas the whole cluster can hold, each node capped at `replicas_per_node`."""
+    total = 0
+    for node in nodes if nodes is not None else alive_node_resources():
+        fit = slots_on_node(node, demand)
+        total += min(fit, replicas_per_node) if replicas_per_node else fit
+    return total
+
+
+def resolve_replicas(requested: str | int, slots: int, max_replicas: int,
+                     auto_default: int | None = None) -> int | str:
+    """The replica count for --num-replicas (a number or 'auto'); a str is an error message."""
+    if str(requested).strip().lower() == "auto":
+        count = auto_default if auto_default is not None else min(slots, max_replicas)
+        if count < 1:
+            return "no node can hold even one replica; see `python check_cluster.py`"
+        return count
+    try:
+        count = int(requested)
+    except ValueError:
+        return f"--num-replicas must be a number or 'auto', got {requested!r}"
+    if count < 1:
+        return "--num-replicas must be >= 1"
+    if count > max_replicas:
+        return f"--num-replicas {count} is above --max-replicas {max_replicas}"
+    return count
+
+
+def local_weights_bytes(model: str) -> int | None:
+    """Size of the weight files of a local model folder; None when not a local folder."""
+    path = Path(model)
+    if not path.is_dir():
+        return None
+    files = [f for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    if any(f.suffix == ".safetensors" for f in files):
+        files = [f for f in files if f.suffix == ".safetensors"]
+    return sum(f.stat().st_size for f in files) or None
+
+
+def gpu_memory_bytes() -> int | None:
+    """Total memory of one GPU in the cluster (GPU_MEMORY_GB overrides; None if unknown)."""
+    override = os.environ.get("GPU_MEMORY_GB")
+    if override:
+        return int(float(override) * 2**30)
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> int:
+        import torch
+
+        return int(torch.cuda.get_device_properties(0).total_memory)
+
+    try:
+        return ray.get(probe.remote(), timeout=120)
+    except Exception:  # busy GPUs, no torch on the node, timeout: skip the check
+        return None
+
+
+def check_single_gpu_fit(engine: EngineConfig) -> str | None:
+    """A message when the weights alone exceed one GPU's share at --gpu-memory-utilization."""
+    weights = local_weights_bytes(engine.model)
+    if weights is None or engine.load_format == "dummy":
+        return None
+    memory = gpu_memory_bytes()
+    if memory is None:
+        return None
+    budget = memory * engine.gpu_memory_utilization
+    if weights < budget:
+        return None
+    return (f"the model's weights ({weights / 2**30:.1f} GiB) do not fit one GPU "
+            f"({memory / 2**30:.1f} GiB x gpu_memory_utilization "
+            f"{engine.gpu_memory_utilization} = {budget / 2**30:.1f} GiB), before any KV cache. "
+            f"Use tensor parallelism: python ray-force-multi.py --tensor-parallel-size 8")
+
+
+def model_max_positions(model: str) -> int | None:
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    return data.get("max_position_embeddings")

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""High-density deployment: one replica per GPU, each loading the whole model (no tensor parallelism).
+
+For GPUs with 64 GB or more (A100-80G, H100): up to 16 replicas, at most 8 per node. Use
+ray-force-multi.py when the model does not fit one GPU.
+"""
+from __future__ import annotations
+
+import sys
+
+from common import cli, preflight
+from common.config import EngineConfig, ServeConfig
+from common.deploy import llm_app, replica_demand, script_main
+
+# The guide's memory settings for 64 GB GPUs: most of the card for weights + KV cache, and a
+# context that leaves KV room for many concurrent sequences.
+ENGINE_DEFAULTS = EngineConfig(gpu_memory_utilization=0.92, max_model_len=8192)
+
+
+def add_topology_args(group) -> None:
+    cli.add_flag(group, "--num-replicas", env="NUM_REPLICAS", default="auto",
+                 help="replicas to run; auto: one per GPU in the cluster (capped below)")
+    cli.add_flag(group, "--max-replicas", env="MAX_REPLICAS", type=int, default=16,
+                 help="upper bound on replicas")
+    cli.add_flag(group, "--replicas-per-node", env="REPLICAS_PER_NODE", type=int, default=8,
+                 help="at most this many replicas on one node (max_replicas_per_node)")
+
+
+def build(args, engine: EngineConfig, serve_config: ServeConfig):
+    if engine.gpus_per_replica != 1:
+        print("error: ray-single-gpu.py runs one GPU per replica; for tensor parallelism use "
+              "ray-force-multi.py", file=sys.stderr)
+        return cli.EXIT_USAGE
+    demand = replica_demand(engine, serve_config)
+    fit = preflight.check_single_gpu_fit(engine) if engine.device == "cuda" else None
+    if fit:
+        print(f"error: {fit}", file=sys.stderr)
+        return cli.EXIT_FAILURE
+    slots = preflight.replica_slots(demand, args.replicas_per_node)
+    if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
+        print("error: the Ray cluster has no GPU. For the CPU demo run `make demo`, or: "
+              "python ray-single-gpu.py --device cpu --model .cache/demo-model", file=sys.stderr)
+        return cli.EXIT_FAILURE
+    num_replicas = preflight.resolve_replicas(args.num_replicas, slots, args.max_replicas,
+                                              auto_default=None if engine.device == "cuda" else 1)
+    if isinstance(num_replicas, str):
+        print(f"error: {num_replicas}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    print(f"{num_replicas} replica(s), 1 {'GPU' if engine.device == 'cuda' else 'CPU engine'} "
+          f"each, at most {args.replicas_per_node} per node ({slots} slot(s) in the cluster)")
+    return llm_app(engine, serve_config, num_replicas=num_replicas,
+                   max_replicas_per_node=args.replicas_per_node)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(argv, description=__doc__, build=build,
+                       add_topology_args=add_topology_args, engine_defaults=ENGINE_DEFAULTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
