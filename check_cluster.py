@@ -1,0 +1,51 @@
+"""Shows a Ray cluster's nodes, Serve apps, replica placement, placement groups and pending demands, and why."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from common import cluster
+from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, add_address_flag, add_flag,
+                        make_parser, parse)
+
+EPILOG = """\
+exit status: 0 healthy; 4 something is pending, unhealthy or dead; 3 Ray is not reachable.
+
+Reading it when a replica stays PENDING: the PENDING section lists each resource request Ray
+cannot place and why (e.g. "needs 8 GPU on one node; largest free: 3 GPU"). "infeasible" means
+no node could ever hold it (lower tensor_parallel_size / num_gpus, or add bigger nodes);
+"waiting for resources" means other replicas or placement groups hold what it needs.
+"""
+
+
+def build_parser():
+    parser = make_parser(__doc__, EPILOG)
+    add_address_flag(parser)
+    add_flag(parser, "--app", default=None,
+             help="only show this Serve application (nodes and pending demands are always shown)")
+    add_flag(parser, "--spread", action="append", default=None, metavar="DEPLOYMENT",
+             help="deployment (name or app/name) expected to span several nodes even with one "
+                  "replica per check; repeatable. Deployments with several replicas are always checked")
+    add_flag(parser, "--json", type=bool, default=False,
+             help="print the full report as JSON (for scripts) instead of tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(build_parser(), argv)
+    cluster.connect(args.address)
+    try:
+        report = cluster.collect_report(app=args.app, spread_deployments=set(args.spread or ()))
+    except Exception as exc:  # noqa: BLE001 - operators need the reason, not a traceback
+        print(f"error: could not read the cluster state: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(cluster.report_to_dict(report), indent=2, default=str))
+    else:
+        print(cluster.format_report(report))
+    return EXIT_OK if report.healthy else EXIT_UNHEALTHY
+
+
+if __name__ == "__main__":
+    sys.exit(main())

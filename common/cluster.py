@@ -1,0 +1,748 @@
+"""Read-only inspection of a Ray cluster and its Serve apps: nodes, replicas, placement groups, pending demands."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from common.cli import EXIT_RAY_UNREACHABLE
+
+# Drivers of this project share one namespace so that named/detached actors one script
+# creates can be found by the next one.
+NAMESPACE = os.environ.get("RAY_NAMESPACE", "deepseek-serve")
+
+# A refused or filtered GCS port must fail fast: ray.init itself retries for ~20 s or more.
+CONNECT_TIMEOUT_S = float(os.environ.get("RAY_CONNECT_TIMEOUT_S", "5"))
+
+UNKNOWN = "unknown"
+_HEAD_MARKER = "node:__internal_head__"
+_REPLICA_CLASS_PREFIX = "ServeReplica:"
+_REPLICA_NAME_PREFIX = "SERVE_REPLICA::"
+# Resources that describe a node rather than capacity a request competes for.
+_IGNORED_RESOURCE_PREFIXES = ("node:", "accelerator_type:", "bundle_group_")
+_GPU_MEMORY_LABELS = ("gpu-memory-gb", "gpu_memory_gb", "ray.io/gpu-memory-gb", "nvidia.com/gpu.memory")
+_GPU_MODEL_LABELS = ("ray.io/accelerator-type", "accelerator-type", "nvidia.com/gpu.product")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    ip: str
+    alive: bool
+    is_head: bool
+    cpus_total: float
+    cpus_available: float
+    gpus_total: float
+    gpus_available: float
+    gpu_model: str = UNKNOWN
+    gpu_memory_gb: float | None = None
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReplicaInfo:
+    app: str
+    deployment: str
+    replica_id: str
+    # Serve's replica state (RUNNING, STARTING, ...), except PENDING_CREATION when the
+    # replica's actor is still waiting for resources: Serve only says STARTING then.
+    state: str
+    node_id: str | None
+    node_ip: str | None
+    actor_id: str | None
+    pid: int | None
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass
+class PlacementGroupInfo:
+    pg_id: str
+    name: str
+    state: str
+    strategy: str
+    bundles: list = field(default_factory=list)
+    bundle_nodes: list = field(default_factory=list)
+
+
+@dataclass
+class PendingDemand:
+    shape: dict
+    count: int
+    kind: str  # "actor/task" or "placement_group"
+    strategy: str | None
+    reason: str
+    pg_id: str | None = None
+    bundles: list = field(default_factory=list)
+
+
+@dataclass
+class ClusterReport:
+    nodes: list
+    apps: dict
+    replicas: list
+    placement_groups: list
+    pending: list
+    warnings: list
+    healthy: bool
+
+
+# --------------------------------------------------------------------------- connect
+
+
+def _die_unreachable(tried: str, detail: str) -> None:
+    detail = " ".join(str(detail).split()).rstrip(".")  # Ray's messages span lines; keep ours to one
+    print(f"error: cannot reach a Ray cluster at {tried!r}: {detail}. Start one with "
+          f"`ray start --head` on the head node, or point --address / RAY_ADDRESS at the "
+          f"head's GCS address (host:6379).", file=sys.stderr)
+    sys.exit(EXIT_RAY_UNREACHABLE)
+
+
+def _split_host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str = "auto", *, namespace: str = NAMESPACE,
+            timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Connects this process to the cluster, or exits with EXIT_RAY_UNREACHABLE and one line."""
+    import ray
+    if ray.is_initialized():
+        return
+    tried = address or "auto"
+    target = address or "auto"
+    if not target.startswith("ray://"):
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+        try:
+            target = canonicalize_bootstrap_address_or_die(target)
+        except (ConnectionError, ValueError) as exc:
+            _die_unreachable(tried, exc)
+    probe = _split_host_port(target[len("ray://"):] if target.startswith("ray://") else target)
+    if probe is None:
+        _die_unreachable(tried, "not a host:port address")
+    # Preflight: a closed port answers at once here, whereas ray.init would retry for long.
+    try:
+        socket.create_connection(probe, timeout=timeout_s).close()
+    except OSError as exc:
+        _die_unreachable(tried, f"nothing answers at {probe[0]}:{probe[1]} ({exc.strerror or exc})")
+    # Something listens but may not be a GCS: keep ray.init's own retry loop short too.
+    saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    os.environ["RAY_gcs_server_port_wait_time_s"] = str(max(1, int(timeout_s)))
+    try:
+        ray.init(address=target, namespace=namespace, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable" to the operator
+        _die_unreachable(tried, f"{type(exc).__name__}: {exc}")
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
+        else:
+            os.environ["RAY_gcs_server_port_wait_time_s"] = saved
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _fmt_num(x: float) -> str:
+    x = float(x)
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+def _fmt_amount(resource: str, value: float) -> str:
+    if resource in ("memory", "object_store_memory"):
+        return f"{value / 2**30:.1f} GiB {resource}"
+    return f"{_fmt_num(value)} {resource}"
+
+
+def _fmt_shape(shape: dict) -> str:
+    if not shape:
+        return "{}"
+    return "{" + ", ".join(f"{k}: {_fmt_num(v) if k not in ('memory', 'object_store_memory') else f'{v / 2**30:.1f}GiB'}"
+                           for k, v in sorted(shape.items())) + "}"
+
+
+def _capacity(shape: dict) -> dict:
+    return {k: _num(v) for k, v in (shape or {}).items()
+            if _num(v) > 0 and not k.startswith(_IGNORED_RESOURCE_PREFIXES)}
+
+
+def short_id(node_id: str | None, n: int = 12) -> str:
+    return (node_id or "-")[:n]
+
+
+def _enum_str(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _gcs_address() -> str:
+    import ray
+    return ray.get_runtime_context().gcs_address
+
+
+def _serve_client():
+    """The Serve controller's client, or None when Serve is not running (never starts it)."""
+    try:
+        from ray.serve.context import _get_global_client
+        return _get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # noqa: BLE001 - no Serve means nothing to report, not a failure
+        return None
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def _available_per_node() -> dict[str, dict]:
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        status = get_cluster_status(_gcs_address())
+        out = {n.node_id: n.available_resources()
+               for n in list(status.active_nodes) + list(status.idle_nodes) if n.node_id}
+        if out:
+            return out
+    except Exception:  # noqa: BLE001 - fall through to the older GCS call
+        pass
+    import ray._private.state
+    return ray._private.state.available_resources_per_node()
+
+
+def list_nodes() -> list[NodeInfo]:
+    import ray
+    available = _available_per_node()
+    nodes = []
+    for raw in ray.nodes():
+        total = raw.get("Resources") or {}
+        alive = bool(raw.get("Alive"))
+        free = available.get(raw["NodeID"], {}) if alive else {}
+        labels = dict(raw.get("Labels") or {})
+        gpu_model = next((k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:")), None)
+        gpu_model = gpu_model or next((labels[k] for k in _GPU_MODEL_LABELS if labels.get(k)), UNKNOWN)
+        gpu_mem = None
+        for key in _GPU_MEMORY_LABELS:
+            if labels.get(key):
+                try:
+                    gpu_mem = float(str(labels[key]).lower().rstrip("gib").rstrip("g"))
+                except ValueError:
+                    pass
+                break
+        nodes.append(NodeInfo(
+            node_id=raw["NodeID"], ip=raw.get("NodeManagerAddress", ""), alive=alive,
+            is_head=_HEAD_MARKER in total, cpus_total=_num(total.get("CPU")),
+            cpus_available=_num(free.get("CPU")), gpus_total=_num(total.get("GPU")),
+            gpus_available=_num(free.get("GPU")), gpu_model=gpu_model, gpu_memory_gb=gpu_mem,
+            labels=labels))
+    # Head first, then alive before dead, so the table reads top-down like the cluster.
+    nodes.sort(key=lambda n: (not n.is_head, not n.alive, n.ip, n.node_id))
+    return nodes
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _serve_details() -> dict:
+    client = _serve_client()
+    if client is None:
+        return {}
+    try:
+        return client.get_serve_details() or {}
+    except Exception:  # noqa: BLE001 - a controller that is going away has nothing to show
+        return {}
+
+
+def serve_apps() -> dict:
+    """App name -> {status, message, route_prefix, deployments: {name -> status, message, replica_states, target}}."""
+    details = _serve_details()
+    apps: dict = {}
+    for name, app in (details.get("applications") or {}).items():
+        deployments = {}
+        for dname, dep in (app.get("deployments") or {}).items():
+            states: dict = {}
+            for rep in dep.get("replicas") or []:
+                key = _enum_str(rep.get("state", UNKNOWN))
+                states[key] = states.get(key, 0) + 1
+            deployments[dname] = {
+                "status": _enum_str(dep.get("status", UNKNOWN)),
+                "message": dep.get("message") or "",
+                "replica_states": states,
+                "target_replicas": dep.get("target_num_replicas"),
+            }
+        apps[name] = {"status": _enum_str(app.get("status", UNKNOWN)), "message": app.get("message") or "",
+                      "route_prefix": app.get("route_prefix"), "deployments": deployments}
+    if apps or details:
+        return apps
+    # No details (older controller?): the public status call still gives counts.
+    try:
+        from ray import serve
+        status = serve.status()
+    except Exception:  # noqa: BLE001
+        return {}
+    for name, app in status.applications.items():
+        apps[name] = {"status": _enum_str(app.status), "message": app.message or "", "route_prefix": None,
+                      "deployments": {d: {"status": _enum_str(s.status), "message": s.message or "",
+                                          "replica_states": {_enum_str(k): v for k, v in s.replica_states.items()},
+                                          "target_replicas": None}
+                                      for d, s in app.deployments.items()}}
+    return apps
+
+
+def _replica_resources(dep: dict) -> dict:
+    config = dep.get("deployment_config") or {}
+    bundles = config.get("placement_group_bundles") or dep.get("placement_group_bundles")
+    if bundles:
+        total: dict = {}
+        for bundle in bundles:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + _num(v)
+        return {**_capacity(total), "placement_group_bundles": bundles,
+                "placement_group_strategy": config.get("placement_group_strategy") or "PACK"}
+    required = dep.get("required_resources")
+    if required is None:
+        opts = config.get("ray_actor_options") or {}
+        required = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0),
+                    **(opts.get("resources") or {})}
+    return _capacity(required)
+
+
+def _actor_table() -> dict[str, dict]:
+    """Actor id -> {state, node_id, ip, pid, class_name, name}, from the state API or the GCS."""
+    try:
+        import ray._private.state
+        raw = ray._private.state.actors()
+        return {aid: {"state": a.get("State"), "node_id": (a.get("Address") or {}).get("NodeID"),
+                      "ip": (a.get("Address") or {}).get("IPAddress"), "pid": a.get("Pid"),
+                      "class_name": a.get("ActorClassName", ""), "name": a.get("Name", "")}
+                for aid, a in raw.items()}
+    except Exception:  # noqa: BLE001 - try the dashboard-backed API instead
+        pass
+    try:
+        from ray.util.state import list_actors
+        return {a.actor_id: {"state": a.state, "node_id": a.node_id, "ip": None, "pid": a.pid,
+                             "class_name": a.class_name, "name": a.name}
+                for a in list_actors(limit=10000, raise_on_missing_output=False)}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+_NIL_NODE = "0" * 56
+
+
+def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
+    actors = _actor_table()
+    replicas: list[ReplicaInfo] = []
+    details = _serve_details()
+    for app_name, app_details in (details.get("applications") or {}).items():
+        if app is not None and app_name != app:
+            continue
+        for dname, dep in (app_details.get("deployments") or {}).items():
+            resources = _replica_resources(dep)
+            for rep in dep.get("replicas") or []:
+                actor = actors.get(rep.get("actor_id") or "") or next(
+                    (a for a in actors.values() if a["name"] and a["name"] == rep.get("actor_name")
+                     and a["state"] != "DEAD"), None)
+                state = _enum_str(rep.get("state", UNKNOWN))
+                node_id = rep.get("node_id") or (actor or {}).get("node_id")
+                if actor and actor["state"] in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+                    # The GCS records the node a pending actor's lease was sent to, not where it runs.
+                    state, node_id = actor["state"], None
+                replicas.append(ReplicaInfo(
+                    app=app_name, deployment=dname, replica_id=rep.get("replica_id", ""), state=state,
+                    node_id=None if node_id in (None, "", _NIL_NODE) else node_id,
+                    node_ip=rep.get("node_ip") or ((actor or {}).get("ip") or None if node_id else None),
+                    actor_id=rep.get("actor_id") or None, pid=rep.get("pid") or (actor or {}).get("pid") or None,
+                    resources=resources))
+    if details:
+        return replicas
+    # No controller answer: replica actors still tell where they are.
+    for actor_id, a in actors.items():
+        if not a["class_name"].startswith(_REPLICA_CLASS_PREFIX) or a["state"] == "DEAD":
+            continue
+        if a["name"].startswith(_REPLICA_NAME_PREFIX) and a["name"].count("#") >= 2:
+            app_name, dname, rid = a["name"][len(_REPLICA_NAME_PREFIX):].split("#", 2)
+        else:
+            _, app_name, dname = (a["class_name"].split(":", 2) + ["", ""])[:3]
+            rid = actor_id[:8]
+        if app is not None and app_name != app:
+            continue
+        node_id = None if a["node_id"] in (None, "", _NIL_NODE) or a["state"] != "ALIVE" else a["node_id"]
+        replicas.append(ReplicaInfo(app=app_name, deployment=dname, replica_id=rid, state=a["state"],
+                                    node_id=node_id, node_ip=a["ip"] if node_id else None,
+                                    actor_id=actor_id, pid=a["pid"] or None, resources={}))
+    return replicas
+
+
+# --------------------------------------------------------------------------- placement groups
+
+
+def list_placement_groups() -> list[PlacementGroupInfo]:
+    import ray
+    try:
+        table = ray.util.placement_group_table()
+    except Exception:  # noqa: BLE001
+        return []
+    groups = []
+    for pg_id, pg in table.items():
+        bundle_map = pg.get("bundles") or {}
+        node_map = pg.get("bundles_to_node_id") or {}
+        keys = sorted(bundle_map, key=lambda k: int(k))
+        groups.append(PlacementGroupInfo(
+            pg_id=pg_id, name=pg.get("name") or "", state=pg.get("state", UNKNOWN),
+            strategy=pg.get("strategy", UNKNOWN), bundles=[dict(bundle_map[k]) for k in keys],
+            bundle_nodes=[node_map.get(k) or None for k in keys]))
+    return groups
+
+
+# --------------------------------------------------------------------------- pending demands
+
+
+def _fits(shape: dict, resources: dict) -> bool:
+    return all(resources.get(k, 0.0) + 1e-9 >= v for k, v in shape.items())
+
+
+def _sub(resources: dict, shape: dict) -> dict:
+    out = dict(resources)
+    for k, v in shape.items():
+        out[k] = out.get(k, 0.0) - v
+    return out
+
+
+def _node_pools(nodes: list[NodeInfo], free: bool) -> list[tuple[str, dict]]:
+    available = _available_per_node() if free else {}
+    import ray
+    pools = []
+    by_id = {n.node_id: n for n in nodes if n.alive}
+    for raw in ray.nodes():
+        if raw["NodeID"] not in by_id:
+            continue
+        res = available.get(raw["NodeID"], {}) if free else (raw.get("Resources") or {})
+        pools.append((raw["NodeID"], _capacity(res)))
+    return pools
+
+
+def _shortfall(shape: dict, pools: list[tuple[str, dict]], what: str) -> str:
+    """'needs 16 GPU on one node; largest <what>: 8 GPU (node abc)' for the resources that don't fit."""
+    parts = []
+    for k, v in sorted(shape.items()):
+        best_node, best = max(((nid, res.get(k, 0.0)) for nid, res in pools), key=lambda t: t[1],
+                              default=(None, 0.0))
+        if best + 1e-9 < v:
+            where = f" (node {short_id(best_node)})" if best_node and best > 0 else ""
+            label = "largest free" if what == "free" else "largest node has"
+            parts.append(f"needs {_fmt_amount(k, v)} on one node; {label}: "
+                         f"{_fmt_amount(k, best)}{where}")
+    if not parts:
+        parts.append(f"needs {_fmt_shape(shape)} on one node; every resource fits on some node "
+                     f"but no single node has all of them {'free' if what == 'free' else 'in total'}")
+    return "; ".join(parts)
+
+
+def _place(bundles: list[dict], pools: list[tuple[str, dict]], strategy: str | None) -> bool:
+    """Whether the bundles can be placed on these pools under the strategy (greedy, first fit)."""
+    if not bundles:
+        return True
+    strategy = (strategy or "PACK").upper()
+    if strategy == "STRICT_PACK":
+        total: dict = {}
+        for b in bundles:
+            for k, v in b.items():
+                total[k] = total.get(k, 0.0) + v
+        return any(_fits(total, res) for _, res in pools)
+    left = [dict(res) for _, res in pools]
+    used: set[int] = set()
+    for b in sorted(bundles, key=lambda b: -sum(b.values())):
+        for i, res in enumerate(left):
+            if strategy == "STRICT_SPREAD" and i in used:
+                continue
+            if _fits(b, res):
+                left[i] = _sub(res, b)
+                used.add(i)
+                break
+        else:
+            return False
+    return True
+
+
+def _pools(nodes: list[NodeInfo]) -> tuple[list, list]:
+    return _node_pools(nodes, free=False), _node_pools(nodes, free=True)
+
+
+def explain(bundles: list[dict], strategy: str | None, nodes: list[NodeInfo] | None = None,
+            pools: tuple[list, list] | None = None) -> str:
+    """Why a request of these bundles (one for an actor/task) is not placed, from node totals and free resources."""
+    nodes = nodes if nodes is not None else list_nodes()
+    bundles = [_capacity(b) for b in bundles]
+    totals, frees = pools if pools is not None else _pools(nodes)
+    alive = len(totals)
+    if strategy is None or len(bundles) == 1 and (strategy or "").upper() != "STRICT_SPREAD":
+        shape = bundles[0] if len(bundles) == 1 else {}
+        if len(bundles) > 1:
+            for b in bundles:
+                for k, v in b.items():
+                    shape[k] = shape.get(k, 0.0) + v
+        if not any(_fits(shape, res) for _, res in totals):
+            return (f"infeasible: {_shortfall(shape, totals, 'total')}. No node can ever "
+                    f"fit it: lower the request (e.g. tensor_parallel_size) or add bigger nodes")
+        if not any(_fits(shape, res) for _, res in frees):
+            return (f"waiting for resources: {_shortfall(shape, frees, 'free')}. Other actors or "
+                    f"placement groups hold the rest")
+        return "fits on a node now; should be scheduled shortly (if it stays pending, check label selectors)"
+    s = strategy.upper()
+    if s == "STRICT_PACK":
+        shape: dict = {}
+        for b in bundles:
+            for k, v in b.items():
+                shape[k] = shape.get(k, 0.0) + v
+        if not _place(bundles, totals, s):
+            return (f"infeasible: STRICT_PACK puts all {len(bundles)} bundles on one node; "
+                    f"{_shortfall(shape, totals, 'total')}")
+        if not _place(bundles, frees, s):
+            return (f"waiting for resources: STRICT_PACK puts all {len(bundles)} bundles on one node; "
+                    f"{_shortfall(shape, frees, 'free')}")
+    elif s == "STRICT_SPREAD":
+        if len(bundles) > alive:
+            return f"infeasible: STRICT_SPREAD needs {len(bundles)} distinct nodes; only {alive} alive"
+        if not _place(bundles, totals, s):
+            return (f"infeasible: STRICT_SPREAD needs {len(bundles)} distinct nodes that each hold one "
+                    f"bundle of {_fmt_shape(max(bundles, key=lambda b: sum(b.values())))}")
+        if not _place(bundles, frees, s):
+            fit = sum(1 for _, res in frees if any(_fits(b, res) for b in bundles))
+            return (f"waiting for resources: STRICT_SPREAD needs {len(bundles)} distinct nodes with a "
+                    f"bundle's resources free; {fit} node(s) have room now")
+    else:
+        if not _place(bundles, totals, s):
+            return f"infeasible: the {len(bundles)} bundles ({s}) do not fit the cluster even when it is empty"
+        if not _place(bundles, frees, s):
+            return f"waiting for resources: the {len(bundles)} bundles ({s}) do not fit in what is free now"
+    return "fits now; should be scheduled shortly"
+
+
+def pending_demands(nodes: list[NodeInfo] | None = None) -> list[PendingDemand]:
+    nodes = nodes if nodes is not None else list_nodes()
+    pools = _pools(nodes)
+    demands: list[PendingDemand] = []
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        summary = get_cluster_status(_gcs_address()).resource_demands
+    except Exception:  # noqa: BLE001 - fall back to what the placement group table shows
+        summary = None
+    if summary is not None:
+        for demand in summary.ray_task_actor_demand:
+            for by_count in demand.bundles_by_count:
+                bundle = dict(by_count.bundle)
+                # Actors waiting inside a placement group: the group's own demand explains them.
+                if any(k.startswith("bundle_group_") for k in bundle):
+                    continue
+                demands.append(PendingDemand(shape=bundle, count=by_count.count, kind="actor/task",
+                                             strategy=None, reason=explain([bundle], None, nodes, pools)))
+        for demand in summary.placement_group_demand:
+            bundles = [dict(b.bundle) for b in demand.bundles_by_count for _ in range(b.count)]
+            total: dict = {}
+            for b in bundles:
+                for k, v in b.items():
+                    total[k] = total.get(k, 0.0) + v
+            demands.append(PendingDemand(shape=total, count=1, kind="placement_group",
+                                         strategy=demand.strategy, pg_id=demand.pg_id, bundles=bundles,
+                                         reason=explain(bundles, demand.strategy or "PACK", nodes, pools)))
+        return demands
+    for pg in list_placement_groups():
+        if pg.state not in ("PENDING", "RESCHEDULING"):
+            continue
+        total = {}
+        for b in pg.bundles:
+            for k, v in b.items():
+                total[k] = total.get(k, 0.0) + v
+        demands.append(PendingDemand(shape=total, count=1, kind="placement_group", strategy=pg.strategy,
+                                     pg_id=pg.pg_id, bundles=pg.bundles,
+                                     reason=explain(pg.bundles, pg.strategy, nodes, pools)))
+    return demands
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _matches_spread(app: str, deployment: str, spread: set) -> bool:
+    return deployment in spread or f"{app}/{deployment}" in spread or f"{app}:{deployment}" in spread
+
+
+def collect_report(app: str | None = None, spread_deployments: set | None = None) -> ClusterReport:
+    spread = set(spread_deployments or ())
+    nodes = list_nodes()
+    apps = serve_apps()
+    if app is not None:
+        apps = {k: v for k, v in apps.items() if k == app}
+    replicas = list_replicas(app)
+    groups = list_placement_groups()
+    if app is not None:
+        # Hide other apps' replica groups; keep groups made outside Serve (e.g. by a deploy script).
+        groups = [g for g in groups if not g.name.startswith(_REPLICA_NAME_PREFIX)
+                  or g.name.startswith(f"{_REPLICA_NAME_PREFIX}{app}#")]
+    pending = pending_demands(nodes)
+    pools = _pools(nodes)
+
+    warnings: list[str] = []
+    problems = False
+    alive = [n for n in nodes if n.alive]
+    for n in nodes:
+        if not n.alive:
+            problems = True
+            warnings.append(f"node {short_id(n.node_id)} ({n.ip}) is DEAD")
+    for name, a in apps.items():
+        if a["status"] != "RUNNING":
+            problems = True
+            msg = f": {a['message']}" if a["message"] else ""
+            warnings.append(f"application {name} is {a['status']}{msg}")
+        for dname, d in a["deployments"].items():
+            if d["status"] not in ("HEALTHY",) and a["status"] == "RUNNING":
+                problems = True
+                warnings.append(f"deployment {name}/{dname} is {d['status']}"
+                                + (f": {d['message']}" if d["message"] else ""))
+
+    by_dep: dict[tuple[str, str], list[ReplicaInfo]] = {}
+    for r in replicas:
+        by_dep.setdefault((r.app, r.deployment), []).append(r)
+    for (app_name, dname), reps in sorted(by_dep.items()):
+        running = [r for r in reps if r.state == "RUNNING"]
+        meant = len(reps) > 1 or _matches_spread(app_name, dname, spread)
+        on = {r.node_id for r in running}
+        if meant and len(reps) > 1 and running and len(on) == 1 and len(alive) > 1:
+            node = next(iter(on))
+            ip = next((n.ip for n in nodes if n.node_id == node), "?")
+            warnings.append(f"deployment {app_name}/{dname}: all {len(running)} RUNNING replica(s) of "
+                            f"{len(reps)} are on one node ({short_id(node)}, {ip}) although "
+                            f"{len(alive)} nodes are alive: it is not spread across machines")
+        for r in reps:
+            if r.state == "RUNNING":
+                continue
+            problems = True
+            why = ""
+            if r.state in ("PENDING_CREATION", "STARTING") and r.node_id is None and r.resources:
+                if r.resources.get("placement_group_bundles"):
+                    why = ": " + explain(r.resources["placement_group_bundles"],
+                                         r.resources.get("placement_group_strategy"), nodes, pools)
+                else:
+                    why = ": " + explain([_capacity(r.resources)], None, nodes, pools)
+            warnings.append(f"replica {r.app}/{r.deployment}#{r.replica_id} is {r.state}{why}")
+
+    for g in groups:
+        if g.state in ("PENDING", "RESCHEDULING"):
+            problems = True
+    if pending:
+        problems = True
+        idle = [n for n in alive if n.gpus_available > 0]
+        if idle:
+            spare = ", ".join(f"{short_id(n.node_id)}: {_fmt_num(n.gpus_available)}" for n in idle)
+            warnings.append(f"{_fmt_num(sum(n.gpus_available for n in idle))} GPU(s) idle ({spare}) "
+                            f"while {len(pending)} demand(s) are pending: the pending shapes do not "
+                            f"fit in the free GPUs of any single node (see PENDING)")
+
+    return ClusterReport(nodes=nodes, apps=apps, replicas=replicas, placement_groups=groups,
+                         pending=pending, warnings=warnings, healthy=not problems)
+
+
+def report_to_dict(report: ClusterReport) -> dict:
+    return dataclasses.asdict(report)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt_resources(res: dict) -> str:
+    if not res:
+        return "-"
+    if res.get("placement_group_bundles"):
+        bundles = res["placement_group_bundles"]
+        return (f"{len(bundles)} bundles {res.get('placement_group_strategy', '')} "
+                f"{_fmt_shape(_capacity({k: v for k, v in res.items() if not k.startswith('placement_group_')}))}")
+    return _fmt_shape(res)
+
+
+def format_placement(replicas: list[ReplicaInfo]) -> str:
+    if not replicas:
+        return "(no replicas)"
+    rows = [(f"{r.app}/{r.deployment}", r.replica_id, r.state, short_id(r.node_id), r.node_ip,
+             _fmt_resources(r.resources))
+            for r in sorted(replicas, key=lambda r: (r.app, r.deployment, r.node_id or "~", r.replica_id))]
+    return _table(["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE IP", "RESOURCES"], rows)
+
+
+def format_report(report: ClusterReport) -> str:
+    out: list[str] = []
+    alive = sum(1 for n in report.nodes if n.alive)
+    out.append(f"NODES ({alive} alive, {len(report.nodes) - alive} dead)")
+    out.append(_table(
+        ["NODE", "IP", "STATE", "ROLE", "CPU FREE/TOTAL", "GPU FREE/TOTAL", "GPU MODEL", "GPU MEM"],
+        [(short_id(n.node_id), n.ip, "alive" if n.alive else "DEAD", "head" if n.is_head else "worker",
+          f"{_fmt_num(n.cpus_available)}/{_fmt_num(n.cpus_total)}",
+          f"{_fmt_num(n.gpus_available)}/{_fmt_num(n.gpus_total)}",
+          n.gpu_model if n.gpus_total else "-",
+          (f"{_fmt_num(n.gpu_memory_gb)} GB" if n.gpu_memory_gb else UNKNOWN) if n.gpus_total else "-")
+         for n in report.nodes]))
+
+    out.append("")
+    out.append("SERVE APPLICATIONS")
+    if report.apps:
+        rows = []
+        for name, a in sorted(report.apps.items()):
+            for dname, d in sorted(a["deployments"].items()) or [("-", {"status": "-", "replica_states": {}, "message": ""})]:
+                states = ", ".join(f"{k} {v}" for k, v in sorted(d["replica_states"].items())) or "-"
+                rows.append((name, a["status"], dname, d["status"], states,
+                             d.get("message") or a.get("message") or ""))
+        out.append(_table(["APP", "APP STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "MESSAGE"], rows))
+    else:
+        out.append("(none: Serve is not running or has no applications)")
+
+    out.append("")
+    out.append("REPLICAS")
+    out.append(format_placement(report.replicas))
+
+    out.append("")
+    out.append("PLACEMENT GROUPS")
+    if report.placement_groups:
+        rows = []
+        for g in report.placement_groups:
+            for i, (b, node) in enumerate(zip(g.bundles, g.bundle_nodes)):
+                rows.append((short_id(g.pg_id, 12) if i == 0 else "", g.name if i == 0 else "",
+                             g.state if i == 0 else "", g.strategy if i == 0 else "", i,
+                             _fmt_shape(b), short_id(node) if node else "(unplaced)"))
+        out.append(_table(["PG", "NAME", "STATE", "STRATEGY", "BUNDLE", "RESOURCES", "NODE"], rows))
+    else:
+        out.append("(none)")
+
+    out.append("")
+    out.append("PENDING (what `ray status` lists as pending, and why it is not placed)")
+    if report.pending:
+        out.append(_table(["KIND", "SHAPE", "COUNT", "STRATEGY", "WHY"],
+                          [(p.kind + (f" {short_id(p.pg_id)}" if p.pg_id else ""), _fmt_shape(p.shape),
+                            p.count, p.strategy or "-", p.reason) for p in report.pending]))
+    else:
+        out.append("(nothing pending)")
+
+    if report.warnings:
+        out.append("")
+        out.append("WARNINGS")
+        out.extend(f"  ! {w}" for w in report.warnings)
+    out.append("")
+    out.append("HEALTHY" if report.healthy else
+               "UNHEALTHY: something is pending, unhealthy or dead (see above)")
+    return "\n".join(out)

@@ -1,0 +1,55 @@
+"""Starts a small simulated multi-node Ray cluster on 127.0.0.1 for the operator-tool tests."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+# Set before ray is imported anywhere: otherwise a Serve handle's metrics thread reconnects
+# after ray.shutdown() and the cluster cannot be torn down.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+LOCAL_IP = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: float = 1,
+                      worker_resources: list[dict] | None = None):
+    """Head (no GPU) + `gpu_nodes` nodes with 8 logical GPUs each; the driver is connected."""
+    from ray import serve
+    from common import cluster as cluster_mod
+
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
+                                "include_dashboard": False})
+    workers = []
+    for i in range(gpu_nodes):
+        extra = (worker_resources or [{}] * gpu_nodes)[i]
+        workers.append(c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
+                                  resources={"accelerator_type:H100": 1, **extra}))
+    c.wait_for_nodes()
+    ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=cluster_mod.NAMESPACE,
+             logging_level="WARNING", log_to_driver=False)
+    serve.start(proxy_location="HeadOnly", http_options={"host": LOCAL_IP, "port": 8000})
+    try:
+        yield c, workers
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["RAY_ENABLE_AUTO_CONNECT"] = "0"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RAY_ADDRESS", None)
+    return env

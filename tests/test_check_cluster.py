@@ -1,0 +1,201 @@
+"""Tests check_cluster.py and common/cluster.py against a real simulated 3-node Ray cluster."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from _cluster_fixtures import ROOT, simulated_cluster, subprocess_env  # noqa: E402  (sets env first)
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+import check_cluster  # noqa: E402
+from common import cluster as cluster_mod  # noqa: E402
+from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE, EXIT_UNHEALTHY  # noqa: E402
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"num_gpus": 8, "num_cpus": 0})
+class WhereAmI:
+    def __call__(self, *args):
+        return ray.get_runtime_context().get_node_id()
+
+
+@pytest.fixture(scope="module")
+def sim():
+    # Only the first GPU node carries "rack_a", so a deployment asking for it is forced there.
+    with simulated_cluster(worker_resources=[{"rack_a": 4}, {}]) as (c, workers):
+        yield c, workers
+
+
+def run_json(capsys, *argv: str):
+    code = check_cluster.main(["--json", *argv])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def wait_for(predicate, timeout: float = 30, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_healthy_cluster_shows_nodes_and_replica_placement(sim, capsys):
+    c, workers = sim
+    handle = serve.run(WhereAmI.bind(), name="placement", route_prefix="/placement")
+    # The replicas tell us themselves where they run; routing is random, so ask until both answer.
+    seen = set()
+    deadline = time.monotonic() + 30
+    while len(seen) < 2 and time.monotonic() < deadline:
+        seen.add(handle.remote().result(timeout_s=30))
+    assert len(seen) == 2
+
+    code, report = run_json(capsys, "--address", c.address)
+    assert code == EXIT_OK, report["warnings"]
+    assert report["healthy"] is True
+
+    nodes = {n["node_id"]: n for n in report["nodes"]}
+    worker_ids = {w.node_id for w in workers}
+    assert set(nodes) == worker_ids | {c.head_node.node_id}
+    assert nodes[c.head_node.node_id]["is_head"] and nodes[c.head_node.node_id]["gpus_total"] == 0
+    for wid in worker_ids:
+        assert nodes[wid]["gpus_total"] == 8 and nodes[wid]["gpus_available"] == 0
+        assert nodes[wid]["alive"] and not nodes[wid]["is_head"]
+        assert nodes[wid]["gpu_model"] == "H100"
+        assert nodes[wid]["ip"] == "127.0.0.1"
+
+    replicas = [r for r in report["replicas"] if r["app"] == "placement"]
+    assert len(replicas) == 2
+    assert {r["state"] for r in replicas} == {"RUNNING"}
+    assert {r["node_id"] for r in replicas} == seen == worker_ids
+    assert all(r["resources"].get("GPU") == 8 for r in replicas)
+
+    assert report["apps"]["placement"]["status"] == "RUNNING"
+    assert report["apps"]["placement"]["deployments"]["WhereAmI"]["replica_states"] == {"RUNNING": 2}
+    assert report["pending"] == []
+
+    # The human-readable form names every node and replica.
+    assert check_cluster.main(["--address", c.address]) == EXIT_OK
+    text = capsys.readouterr().out
+    with capsys.disabled():  # shown with -s: the table an operator would see
+        print(text)
+    for nid in worker_ids | {c.head_node.node_id}:
+        assert cluster_mod.short_id(nid) in text
+    assert "HEALTHY" in text and "placement/WhereAmI" in text
+
+
+def test_impossible_deployment_is_pending_with_reason(sim, capsys):
+    c, _ = sim
+
+    # A replica that never started has nothing to drain: don't wait Serve's default 20 s on delete.
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_gpus": 16, "num_cpus": 0},
+                      graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5)
+    class TooBig:
+        def __call__(self, *args):
+            return "never"
+
+    serve._run(TooBig.bind(), name="toobig", route_prefix="/toobig", _blocking=False)
+    try:
+        def pending_reported():
+            code, report = run_json(capsys, "--address", c.address)
+            gpu16 = [p for p in report["pending"] if p["shape"].get("GPU") == 16]
+            return (code, report, gpu16) if gpu16 else None
+
+        code, report, demands = wait_for(pending_reported, timeout=40)
+        assert code == EXIT_UNHEALTHY and report["healthy"] is False
+        reason = demands[0]["reason"]
+        assert demands[0]["kind"] == "actor/task"
+        assert "16 GPU" in reason and "8 GPU" in reason and "infeasible" in reason
+
+        replica = next(r for r in report["replicas"] if r["app"] == "toobig")
+        assert replica["state"] == "PENDING_CREATION" and replica["node_id"] is None
+        assert any("toobig/TooBig" in w and "16 GPU" in w for w in report["warnings"])
+
+        # --app filters the Serve part but pending demands stay visible.
+        code, filtered = run_json(capsys, "--address", c.address, "--app", "toobig")
+        assert code == EXIT_UNHEALTHY
+        assert {r["app"] for r in filtered["replicas"]} == {"toobig"}
+        assert set(filtered["apps"]) == {"toobig"}
+
+        assert check_cluster.main(["--address", c.address]) == EXIT_UNHEALTHY
+        text = capsys.readouterr().out
+        with capsys.disabled():
+            print(text)
+        assert "PENDING" in text and "needs 16 GPU on one node" in text
+    finally:
+        serve.delete("toobig")
+    code, report = wait_for(lambda: (lambda r: r if r[0] == EXIT_OK else None)(
+        run_json(capsys, "--address", c.address)), timeout=30)
+    assert report["pending"] == []
+
+
+def test_pending_placement_group_names_strategy_and_free_gpus(sim, capsys):
+    c, _ = sim
+    serve.delete("placement")  # frees 8 GPUs on each node
+    pg = ray.util.placement_group([{"GPU": 5}, {"GPU": 5}], strategy="STRICT_PACK", name="needs10")
+    try:
+        def pg_pending():
+            code, report = run_json(capsys, "--address", c.address)
+            hits = [p for p in report["pending"] if p["kind"] == "placement_group"]
+            return (code, report, hits) if hits else None
+
+        code, report, hits = wait_for(pg_pending, timeout=30)
+        assert code == EXIT_UNHEALTHY
+        assert hits[0]["strategy"] == "STRICT_PACK" and hits[0]["shape"] == {"GPU": 10}
+        assert "STRICT_PACK" in hits[0]["reason"] and "10 GPU" in hits[0]["reason"]
+        group = next(g for g in report["placement_groups"] if g["name"] == "needs10")
+        assert group["state"] == "PENDING" and group["bundle_nodes"] == [None, None]
+        # 16 GPUs sit idle while this waits: the report says so.
+        assert any("idle" in w for w in report["warnings"])
+    finally:
+        ray.util.remove_placement_group(pg)
+
+
+def test_warns_when_multi_replica_deployment_sits_on_one_node(sim, capsys):
+    c, workers = sim
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0, "resources": {"rack_a": 1}})
+    class Pinned:
+        def __call__(self, *args):
+            return ray.get_runtime_context().get_node_id()
+
+    serve.run(Pinned.bind(), name="pinned", route_prefix="/pinned")
+    try:
+        code, report = wait_for(lambda: (lambda r: r if not r[1]["pending"] else None)(
+            run_json(capsys, "--address", c.address)), timeout=30)
+        reps = [r for r in report["replicas"] if r["app"] == "pinned"]
+        assert {r["node_id"] for r in reps} == {workers[0].node_id}
+        spread = [w for w in report["warnings"] if "pinned/Pinned" in w and "one node" in w]
+        assert spread and cluster_mod.short_id(workers[0].node_id) in spread[0]
+    finally:
+        serve.delete("pinned")
+
+
+def test_format_placement_table(sim):
+    replicas = [cluster_mod.ReplicaInfo("app", "Dep", "r1", "RUNNING", "a" * 56, "10.0.0.1", "x", 1,
+                                        {"GPU": 8.0, "CPU": 0.5}),
+                cluster_mod.ReplicaInfo("app", "Dep", "r2", "PENDING_CREATION", None, None, None, None,
+                                        {"GPU": 8.0})]
+    text = cluster_mod.format_placement(replicas)
+    lines = text.splitlines()
+    assert lines[0].split() == ["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE", "IP", "RESOURCES"]
+    assert "aaaaaaaaaaaa" in lines[1] and "10.0.0.1" in lines[1] and "GPU: 8" in lines[1]
+    assert "PENDING_CREATION" in lines[2]
+
+
+def test_unreachable_address_exits_3_fast_without_traceback():
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "check_cluster.py"), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60, env=subprocess_env(), cwd=ROOT)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == EXIT_RAY_UNREACHABLE, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "127.0.0.1:1" in proc.stderr and "ray start --head" in proc.stderr
+    assert elapsed < 20

@@ -1,0 +1,95 @@
+"""Tests stop_service.py: graceful stop with requests in flight, nothing running, unreachable Ray."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from _cluster_fixtures import ROOT, simulated_cluster, subprocess_env  # noqa: E402  (sets env first)
+
+import pytest  # noqa: E402
+import requests  # noqa: E402
+from ray import serve  # noqa: E402
+
+import stop_service  # noqa: E402
+from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE  # noqa: E402
+
+SLEEP_S = 2.0
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=10, ray_actor_options={"num_cpus": 0},
+                  graceful_shutdown_timeout_s=20, graceful_shutdown_wait_loop_s=0.5)
+class Slow:
+    async def __call__(self, *args):
+        await asyncio.sleep(SLEEP_S)
+        return "finished"
+
+
+@pytest.fixture(scope="module")
+def sim():
+    with simulated_cluster(gpu_nodes=1) as (c, workers):
+        yield c
+
+
+def test_stop_waits_for_in_flight_requests(sim, capsys):
+    handle = serve.run(Slow.bind(), name="slowapp", route_prefix="/slow")
+    # Requests through the handle and through the HTTP proxy, both in flight when the stop begins.
+    responses = [handle.remote() for _ in range(3)]
+    http_results: list = []
+
+    def http_call():
+        try:
+            r = requests.post("http://127.0.0.1:8000/slow", timeout=30)
+            http_results.append((r.status_code, r.text))
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            http_results.append(("error", repr(exc)))
+
+    threads = [threading.Thread(target=http_call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.7)  # long enough for every request to reach the replica, well under SLEEP_S
+
+    start = time.monotonic()
+    code = stop_service.main(["--address", sim.address, "--app", "slowapp", "--timeout", "30"])
+    elapsed = time.monotonic() - start
+    out = capsys.readouterr().out
+
+    assert code == EXIT_OK, out
+    assert [r.result(timeout_s=30) for r in responses] == ["finished"] * 3
+    for t in threads:
+        t.join(timeout=30)
+    assert http_results == [(200, "finished")] * 2
+    assert "slowapp" not in serve.status().applications
+    assert "Stopped slowapp" in out
+    assert elapsed < 30
+
+
+def test_nothing_running_exits_0(sim, capsys):
+    assert stop_service.main(["--address", sim.address, "--timeout", "10"]) == EXIT_OK
+    assert "nothing is running" in capsys.readouterr().out.lower()
+
+    assert stop_service.main(["--address", sim.address, "--app", "no-such-app"]) == EXIT_OK
+    out = capsys.readouterr().out.lower()
+    assert "nothing is running" in out and "no-such-app" in out
+
+
+def test_default_stops_every_app_and_shutdown_stops_serve(sim, capsys):
+    serve.run(Slow.options(name="A").bind(), name="first", route_prefix="/first")
+    serve.run(Slow.options(name="B").bind(), name="second", route_prefix="/second")
+    code = stop_service.main(["--address", sim.address, "--timeout", "30", "--shutdown"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    assert "first" in out and "second" in out and "shut down" in out
+    assert serve.status().applications == {}
+
+
+def test_unreachable_exits_3():
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "stop_service.py"), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == EXIT_RAY_UNREACHABLE, proc.stderr
+    assert "Traceback" not in proc.stderr and "ray start --head" in proc.stderr
+    assert time.monotonic() - start < 20
