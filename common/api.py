@@ -17,8 +17,6 @@ SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
 MAX_STOP_SEQUENCES = 16
 MAX_NUMBER = 2**63 - 1
 
-FiniteFloat = Field(allow_inf_nan=False)
-
 
 class ApiError(Exception):
     """A client-visible error; rendered as {"error": {"message", "type", "code"}}."""
@@ -291,8 +289,6 @@ class Result:
     stream: Optional[AsyncIterator[bytes]] = None
 
 
-def error_result(err: ApiError, request_id: str | None = None) -> Result:
-    headers = {**JSON_HEADERS, **err.headers}
-    if request_id:
-        headers["x-request-id"] = request_id
-    return Result(status=err.status, headers=headers, body=dumps(err.body()))
+def error_result(err: ApiError) -> Result:
+    return Result(status=err.status, headers={**JSON_HEADERS, **err.headers},
+                  body=dumps(err.body()))

@@ -65,9 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
     model = ensure_demo_model()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not port_open("127.0.0.1", args.ray_port):
-        start_local_head(args.ray_port)
     address = f"127.0.0.1:{args.ray_port}"
+    if args.isolated:
+        # A cluster owned by this process: it ends with it, and nothing else on the machine is
+        # touched (`ray stop` would stop every Ray of every user of this machine).
+        import ray
+
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1",
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    elif not port_open("127.0.0.1", args.ray_port):
+        start_local_head(args.ray_port)
     single_gpu = load_script("ray-single-gpu.py")
     code = single_gpu.main([
         "--address", address, "--device", "cpu", "--model", str(model), "--num-replicas", "1",
@@ -94,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
         serve.shutdown()
         ray.shutdown()
-        subprocess.run([ray_cli(), "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         print(f"\nThe service keeps running at {url}.")
         print("  load test: .venv/bin/python load_test.py -c 8 -n 40 --max-tokens 32")

@@ -18,8 +18,15 @@ logger = logging.getLogger("ray.serve")
 Handler = Callable[[RawRequest, str], Awaitable[Result]]
 
 
-class EngineUnavailable(Exception):
-    """The engine died or is shutting down."""
+def serve_request_id() -> str | None:
+    """Serve's ID of the current request: the client's X-Request-Id when it sent one, and what
+    Serve's proxy returns in the X-Request-Id response header and writes in its access logs."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # outside a Serve request (unit tests)
+        return None
 
 
 class LLMServer:
@@ -51,7 +58,7 @@ class LLMServer:
     # ---- entry points -------------------------------------------------------------------------
 
     async def respond(self, raw: RawRequest) -> Result:
-        request_id = api.new_request_id(raw.headers.get("x-request-id"))
+        request_id = api.new_request_id(serve_request_id() or raw.headers.get("x-request-id"))
         try:
             handler = self._route(raw)
             if raw.path != "/health":
@@ -60,8 +67,7 @@ class LLMServer:
         except ApiError as err:
             if err.status >= 500:
                 logger.warning("request %s: %s", request_id, err.message)
-            return api.error_result(err, request_id)
-        result.headers.setdefault("x-request-id", request_id)
+            return api.error_result(err)
         return result
 
     async def call(self, raw: RawRequest) -> AsyncIterator[Any]:
@@ -220,7 +226,7 @@ class LLMServer:
         outputs = self.engine.generate({"prompt_token_ids": ids}, params, engine_id)
         if req.stream:
             stream = self._stream(ctx, outputs, prompt_tokens, kind, usage_mode)
-            return Result(headers={**api.SSE_HEADERS, "x-request-id": request_id}, stream=stream)
+            return Result(headers=dict(api.SSE_HEADERS), stream=stream)
         gen = await self._collect(ctx, outputs, prompt_tokens)
         body = api.completion_body(ctx, gen) if kind == "completion" else api.chat_body(ctx, gen)
         return Result(body=api.dumps(body))

@@ -1,0 +1,64 @@
+"""Fixtures for tests that deploy the project's scripts on a real Ray (one node or simulated many)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+from _cluster_fixtures import LOCAL_IP, ROOT  # noqa: F401  (sets RAY_ENABLE_AUTO_CONNECT first)
+
+import ray  # noqa: E402
+import requests  # noqa: E402
+
+from common.demo import load_script  # noqa: E402
+from common.demo_model import ensure_demo_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOCAL_IP, 0))
+        return sock.getsockname()[1]
+
+
+def demo_model() -> str:
+    return str(ensure_demo_model(quiet=True))
+
+
+def cpu_args(port: int, *extra: str) -> list[str]:
+    """Flags every CPU deployment in the tests shares: demo model, loopback, one proxy."""
+    return ["--device", "cpu", "--model", demo_model(), "--host", LOCAL_IP, "--port", str(port),
+            "--proxy-location", "HeadOnly", "--timeout", "300", *extra]
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2):
+    """A one-node Ray on 127.0.0.1 for the API tests."""
+    from ray import serve
+
+    ray.init(num_cpus=num_cpus, _node_ip_address=LOCAL_IP, include_dashboard=False,
+             namespace="serve", logging_level="WARNING", log_to_driver=False)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def deploy_script(script: str, *argv: str) -> int:
+    return load_script(script).main(list(argv))
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not met within {timeout:.0f} s")
+
+
+def health(base_url: str) -> dict:
+    return requests.get(f"{base_url}/health", timeout=30).json()

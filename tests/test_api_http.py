@@ -1,0 +1,236 @@
+"""The API over real HTTP: real vLLM CPU engine on the demo model behind real Ray Serve."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import requests
+
+from _serve_fixtures import (LOCAL_IP, cpu_args, demo_model, deploy_script, free_port, health,
+                             local_ray, wait_until)
+
+import ray  # noqa: E402
+
+MAX_MODEL_LEN = 4096
+GUIDE_KEYS = {"id", "object", "created", "model", "node", "choices", "usage"}
+
+
+@pytest.fixture(scope="module")
+def service():
+    port = free_port()
+    with local_ray():
+        code = deploy_script("ray-single-gpu.py", *cpu_args(
+            port, "--num-replicas", "1", "--max-model-len", str(MAX_MODEL_LEN)))
+        assert code == 0
+        yield f"http://{LOCAL_IP}:{port}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model())
+
+
+def post(url: str, body, **kwargs) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(url, data=data, headers={"Content-Type": "application/json"},
+                         timeout=120, **kwargs)
+
+
+def test_post_root_answers_the_guides_json_exactly(service, tokenizer):
+    prompt = "请简要介绍人工智能的发展历史"
+    before = int(time.time())
+    response = post(f"{service}/", {"prompt": prompt, "max_tokens": 16, "ignore_eos": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == GUIDE_KEYS
+    # Serve's proxy returns its request ID (the client's X-Request-Id when sent) as a header.
+    assert body["id"] == "cmpl-" + response.headers["x-request-id"]
+    assert body["object"] == "text_completion"
+    assert isinstance(body["created"], int) and before - 1 <= body["created"] <= time.time() + 1
+    assert body["model"] == "DeepSeek-R1"
+    assert body["node"] in {n["NodeID"] for n in ray.nodes()}
+    assert len(body["choices"]) == 1
+    choice = body["choices"][0]
+    assert set(choice) == {"text", "index", "finish_reason"}
+    assert isinstance(choice["text"], str) and choice["index"] == 0
+    assert choice["finish_reason"] == "length"
+    usage = body["usage"]
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert usage["prompt_tokens"] == len(tokenizer.encode(prompt))
+    assert usage["completion_tokens"] == 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 16
+
+
+def test_sampling_options_are_accepted_and_seeded_output_repeats(service):
+    body = {"prompt": "hello", "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 7,
+            "stop": ["\n\n"]}
+    first = post(f"{service}/", body).json()
+    second = post(f"{service}/", body).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
+def read_sse(response: requests.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[len(b"data: "):]
+            events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
+    return events
+
+
+def test_stream_answers_sse_chunks_ending_with_done(service):
+    response = post(f"{service}/", {"prompt": "hello", "max_tokens": 12, "stream": True,
+                                    "ignore_eos": True}, stream=True)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = read_sse(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert all(c["node"] and c["model"] == "DeepSeek-R1" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    non_stream = post(f"{service}/", {"prompt": "hello", "max_tokens": 12, "ignore_eos": True,
+                                      "temperature": 0}).json()
+    greedy = read_sse(post(f"{service}/", {"prompt": "hello", "max_tokens": 12, "stream": True,
+                                           "ignore_eos": True, "temperature": 0}, stream=True))
+    text = "".join(c["choices"][0]["text"] for c in greedy[:-1])
+    assert text == non_stream["choices"][0]["text"]
+
+
+def test_openai_sdk_completions_chat_models_and_streaming(service):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["DeepSeek-R1"]
+
+    completion = client.completions.create(model="DeepSeek-R1", prompt="hello", max_tokens=5,
+                                           extra_body={"ignore_eos": True})
+    assert completion.object == "text_completion"
+    assert completion.usage.completion_tokens == 5
+    assert completion.choices[0].finish_reason == "length"
+
+    stream = client.completions.create(model="DeepSeek-R1", prompt="hello", max_tokens=6,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].choices == []
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
+
+    chat = client.chat.completions.create(
+        model="DeepSeek-R1", messages=[{"role": "user", "content": "你好"}], max_tokens=7,
+        extra_body={"ignore_eos": True})
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant"
+    assert isinstance(chat.choices[0].message.content, str)
+    assert chat.usage.completion_tokens == 7
+    # The chat template wraps the message, so the prompt is longer than the message alone.
+    assert chat.usage.prompt_tokens > 3
+
+    chat_stream = client.chat.completions.create(
+        model="DeepSeek-R1", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        stream=True, extra_body={"ignore_eos": True})
+    deltas = list(chat_stream)
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert deltas[-1].choices[0].finish_reason == "length"
+
+
+BAD_REQUESTS = [
+    # (name, method, path, raw body, expected status, words the message must contain)
+    ("invalid json", "POST", "/", b'{"prompt": "x",', 400, "invalid JSON"),
+    ("empty body", "POST", "/", b"", 400, "empty"),
+    ("array body", "POST", "/", b'["x"]', 400, "JSON object"),
+    ("non utf8", "POST", "/", b'{"prompt": "\xff\xfe"}', 400, "UTF-8"),
+    ("deep nesting", "POST", "/", b'{"prompt":' + b"[" * 100000 + b"]" * 100000 + b"}", 400,
+     "deep"),
+    ("missing prompt", "POST", "/", b'{"max_tokens": 5}', 400, "prompt: field required"),
+    ("empty prompt", "POST", "/", b'{"prompt": "", "max_tokens": 5}', 400, "prompt"),
+    ("blank prompt", "POST", "/", b'{"prompt": "   ", "max_tokens": 5}', 400, "prompt"),
+    ("prompt wrong type", "POST", "/", b'{"prompt": 42, "max_tokens": 5}', 400, "prompt"),
+    ("max_tokens string", "POST", "/", b'{"prompt": "x", "max_tokens": "5"}', 400, "max_tokens"),
+    ("max_tokens float", "POST", "/", b'{"prompt": "x", "max_tokens": 1.5}', 400, "max_tokens"),
+    ("max_tokens zero", "POST", "/", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ("max_tokens negative", "POST", "/", b'{"prompt": "x", "max_tokens": -3}', 400, "max_tokens"),
+    ("max_tokens huge", "POST", "/", b'{"prompt": "x", "max_tokens": 99999999999}', 400,
+     "context length"),
+    ("temperature negative", "POST", "/", b'{"prompt": "x", "temperature": -1}', 400,
+     "temperature"),
+    ("temperature nan", "POST", "/", b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("top_p zero", "POST", "/", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+    ("top_p above one", "POST", "/", b'{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
+    ("stream not bool", "POST", "/", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
+    ("unknown field", "POST", "/", b'{"prompt": "x", "promtp": "y"}', 400, "promtp: unknown"),
+    ("wrong method", "GET", "/", b"", 405, "POST"),
+    ("unknown path", "POST", "/nope", b"{}", 404, "no route"),
+    ("unknown model", "POST", "/v1/completions", b'{"model": "gpt-4", "prompt": "x"}', 404,
+     "gpt-4"),
+    ("chat no messages", "POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+    ("chat bad role", "POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+]
+
+
+@pytest.mark.parametrize("name,method,path,body,status,words", BAD_REQUESTS,
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_4xx(service, name, method, path, body, status, words):
+    response = requests.request(method, f"{service}{path}", data=body, timeout=60,
+                                headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code"}
+    assert words.lower() in error["message"].lower(), error["message"]
+
+
+def test_prompt_plus_max_tokens_over_context_is_refused(service):
+    response = post(f"{service}/", {"prompt": "hello " * 100, "max_tokens": MAX_MODEL_LEN})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_oversize_body_is_413(service):
+    response = post(f"{service}/", b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}')
+    assert response.status_code == 413
+
+
+def test_replica_keeps_serving_after_bad_input(service):
+    status = health(service)
+    assert status["status"] == "ok" and status["failed"] == 0
+    assert post(f"{service}/", {"prompt": "still there?", "max_tokens": 2}).status_code == 200
+
+
+def _send_and_hang_up(port: int, body: dict, read_first_bytes: bool) -> None:
+    payload = json.dumps(body).encode()
+    with socket.create_connection((LOCAL_IP, port), timeout=30) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        if read_first_bytes:
+            sock.recv(64)  # the stream has started: the engine is generating
+        else:
+            time.sleep(1.5)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_client_disconnect_aborts_the_engine_request(service, stream):
+    port = int(service.rsplit(":", 1)[1])
+    before = health(service)["aborted"]
+    # Long enough (about 4k tokens, ignore_eos) that only an abort finishes it within seconds.
+    body = {"prompt": "hello", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True,
+            "stream": stream}
+    _send_and_hang_up(port, body, read_first_bytes=stream)
+    status = wait_until(lambda: (lambda h: h if h["aborted"] > before and
+                                 h["engine_unfinished_requests"] == 0 else None)(health(service)),
+                        timeout=30, what="engine request aborted")
+    assert status["running"] == 0
+
+
+def test_health_reports_ok_with_node(service):
+    response = requests.get(f"{service}/health", timeout=30)
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+    assert response.json()["node"] in {n["NodeID"] for n in ray.nodes()}

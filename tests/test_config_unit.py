@@ -1,0 +1,117 @@
+"""Unit tests: flags with env fallbacks, engine kwargs per device, replica resources, preflight."""
+from __future__ import annotations
+
+import pytest
+
+from common import cli, preflight
+from common.config import (EngineConfig, ServeConfig, add_engine_args, add_serve_args,
+                           engine_config_from_args, replica_env, serve_config_from_args)
+from common.deploy import deployment_options, replica_resources
+
+
+def parse(argv, env=None, monkeypatch=None):
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    parser = cli.make_parser("test")
+    add_engine_args(parser)
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    return engine_config_from_args(args), serve_config_from_args(args)
+
+
+def test_defaults_follow_the_guide(monkeypatch):
+    engine, serve_config = parse([], monkeypatch=monkeypatch)
+    assert engine.served_model_name == "DeepSeek-R1"
+    assert engine.device == "cuda" and engine.tensor_parallel_size == 1
+    assert serve_config.port == 8000 and serve_config.route_prefix == "/"
+
+
+def test_env_vars_are_fallbacks_and_flags_win(monkeypatch):
+    env = {"MODEL_PATH": "/models/r1", "SERVED_MODEL_NAME": "r1", "TENSOR_PARALLEL_SIZE": "8",
+           "MAX_MODEL_LEN": "4096", "ENFORCE_EAGER": "true", "SERVE_PORT": "9000"}
+    engine, serve_config = parse(["--served-model-name", "flag-wins"], env, monkeypatch)
+    assert engine.model == "/models/r1" and engine.served_model_name == "flag-wins"
+    assert engine.tensor_parallel_size == 8 and engine.max_model_len == 4096
+    assert engine.enforce_eager is True and serve_config.port == 9000
+
+
+def test_invalid_env_value_exits_with_a_message(monkeypatch):
+    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "eight")
+    with pytest.raises(SystemExit) as exc:
+        parse([], monkeypatch=monkeypatch)
+    assert "TENSOR_PARALLEL_SIZE" in str(exc.value)
+
+
+def test_help_shows_defaults_and_env_names(capsys):
+    parser = cli.make_parser("test")
+    add_engine_args(parser)
+    add_serve_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "[env: MODEL_PATH]" in text and "default: DeepSeek-R1" in text
+    assert "--max-ongoing-requests" in text and "--api-key" in text
+
+
+def test_cpu_device_gets_small_kv_cache_and_eager(monkeypatch):
+    engine, _ = parse(["--device", "cpu"], monkeypatch=monkeypatch)
+    kwargs = engine.engine_kwargs()
+    assert kwargs["kv_cache_memory_bytes"] == 64 * 2**20 and kwargs["enforce_eager"] is True
+    assert "distributed_executor_backend" not in kwargs
+    assert replica_env(engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_validate_refuses_tensor_parallel_on_cpu():
+    problems = EngineConfig(device="cpu", tensor_parallel_size=2).validate()
+    assert any("--device cpu" in p for p in problems)
+
+
+def test_tensor_parallel_replica_reserves_each_gpu_once():
+    engine = EngineConfig(tensor_parallel_size=8)
+    resources = replica_resources(engine, ServeConfig())
+    bundles = resources["placement_group_bundles"]
+    assert resources["placement_group_strategy"] == "STRICT_PACK"
+    # The replica actor takes no GPU itself; the 8 bundles hold exactly 8 GPUs for vLLM.
+    assert resources["ray_actor_options"]["num_gpus"] == 0
+    assert sum(b.get("GPU", 0) for b in bundles) == 8 and len(bundles) == 8
+    assert engine.engine_kwargs()["distributed_executor_backend"] == "ray"
+
+
+def test_single_gpu_and_cpu_replicas():
+    one = replica_resources(EngineConfig(), ServeConfig())
+    assert one["ray_actor_options"]["num_gpus"] == 1 and "placement_group_bundles" not in one
+    cpu = replica_resources(EngineConfig(device="cpu"), ServeConfig(cpus_per_replica=0.5))
+    assert cpu["ray_actor_options"] == {**cpu["ray_actor_options"], "num_cpus": 0.5, "num_gpus": 0}
+
+
+def test_deployment_options_keep_vllm_batching_unthrottled():
+    options = deployment_options(EngineConfig(), ServeConfig(), num_replicas=2)
+    # Serve's default (5) would starve vLLM's continuous batching.
+    assert options["max_ongoing_requests"] >= 256 and options["num_replicas"] == 2
+
+
+def test_replica_slots_cap_per_node_and_count_whole_fits():
+    nodes = [{"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}, {"CPU": 4}]
+    assert preflight.replica_slots({"CPU": 1, "GPU": 1}, 8, nodes) == 16
+    assert preflight.replica_slots({"CPU": 1, "GPU": 1}, 4, nodes) == 8
+    assert preflight.replica_slots({"CPU": 1, "GPU": 8}, None, nodes) == 2
+    assert preflight.replica_slots({"CPU": 1, "GPU": 16}, None, nodes) == 0
+
+
+def test_resolve_replicas():
+    assert preflight.resolve_replicas("auto", 16, 16) == 16
+    assert preflight.resolve_replicas("auto", 20, 16) == 16
+    assert preflight.resolve_replicas("auto", 5, 16, auto_default=1) == 1
+    assert preflight.resolve_replicas("3", 16, 16) == 3
+    assert "max-replicas" in preflight.resolve_replicas("17", 16, 16)
+    assert "no node" in preflight.resolve_replicas("auto", 0, 16)
+    assert "number" in preflight.resolve_replicas("many", 16, 16)
+
+
+def test_weights_too_big_for_one_gpu_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "model-00001.safetensors").write_bytes(b"\0" * 4096)
+    monkeypatch.setenv("GPU_MEMORY_GB", str(4096 / 2**30))  # a "GPU" as big as the weights
+    message = preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path)))
+    assert "do not fit one GPU" in message and "ray-force-multi.py" in message
+    monkeypatch.setenv("GPU_MEMORY_GB", "80")
+    assert preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path))) is None
