@@ -28,13 +28,27 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[s
     if engine.device == "cpu":
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
     gpus = engine.gpus_per_replica
-    if gpus == 1:
+    if not needs_placement_group(engine):
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
     return {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
         "placement_group_bundles": [{"CPU": cpus, "GPU": 1}] + [{"GPU": 1}] * (gpus - 1),
         "placement_group_strategy": "STRICT_PACK",
     }
+
+
+def needs_placement_group(engine: EngineConfig) -> bool:
+    return engine.device == "cuda" and engine.gpus_per_replica > 1
+
+
+def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
+    """Topology options that put every replica on a distinct node.
+
+    A tensor-parallel replica holds its own placement group of all the GPUs it uses, so on 8-GPU
+    nodes two TP=8 replicas cannot share a node (and Serve refuses max_replicas_per_node together
+    with placement_group_bundles). Any other replica gets max_replicas_per_node=1.
+    """
+    return {} if needs_placement_group(engine) else {"max_replicas_per_node": 1}
 
 
 def replica_demand(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, float]:

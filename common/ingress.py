@@ -83,6 +83,20 @@ LLMBackend = serve.deployment(
     health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
     graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 
+# Defined above the router: Serve pickles an ingress class when it is decorated, with the
+# module globals that exist at that moment.
+async def _relay(head: dict, gen) -> Response:
+    """Turn a backend's (head, chunk, ...) stream into one HTTP response."""
+    headers = head["headers"]
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        async def chunks():
+            async for chunk in gen:
+                yield chunk
+        return StreamingResponse(chunks(), status_code=head["status"], headers=headers)
+    body = b"".join([chunk async for chunk in gen])
+    return Response(content=body, status_code=head["status"], headers=headers)
+
+
 router_app = new_app()
 
 # How often the router probes each backend, and how long a probe may take before the backend
@@ -153,15 +167,3 @@ class RoundRobinRouter:
         return to_response(api.error_result(ApiError(
             503, f"no backend could take the request ({type(last_error).__name__})",
             type_="service_unavailable", headers={"retry-after": "5"})))
-
-
-async def _relay(head: dict, gen) -> Response:
-    """Turn a backend's (head, chunk, ...) stream into one HTTP response."""
-    headers = head["headers"]
-    if headers.get("content-type", "").startswith("text/event-stream"):
-        async def chunks():
-            async for chunk in gen:
-                yield chunk
-        return StreamingResponse(chunks(), status_code=head["status"], headers=headers)
-    body = b"".join([chunk async for chunk in gen])
-    return Response(content=body, status_code=head["status"], headers=headers)

@@ -1,9 +1,9 @@
 """Checks before deploying: how many replicas the cluster can hold, and whether a model fits a GPU."""
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from common.config import EngineConfig
@@ -106,9 +106,12 @@ def check_single_gpu_fit(engine: EngineConfig) -> str | None:
             f"Use tensor parallelism: python ray-force-multi.py --tensor-parallel-size 8")
 
 
-def model_max_positions(model: str) -> int | None:
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    return data.get("max_position_embeddings")
+def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float) -> None:
+    """Say up front how many replicas the cluster can hold, and warn when some cannot fit."""
+    shape = ", ".join(f"{v:g} {k}" for k, v in demand.items())
+    print(f"{replicas} replica(s), each needing {shape} on one node; "
+          f"the cluster's nodes can hold {slots}")
+    if slots < replicas:
+        print(f"warning: only {slots} of {replicas} replica(s) fit the cluster's nodes; the rest "
+              f"will stay pending, and the wait ends with an error after --timeout "
+              f"{timeout_s:.0f}s", file=sys.stderr)

@@ -12,6 +12,11 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Ray workers (replicas) inherit this from the raylets the tests start: they must be able to
+# import the project's modules and the tests' own deployments.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [ROOT, os.path.join(ROOT, "tests")] +
+    [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402

@@ -1,0 +1,81 @@
+"""Topology helpers: autoscaling settings, and pinning deployments to distinct nodes via a placement group."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+# Ray gives every node this label; Serve accepts label selectors where it refuses a
+# scheduling_strategy (so a deployment cannot be bound to a driver-made placement group).
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+def pin_to_node(options: dict[str, Any], node_id: str) -> dict[str, Any]:
+    """Restrict a deployment's replicas (and, for tensor parallel, every bundle) to one node."""
+    selector = {NODE_ID_LABEL: node_id}
+    if "placement_group_bundles" in options:
+        options["placement_group_bundle_label_selector"] = \
+            [dict(selector) for _ in options["placement_group_bundles"]]
+    else:
+        actor = dict(options.get("ray_actor_options", {}))
+        actor["label_selector"] = selector
+        options["ray_actor_options"] = actor
+    return options
+
+
+def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
+                        name: str) -> list[str] | str:
+    """Reserve `count` bundles on `count` different nodes at once (STRICT_SPREAD) and return their
+    node IDs; the group is then removed so the deployments can take the same resources.
+
+    Returns an error message (str) when Ray cannot place the group in time.
+    """
+    from ray.util.placement_group import (placement_group, placement_group_table,
+                                          remove_placement_group)
+
+    from common import cluster
+
+    group = placement_group([dict(bundle) for _ in range(count)], strategy="STRICT_SPREAD",
+                            name=name)
+    started = time.monotonic()
+    try:
+        while True:
+            ready, _ = _wait(group, 2.0)
+            if ready:
+                table = placement_group_table(group)
+                nodes = table["bundles_to_node_id"]
+                return [nodes[i] for i in range(count)]
+            waited = time.monotonic() - started
+            print(f"[{waited:5.0f}s] waiting for {count} nodes with {bundle} each "
+                  "(STRICT_SPREAD) ...", flush=True)
+            if waited > timeout_s:
+                reason = cluster.explain([dict(bundle) for _ in range(count)], "STRICT_SPREAD")
+                return (f"no {count} distinct nodes with {cluster_fmt(bundle)} free each after "
+                        f"{timeout_s:.0f}s: {reason}")
+    finally:
+        remove_placement_group(group)
+
+
+def _wait(group, seconds: float):
+    import ray
+
+    return ray.wait([group.ready()], timeout=seconds)
+
+
+def cluster_fmt(shape: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in shape.items())
+
+
+def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requests: float,
+                       upscale_delay_s: float, downscale_delay_s: float,
+                       initial_replicas: int | None = None) -> dict[str, Any]:
+    if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
+        print(f"error: need 0 <= --min-replicas ({min_replicas}) <= --max-replicas "
+              f"({max_replicas}) and --max-replicas >= 1", file=sys.stderr)
+        raise SystemExit(2)
+    config = {"min_replicas": min_replicas, "max_replicas": max_replicas,
+              "target_ongoing_requests": target_ongoing_requests,
+              "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s}
+    if initial_replicas is not None:
+        config["initial_replicas"] = initial_replicas
+    return config

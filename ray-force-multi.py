@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Fixed multi-replica deployment: 2 replicas x tensor parallel 8, each on its own node.
+
+Each replica reserves its GPUs once, as its own placement group (one GPU per bundle, STRICT_PACK,
+so all on one node), and vLLM's tensor-parallel workers run in that group. On the reference
+cluster (2 nodes x 8 GPUs) the two replicas therefore land on the two nodes.
+"""
+from __future__ import annotations
+
+import sys
+
+from common import cli, preflight
+from common.config import EngineConfig, ServeConfig
+from common.deploy import llm_app, one_replica_per_node, replica_demand, script_main
+
+ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
+
+
+def add_topology_args(group) -> None:
+    cli.add_flag(group, "--num-replicas", env="NUM_REPLICAS", type=int, default=2,
+                 help="replicas, each on its own node")
+
+
+def build(args, engine: EngineConfig, serve_config: ServeConfig):
+    if args.num_replicas < 1:
+        print("error: --num-replicas must be >= 1", file=sys.stderr)
+        return cli.EXIT_USAGE
+    spread = one_replica_per_node(engine)
+    demand = replica_demand(engine, serve_config)
+    slots = preflight.replica_slots(demand, spread.get("max_replicas_per_node"))
+    preflight.report_capacity(args.num_replicas, demand, slots, serve_config.timeout_s)
+    return llm_app(engine, serve_config, num_replicas=args.num_replicas, **spread)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(argv, description=__doc__, build=build,
+                       add_topology_args=add_topology_args, engine_defaults=ENGINE_DEFAULTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Placement-group deployment: two backends pinned to two different nodes, behind a round-robin router.
+
+A placement group with one bundle per backend and STRICT_SPREAD picks distinct nodes that can
+each hold a backend. Serve refuses a scheduling_strategy in ray_actor_options, so a deployment
+cannot be bound to a bundle of a driver-made group directly: each backend is pinned instead to
+its bundle's node by the node-ID label (`label_selector`), once the group has been released. The
+router skips a backend that is down and keeps serving through the other.
+"""
+from __future__ import annotations
+
+import sys
+
+from common import cli
+from common.config import EngineConfig, ServeConfig
+from common.deploy import deployment_options, replica_demand, script_main
+from common.placement import pick_distinct_nodes, pin_to_node
+
+ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
+
+
+def add_topology_args(group) -> None:
+    cli.add_flag(group, "--num-backends", env="NUM_BACKENDS", type=int, default=2,
+                 help="backend deployments, each pinned to its own node")
+
+
+def build(args, engine: EngineConfig, serve_config: ServeConfig):
+    from common.ingress import LLMBackend, RoundRobinRouter
+
+    if args.num_backends < 1:
+        print("error: --num-backends must be >= 1", file=sys.stderr)
+        return cli.EXIT_USAGE
+    demand = replica_demand(engine, serve_config)
+    nodes = pick_distinct_nodes(demand, args.num_backends, serve_config.timeout_s,
+                                name=f"{serve_config.app_name}-node-picker")
+    if isinstance(nodes, str):
+        print(f"error: {nodes}", file=sys.stderr)
+        return cli.EXIT_TIMEOUT
+    backends = []
+    for index, node_id in enumerate(nodes):
+        print(f"backend {index}: node {node_id}")
+        options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), node_id)
+        backends.append(LLMBackend.options(name=f"LLMBackend{index}", **options)
+                        .bind(engine, serve_config))
+    return RoundRobinRouter.bind(serve_config, *backends)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(argv, description=__doc__, build=build,
+                       add_topology_args=add_topology_args, engine_defaults=ENGINE_DEFAULTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""A stand-in replica for GPU-placement tests only: it reserves what vLLM would, and runs no model.
+
+A CPU machine cannot run tensor parallel 8, so these tests swap the LLM deployments for this probe,
+which takes the same deployment options and, like vLLM's Ray executor, starts one worker actor per
+GPU bundle of the replica's placement group. The API and engine path are tested with the real
+engine elsewhere (tests/test_api_http.py, tests/test_topology_cpu.py).
+"""
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+probe_app = FastAPI()
+
+
+@ray.remote(num_cpus=0, num_gpus=1)
+class GpuWorker:
+    """What vLLM's Ray executor starts per tensor-parallel rank."""
+
+    def where(self) -> tuple[str, list]:
+        return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+
+
+class PlacementProbe:
+    def __init__(self, engine_config, serve_config):
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.workers = []
+        group = ray.util.get_current_placement_group()
+        if group is not None and engine_config.device == "cuda":
+            for index, bundle in enumerate(group.bundle_specs):
+                if bundle.get("GPU", 0) > 0:
+                    self.workers.append(GpuWorker.options(
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            group, placement_group_bundle_index=index)).remote())
+        worker_places = ray.get([w.where.remote() for w in self.workers])
+        self.own_gpus = ray.get_gpu_ids()
+        self.worker_nodes = [node for node, _ in worker_places]
+        self.worker_gpus = [gpus for _, gpus in worker_places]
+
+    def describe(self, delay_s: float = 0.0) -> dict:
+        return {"node": self.node_id, "own_gpus": self.own_gpus,
+                "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus}
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def call(self, raw):
+        """The backend interface the router uses."""
+        import json
+
+        yield {"status": 200, "headers": {"content-type": "application/json"}}
+        yield json.dumps(self.describe()).encode()
+
+
+@serve.deployment(name="LLMServer")
+@serve.ingress(probe_app)
+class HttpPlacementProbe(PlacementProbe):
+    @probe_app.post("/")
+    async def root(self, request: Request) -> dict:
+        body = await request.json()
+        await asyncio.sleep(float(body.get("delay_s", 0)))
+        return self.describe()
+
+
+BackendPlacementProbe = serve.deployment(PlacementProbe, name="LLMBackend")
+
+
+def install(monkeypatch) -> None:
+    """Swap the LLM deployments the scripts build for the probe."""
+    import common.ingress
+
+    monkeypatch.setattr(common.ingress, "LLMDeployment", HttpPlacementProbe)
+    monkeypatch.setattr(common.ingress, "LLMBackend", BackendPlacementProbe)

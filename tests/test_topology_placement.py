@@ -1,0 +1,138 @@
+"""Where each script's replicas land on a simulated 2 x 8-GPU cluster (Ray placement only).
+
+The engine is swapped for tests/_placement_probe.py here (a CPU cannot run tensor parallel 8);
+the same scripts run the real engine on a simulated cluster in tests/test_topology_cpu.py.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+
+from _cluster_fixtures import LOCAL_IP, simulated_cluster  # noqa: F401  (sets env first)
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import requests  # noqa: E402
+from ray import serve  # noqa: E402
+
+import _placement_probe  # noqa: E402
+from _serve_fixtures import deploy_script, wait_until  # noqa: E402
+from common import cli, cluster  # noqa: E402
+
+URL = f"http://{LOCAL_IP}:8000"
+
+
+@pytest.fixture(scope="module")
+def sim():
+    # Logical CPUs only: enough that GPUs, not CPUs, decide placement.
+    with simulated_cluster(gpu_nodes=2, head_cpus=1, worker_cpus=16) as (c, workers):
+        yield c, workers
+
+
+@pytest.fixture(autouse=True)
+def probe(monkeypatch):
+    _placement_probe.install(monkeypatch)
+
+
+def gpu_args(app: str, *extra: str) -> list[str]:
+    return ["--app-name", app, "--route-prefix", f"/{app}", "--host", LOCAL_IP, "--port", "8000",
+            "--proxy-location", "HeadOnly", "--timeout", "120", "--model", "unused-by-probe",
+            *extra]
+
+
+def describe(app: str, **body) -> dict:
+    response = requests.post(f"{URL}/{app}/", json=body, timeout=60)
+    response.raise_for_status()
+    return response.json()
+
+
+def running(app: str) -> list:
+    return [r for r in cluster.list_replicas(app) if r.state == "RUNNING"]
+
+
+def gpu_nodes() -> set:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+
+
+def test_force_multi_two_tp8_replicas_on_two_nodes_16_gpus_not_32(sim, capsys):
+    assert deploy_script("ray-force-multi.py", *gpu_args("force")) == 0
+    replicas = running("force")
+    assert len(replicas) == 2
+    assert {r.node_id for r in replicas} == gpu_nodes()
+    # Each replica's 8 tensor-parallel workers sit on the replica's own node, one GPU each.
+    seen = {}
+    for _ in range(20):
+        info = describe("force")
+        seen[info["node"]] = info
+        if len(seen) == 2:
+            break
+    for node, info in seen.items():
+        assert info["worker_nodes"] == [node] * 8
+        assert len({g for gpus in info["worker_gpus"] for g in gpus}) == 8
+        assert info["own_gpus"] == []  # the replica actor itself books no GPU
+    # 16 GPUs reserved in the whole cluster, not 32 (nothing pending either).
+    assert ray.cluster_resources()["GPU"] == 16
+    assert ray.available_resources().get("GPU", 0) == 0
+    assert cluster.pending_demands() == []
+    out = capsys.readouterr().out
+    assert "RUNNING with 2 replica(s)" in out
+    print(out)  # the replica-to-node table, for the record
+    serve.delete("force")
+
+
+def test_force_multi_that_cannot_fit_exits_with_the_pending_demand(sim, capsys):
+    code = deploy_script("ray-force-multi.py", *gpu_args("toomany", "--num-replicas", "3"),
+                         "--timeout", "20")
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_TIMEOUT
+    assert "not ready after 20s" in err and "GPU" in err and "8" in err
+    serve.delete("toomany")
+
+
+def test_single_gpu_16_replicas_8_per_node(sim):
+    assert deploy_script("ray-single-gpu.py", *gpu_args("single")) == 0
+    replicas = running("single")
+    assert len(replicas) == 16
+    per_node = collections.Counter(r.node_id for r in replicas)
+    assert set(per_node.values()) == {8} and set(per_node) == gpu_nodes()
+    assert ray.available_resources().get("GPU", 0) == 0
+    serve.delete("single")
+
+
+def test_placement_group_backends_on_two_nodes_router_alternates(sim):
+    assert deploy_script("ray-placement-group.py", *gpu_args("pg")) == 0
+    backends = [r for r in running("pg") if r.deployment.startswith("LLMBackend")]
+    assert len(backends) == 2 and {r.node_id for r in backends} == gpu_nodes()
+    answers = collections.Counter(describe("pg")["node"] for _ in range(10))
+    assert sorted(answers.values()) == [5, 5] and set(answers) == gpu_nodes()
+    # The node-picker placement group is released once the nodes are chosen.
+    assert all(pg.state == "REMOVED" or not pg.name.startswith("pg-")
+               for pg in cluster.list_placement_groups())
+    serve.delete("pg")
+
+
+def test_product_scales_out_to_the_other_node_and_back(sim):
+    assert deploy_script("ray-product", *gpu_args(
+        "product", "--target-ongoing-requests", "1", "--upscale-delay", "1",
+        "--downscale-delay", "3")) == 0
+    assert len(running("product")) == 1
+    stop = threading.Event()
+
+    def keep_busy():
+        while not stop.is_set():
+            describe("product", delay_s=1.0)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(keep_busy) for _ in range(6)]
+        try:
+            replicas = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(
+                running("product")), timeout=90, what="second replica")
+        finally:
+            stop.set()
+        for future in futures:
+            future.result()
+    assert {r.node_id for r in replicas} == gpu_nodes()
+    wait_until(lambda: len(cluster.list_replicas("product")) == 1, timeout=120,
+               what="scale back to one replica")
+    serve.delete("product")
