@@ -7,6 +7,7 @@ replica on an 8-GPU node.
 from __future__ import annotations
 
 import collections
+import json
 import concurrent.futures
 import threading
 
@@ -17,8 +18,12 @@ import ray  # noqa: E402
 import requests  # noqa: E402
 from ray import serve  # noqa: E402
 
+import check_cluster  # noqa: E402
+import load_test  # noqa: E402
+import stop_service  # noqa: E402
 from _serve_fixtures import cpu_args, deploy_script, wait_until  # noqa: E402
 from common import cluster  # noqa: E402
+from common.api import RawRequest  # noqa: E402
 
 URL = f"http://{LOCAL_IP}:8000"
 
@@ -64,16 +69,47 @@ def test_force_multi_cpu_two_replicas_two_nodes_answering(sim, capsys):
     seen = set()
     wait_until(lambda: seen.add(generate("force")["node"]) or seen == worker_nodes(),
                timeout=60, interval=0, what="answers from both nodes")
+    # check_cluster names the same nodes and replicas, and calls the cluster healthy.
+    capsys.readouterr()
+    assert check_cluster.main(["--json", "--app", "force"]) == 0
+    out = capsys.readouterr().out
+    # Ray may interleave its own log lines on stdout; the report is the JSON object.
+    report, _ = json.JSONDecoder().raw_decode(out[out.index("{\n"):])
+    assert {r["node_id"] for r in report["replicas"]} == worker_nodes()
+    assert {r["replica_id"] for r in report["replicas"]} == {r.replica_id for r in replicas}
+    assert worker_nodes() <= {n["node_id"] for n in report["nodes"]}
     serve.delete("force")
 
 
-def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys):
+def backend_finished(app: str) -> int:
+    """Requests the backends finished, from their own counters (through a handle)."""
+    total = 0
+    for name in ("LLMBackend0", "LLMBackend1"):
+        handle = serve.get_deployment_handle(name, app_name=app).options(stream=True)
+        chunks = list(handle.call.remote(RawRequest("GET", "/health", {})))
+        total += json.loads(chunks[1])["finished"]
+    return total
+
+
+def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys, tmp_path):
     assert deploy_script("ray-placement-group.py", *args("pg")) == 0
     print(capsys.readouterr().out)
     backends = running("pg", "LLMBackend")
     assert len(backends) == 2 and {r.node_id for r in backends} == worker_nodes()
     answers = answers_from("pg", 10)
     assert sorted(answers.values()) == [5, 5] and set(answers) == worker_nodes()
+    # load_test's per-node counts and balance match the router's known 50/50 split, and what
+    # the backends themselves counted.
+    finished_before = backend_finished("pg")
+    out_file = tmp_path / "load.json"
+    code = load_test.main(["--url", f"{URL}/pg", "-c", "2", "-n", "20", "--max-tokens", "4",
+                           "--json", str(out_file), "--no-progress"])
+    assert code == 0
+    result = json.loads(out_file.read_text())
+    assert sorted(n["count"] for n in result["nodes"]) == [10, 10]
+    assert {n["node"] for n in result["nodes"]} == worker_nodes()
+    assert result["summary"]["balance"] == 1.0
+    assert backend_finished("pg") - finished_before == 20
     serve.delete("pg")
 
 
@@ -84,7 +120,19 @@ def test_single_gpu_cpu_replicas_capped_per_node(sim, capsys):
     replicas = running("single")
     assert len(replicas) == 2 and {r.node_id for r in replicas} == worker_nodes()
     assert generate("single")["node"] in worker_nodes()
-    serve.delete("single")
+    # stop_service drains: streams already generating when it starts all finish in full.
+    long_body = {"prompt": "hello", "max_tokens": 1024, "ignore_eos": True, "stream": True}
+    streams = [requests.post(f"{URL}/single/", json=long_body, timeout=300, stream=True)
+               for _ in range(2)]
+    lines = [s.iter_lines() for s in streams]
+    for it in lines:
+        assert next(it).startswith(b"data: ")  # generating now
+    assert stop_service.main(["--app", "single", "--timeout", "120"]) == 0
+    for it in lines:
+        events = [line for line in it if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 1024
+    assert "single" not in serve.status().applications
 
 
 def test_product_cpu_scales_out_to_the_other_node_under_load(sim, capsys):
