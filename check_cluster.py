@@ -32,6 +32,22 @@ def build_parser():
     return parser
 
 
+def _engine_summary(app: str | None, as_json: bool):
+    """Live per-replica engine load from the nodes' metrics endpoints; informational only, so
+    any failure to read them leaves the rest of the report (and the exit status) alone."""
+    from common import metrics_scrape
+
+    try:
+        if as_json:
+            samples, _ = metrics_scrape.scrape_cluster(timeout=3.0)
+            live = {r.replica_id for r in cluster.list_replicas(app)}
+            return {k: vars(v) for k, v in metrics_scrape.per_replica(samples).items()
+                    if k in live}
+        return metrics_scrape.summary_for_cluster(app, timeout=3.0)
+    except Exception as exc:  # noqa: BLE001
+        return None if as_json else f"ENGINE: metrics not readable ({type(exc).__name__}: {exc})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     cluster.connect(args.address)
@@ -40,10 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - operators need the reason, not a traceback
         print(f"error: could not read the cluster state: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    engine = _engine_summary(args.app, as_json=args.json)
     if args.json:
-        print(json.dumps(cluster.report_to_dict(report), indent=2, default=str))
+        data = cluster.report_to_dict(report)
+        data["engine_metrics"] = engine
+        print(json.dumps(data, indent=2, default=str))
     else:
         print(cluster.format_report(report))
+        if engine:
+            print("\n" + engine)
     return EXIT_OK if report.healthy else EXIT_UNHEALTHY
 
 

@@ -70,6 +70,8 @@ class GenerateRequest(SamplingFields):
 
     prompt: StrictStr = Field(min_length=1)
     max_tokens: StrictInt = Field(default=256, ge=1, le=MAX_NUMBER)
+    # DeepSeek-R1: split <think>...</think> into choices[0].reasoning_content (off: raw text).
+    split_reasoning: StrictBool = False
 
     @field_validator("prompt")
     @classmethod

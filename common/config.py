@@ -50,6 +50,7 @@ class EngineConfig:
     load_format: str = "auto"                 # "dummy" = random weights (benchmarks)
     kv_cache_memory_bytes: int | None = None  # CPU: a fixed KV cache instead of a RAM fraction
     enable_prefix_caching: bool | None = None
+    engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
 
     @property
     def gpus_per_replica(self) -> int:
@@ -115,6 +116,10 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
     log_prompts: bool = False
+    reasoning_parser: str = "auto"            # auto | deepseek_r1 | none (common/reasoning.py)
+    # Extra replicas Serve may start during a rolling restart, in % of the target count; 0 (Serve's
+    # default) stops old replicas before starting new ones, which needs free GPUs for none.
+    max_surge_percent: int = 0
     env_vars: dict[str, str] = field(default_factory=dict)
 
 
@@ -148,6 +153,9 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "auto, safetensors, ... or dummy (random weights, for benchmarks)"),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", "KV_CACHE_MEMORY_BYTES", int,
      "fixed KV-cache size in bytes instead of a memory fraction (CPU default: 64 MiB)"),
+    ("--engine-metrics", "engine_metrics", "ENGINE_METRICS", bool,
+     "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint; see "
+     "docs/operations.md"),
 ]
 
 _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
@@ -170,6 +178,12 @@ _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "largest request body accepted (413 above)"),
     ("--log-prompts", "log_prompts", "LOG_PROMPTS", bool,
      "write prompt and completion text to replica logs (off: only IDs, timings, counts)"),
+    ("--reasoning-parser", "reasoning_parser", "REASONING_PARSER", str,
+     "split <think>...</think> into reasoning_content on /v1/chat/completions; auto: on when "
+     "the served name or model path contains 'r1'"),
+    ("--max-surge-percent", "max_surge_percent", "MAX_SURGE_PERCENT", int,
+     "extra replicas (%% of the target) a rolling restart may start before stopping old ones; "
+     "0 stops first (no spare GPUs needed), 100 keeps full capacity during a model change"),
 ]
 
 
@@ -178,6 +192,8 @@ def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
         extra: dict[str, Any] = {}
         if name == "device":
             extra["choices"] = ["cuda", "cpu"]
+        elif name == "reasoning_parser":
+            extra["choices"] = ["auto", "deepseek_r1", "none"]
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,
                  help=help_, **extra)
 

@@ -67,7 +67,60 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
         max_queued_requests=serve_config.max_queued_requests,
     )
     options.update(topology)
+    if serve_config.max_surge_percent > 0:
+        if _serve_supports("max_surge_percent"):
+            options["max_surge_percent"] = serve_config.max_surge_percent
+        else:
+            print("warning: this Ray Serve has no max_surge_percent; rolling restarts stop old "
+                  "replicas before starting new ones", file=sys.stderr)
     return options
+
+
+def _serve_supports(option: str) -> bool:
+    import inspect
+
+    from ray.serve.deployment import Deployment
+
+    return option in inspect.signature(Deployment.options).parameters
+
+
+# Fields of ServeConfig that Serve applies to running replicas without restarting them (deployment
+# options and proxy/script settings); every other field reaches the replica's constructor.
+_LIGHTWEIGHT_SERVE_FIELDS = ("app_name", "route_prefix", "host", "port", "max_ongoing_requests",
+                             "max_queued_requests", "timeout_s", "max_surge_percent")
+
+
+def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
+    """A version that changes exactly when running replicas must restart: the engine settings,
+    the replica's own API settings and the project's code.
+
+    Serve restarts every replica on each `serve.run` of an app built in Python (it gives such a
+    deployment a random version). With a stable version, re-running a script with only
+    lightweight changes (replicas, max_ongoing_requests, max_queued_requests, autoscaling) updates
+    the running replicas in place, and anything else is a rolling restart (Serve compares
+    ray_actor_options and placement separately: resources and env vars restart too)."""
+    import dataclasses
+    import hashlib
+    import json
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    settings = {"engine": dataclasses.asdict(engine),
+                "serve": {k: v for k, v in dataclasses.asdict(serve_config).items()
+                          if k not in _LIGHTWEIGHT_SERVE_FIELDS}}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for source in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def with_version(deployment: Any, version: str) -> Any:
+    """deployment.options(version=...): Serve's public API no longer takes it (its declarative
+    config path sets it internally); where this Ray refuses, every redeploy restarts replicas."""
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError):
+        return deployment
 
 
 def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMServer",
@@ -75,9 +128,10 @@ def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMSer
     """The Serve application of one LLM deployment answering HTTP itself."""
     from common.ingress import LLMDeployment
 
-    return LLMDeployment.options(
-        name=name, **deployment_options(engine, serve_config, **topology)
-    ).bind(engine, serve_config)
+    deployment = LLMDeployment.options(
+        name=name, **deployment_options(engine, serve_config, **topology))
+    return with_version(deployment, deployment_version(engine, serve_config)).bind(
+        engine, serve_config)
 
 
 # ---- the scripts' shared main --------------------------------------------------------------------

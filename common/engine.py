@@ -1,6 +1,7 @@
 """Builds the vLLM async engine for one replica and wraps the few engine calls the API needs."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -40,7 +41,49 @@ def build_engine(config: EngineConfig):
                 config.device, os.getpid())
     return AsyncLLM.from_vllm_config(
         vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
-        enable_log_requests=False, disable_log_stats=False)
+        enable_log_requests=False, disable_log_stats=False,
+        stat_loggers=engine_stat_loggers(config))
+
+
+def engine_stat_loggers(config: EngineConfig) -> list | None:
+    """vLLM's Prometheus metrics recorded through Ray's metrics API, so that every replica's
+    engine metrics leave through the node's Ray metrics endpoint (vLLM's own prometheus_client
+    registry has no HTTP server inside a Serve replica). Feature-detected: a vLLM without the
+    Ray logger, or a disabled flag, keeps vLLM's default loggers and the replica still starts."""
+    if not getattr(config, "engine_metrics", True):
+        return None
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except Exception as exc:  # noqa: BLE001 - an old/new vLLM must not stop the replica
+        logger.warning("engine metrics not exported: vLLM has no RayPrometheusStatLogger (%s)",
+                       exc)
+        return None
+    from common.metrics_export import labelled_stat_logger
+
+    return [labelled_stat_logger(RayPrometheusStatLogger)]
+
+
+@contextlib.contextmanager
+def serve_log_handlers_kept():
+    """Keep Serve's replica log file working across vLLM's start.
+
+    vLLM configures its logging with logging.config.dictConfig when first imported, and
+    dictConfig closes every existing handler of the process. Serve writes the replica log
+    (logs/serve/replica_*.log) through a MemoryHandler, which forgets its target file when
+    closed: without this, everything the replica logs after the engine starts (request IDs,
+    timings, access logs) silently vanishes from that file. The file handler reopens itself
+    on the next record once it is the target again."""
+    import logging.handlers
+
+    memory_handlers = [(h, h.target) for name in ("ray.serve", "ray")
+                       for h in logging.getLogger(name).handlers
+                       if isinstance(h, logging.handlers.MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in memory_handlers:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)
 
 
 def apply_offline_batch_limits(engine_args: Any, config: EngineConfig) -> None:

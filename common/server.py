@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from common import api
+from common import api, reasoning
 from common.api import ApiError, Generation, RawRequest, ResponseContext, Result
 from common.config import EngineConfig, ServeConfig
 
@@ -35,15 +35,20 @@ class LLMServer:
     def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
 
-        from common.engine import build_engine
+        from common.engine import build_engine, serve_log_handlers_kept
 
         self.engine_config = engine_config
         self.serve_config = serve_config
         self.model_name = engine_config.served_model_name
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.engine = build_engine(engine_config)
+        with serve_log_handlers_kept():
+            self.engine = build_engine(engine_config)
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self._tokenizer = None
+        # DeepSeek-R1 reasoning split on /v1/chat/completions (POST / splits only on request).
+        self.reasoning_on = reasoning.enabled(getattr(serve_config, "reasoning_parser", "auto"),
+                                              engine_config.served_model_name, engine_config.model)
+        self._markers_special: bool | None = None
         self.counters = {"running": 0, "finished": 0, "aborted": 0, "failed": 0}
         self.routes: dict[str, dict[str, Handler]] = {
             "/": {"POST": self._generate},
@@ -135,7 +140,8 @@ class LLMServer:
     async def _generate(self, raw: RawRequest, request_id: str) -> Result:
         req = api.parse_body(raw.body, api.GenerateRequest, self.serve_config.max_body_bytes)
         ids = await self._encode(req.prompt, add_special_tokens=True)
-        return await self._run(request_id, ids, req, req.max_tokens, "completion", "inline")
+        return await self._run(request_id, ids, req, req.max_tokens, "completion", "inline",
+                               split=req.split_reasoning)
 
     async def _completions(self, raw: RawRequest, request_id: str) -> Result:
         req = api.parse_body(raw.body, api.CompletionRequest, self.serve_config.max_body_bytes)
@@ -161,7 +167,7 @@ class LLMServer:
         ids = await self._encode(prompt, add_special_tokens=False)
         budget = req.token_budget(default=max(1, self.max_model_len - len(ids)))
         return await self._run("chatcmpl-" + request_id.split("-", 1)[-1], ids, req, budget,
-                               "chat", self._openai_usage(req))
+                               "chat", self._openai_usage(req), split=self.reasoning_on)
 
     @staticmethod
     def _openai_usage(req: api.OpenAIFields) -> str:
@@ -188,11 +194,24 @@ class LLMServer:
                                 f"{self.model_name!r} (see GET /v1/models)",
                            code="model_not_found")
 
-    def _sampling_params(self, req: api.SamplingFields, max_tokens: int, stream: bool):
+    async def _think_markers_are_special(self) -> bool:
+        """Whether this tokenizer marks <think>/</think> as special tokens. Detokenizing skips
+        special tokens, so the split then needs them kept in the text. DeepSeek-R1's tokenizer
+        has them as ordinary added tokens; the demo model's has them special."""
+        if self._markers_special is None:
+            tokenizer = await self._get_tokenizer()
+            special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+            self._markers_special = reasoning.THINK_END in special
+        return self._markers_special
+
+    def _sampling_params(self, req: api.SamplingFields, max_tokens: int, stream: bool,
+                         keep_special_tokens: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         kwargs: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": req.ignore_eos}
+        if keep_special_tokens:
+            kwargs["skip_special_tokens"] = False
         for name in ("temperature", "top_p", "seed", "stop"):
             value = getattr(req, name)
             if value is not None:
@@ -207,9 +226,10 @@ class LLMServer:
             raise ApiError(400, f"invalid sampling parameters: {exc}") from None
 
     async def _run(self, request_id: str, ids: list[int], req: api.SamplingFields,
-                   max_tokens: int, kind: str, usage_mode: str) -> Result:
+                   max_tokens: int, kind: str, usage_mode: str, split: bool = False) -> Result:
         """Generate for one request. kind: completion | chat. usage_mode (streams only):
-        inline (usage in the last chunk, the guide's POST /), separate, or none."""
+        inline (usage in the last chunk, the guide's POST /), separate, or none. split: route
+        <think>...</think> to reasoning_content (common/reasoning.py)."""
         prompt_tokens = len(ids)
         if prompt_tokens + max_tokens > self.max_model_len:
             raise ApiError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
@@ -219,19 +239,21 @@ class LLMServer:
         if self.engine.errored:
             raise ApiError(503, "the engine of this replica is dead; Serve is replacing it",
                            type_="service_unavailable", headers={"retry-after": "5"})
-        params = self._sampling_params(req, max_tokens, req.stream)
+        keep_special = split and await self._think_markers_are_special()
+        params = self._sampling_params(req, max_tokens, req.stream, keep_special)
         ctx = ResponseContext(request_id=request_id, model=self.model_name, node=self.node_id)
         # vLLM refuses duplicate request IDs; a client may reuse its X-Request-Id.
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         outputs = self.engine.generate({"prompt_token_ids": ids}, params, engine_id)
         if req.stream:
-            stream = self._stream(ctx, outputs, prompt_tokens, kind, usage_mode)
+            stream = self._stream(ctx, outputs, prompt_tokens, kind, usage_mode, split)
             return Result(headers=dict(api.SSE_HEADERS), stream=stream)
-        gen = await self._collect(ctx, outputs, prompt_tokens)
+        gen = await self._collect(ctx, outputs, prompt_tokens, split)
         body = api.completion_body(ctx, gen) if kind == "completion" else api.chat_body(ctx, gen)
         return Result(body=api.dumps(body))
 
-    async def _collect(self, ctx: ResponseContext, outputs, prompt_tokens: int) -> Generation:
+    async def _collect(self, ctx: ResponseContext, outputs, prompt_tokens: int,
+                       split: bool = False) -> Generation:
         started = time.perf_counter()
         self.counters["running"] += 1
         final = None
@@ -252,15 +274,18 @@ class LLMServer:
         out = final.outputs[0]
         gen = Generation(text=out.text, finish_reason=out.finish_reason,
                          prompt_tokens=prompt_tokens, completion_tokens=len(out.token_ids))
+        if split:
+            gen.reasoning, gen.text = reasoning.split(out.text)
         self._log_done(ctx, gen, time.perf_counter() - started)
         return gen
 
     async def _stream(self, ctx: ResponseContext, outputs, prompt_tokens: int, kind: str,
-                      usage_mode: str) -> AsyncIterator[bytes]:
+                      usage_mode: str, split: bool = False) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         completion_tokens = 0
         finish_reason = None
         text_parts: list[str] = []
+        parser = reasoning.ReasoningParser() if split else None
         self.counters["running"] += 1
         try:
             first = True
@@ -270,12 +295,27 @@ class LLMServer:
                 finish_reason = out.finish_reason
                 if self.serve_config.log_prompts:
                     text_parts.append(out.text)
+                text, thought = out.text, ""
+                if parser is not None:
+                    thought, text = parser.feed(out.text)
+                    if finish_reason is not None:
+                        tail_thought, tail_text = parser.finish()
+                        thought, text = thought + tail_thought, text + tail_text
+                    if not (thought or text or first or finish_reason is not None):
+                        continue  # all held back (a marker may be arriving): nothing to send
                 if kind == "completion":
                     usage = api.usage(prompt_tokens, completion_tokens) \
                         if finish_reason is not None and usage_mode == "inline" else None
-                    yield api.sse(api.completion_chunk(ctx, out.text, finish_reason, usage))
+                    yield api.sse(api.completion_chunk(ctx, text, finish_reason, usage,
+                                                       reasoning=thought))
                 else:
-                    delta: dict[str, Any] = {"content": out.text}
+                    delta: dict[str, Any] = {"content": text}
+                    if thought:
+                        # Both names, as vLLM sends: `reasoning_content` (DeepSeek's API) and
+                        # `reasoning` (its newer name).
+                        delta["reasoning_content"] = delta["reasoning"] = thought
+                        if not text:
+                            del delta["content"]
                     if first:
                         delta["role"] = "assistant"
                     yield api.sse(api.chat_chunk(ctx, delta, finish_reason))
