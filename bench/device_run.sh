@@ -9,6 +9,7 @@ STATE=/tmp/sbench
 mode=${1:-wait}; shift || true
 if [ "$mode" = start ]; then
   rm -rf "$STATE" && mkdir -p "$STATE/results"
+  export BENCH_RAY_TEMP_DIR=$STATE/ray
   setsid nohup python3 bench/serving_benchmark.py --results-dir "$STATE/results" \
     --workdir "$STATE/work" --partial-copy "$STATE/runs.json" "$@" \
     >"$STATE/table.md" 2>"$STATE/bench.log" </dev/null &
@@ -28,7 +29,7 @@ cp "$STATE"/results/* "$OUT/" 2>/dev/null
 # The per-target logs, tails only (the files back from $OUT are limited in number and size).
 ( cd "$STATE/work" 2>/dev/null && for f in *.log; do echo "=== $f"; tail -c 20000 "$f"; done ) \
   >"$OUT/target_logs.txt" 2>/dev/null
-for f in /tmp/ray/session_latest/logs/serve/*.log; do
+for f in "$STATE"/ray/session_*/logs/serve/replica_*.log; do
   [ -f "$f" ] && { echo "=== $f"; tail -c 8000 "$f"; }
 done >>"$OUT/target_logs.txt" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true

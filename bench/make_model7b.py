@@ -33,6 +33,44 @@ QWEN2_7B_SHAPE = {
 }
 
 
+def _cover_vocab(path: Path, vocab_size: int) -> None:
+    """Extend the small trained BPE until it has a token for every id the model can emit.
+
+    With load_format=dummy the model samples ids from its whole embedding (152,064 rows); ids the
+    tokenizer lacks decode to nothing, and servers then skip or send empty stream chunks, which
+    makes TTFT/ITL figures incomparable between servers. Each added token is two or three
+    printable characters, reachable through added merges, so every id decodes to visible text."""
+    data = json.loads(path.read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    merges: list = data["model"]["merges"]
+    as_pairs = not merges or isinstance(merges[0], list)
+    taken = set(vocab) | {t["content"] for t in data.get("added_tokens", [])}
+    next_id = max(max(vocab.values()), *(t["id"] for t in data.get("added_tokens", []))) + 1
+    chars = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+             if c in vocab]
+
+    def add(left: str, right: str) -> bool:
+        nonlocal next_id
+        token = left + right
+        if token in taken or next_id >= vocab_size:
+            return False
+        vocab[token] = next_id
+        merges.append([left, right] if as_pairs else f"{left} {right}")
+        taken.add(token)
+        next_id += 1
+        return True
+
+    pairs = []
+    for a in chars:
+        for b in chars:
+            if a + b in taken or add(a, b):
+                pairs.append(a + b)
+    for pair in pairs:
+        for c in chars:
+            add(pair, c)
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+
 def write_model(target: Path) -> Path:
     """Write config.json, generation_config.json and the tokenizer files into `target`."""
     from common.demo_model import _build_tokenizer
@@ -41,6 +79,7 @@ def write_model(target: Path) -> Path:
     tokenizer = _build_tokenizer(vocab_size=512)
     tokenizer.model_max_length = QWEN2_7B_SHAPE["max_position_embeddings"]
     tokenizer.save_pretrained(target)
+    _cover_vocab(target / "tokenizer.json", QWEN2_7B_SHAPE["vocab_size"])
     config = dict(QWEN2_7B_SHAPE, bos_token_id=tokenizer.eos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -222,8 +222,12 @@ def offline_main(spec_path: str) -> int:
 
 def ray_main(script_args: list[str]) -> int:
     """Start a Ray head bound to 127.0.0.1 (owned by this process, so stopping it stops the
-    cluster), run ray-single-gpu.py's main() in it, print READY, serve until stdin closes or
-    SIGTERM, then shut Serve and Ray down."""
+    cluster), run a deployment script's main() in it (ray-single-gpu.py, or the script named
+    first, e.g. `_ray ray-placement-group.py ...`), print READY, serve until SIGTERM, then shut
+    Serve and Ray down."""
+    script = "ray-single-gpu.py"
+    if script_args and script_args[0].endswith(".py"):
+        script, script_args = script_args[0], script_args[1:]
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     import importlib.util
 
@@ -233,10 +237,11 @@ def ray_main(script_args: list[str]) -> int:
 
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    temp_dir = os.environ.get("BENCH_RAY_TEMP_DIR")  # replica logs land under it
     ray.init(_node_ip_address=HOST, include_dashboard=False, namespace=NAMESPACE,
-             log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
-    spec = importlib.util.spec_from_file_location("ray_single_gpu",
-                                                  REPO_ROOT / "ray-single-gpu.py")
+             log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2),
+             **({"_temp_dir": temp_dir} if temp_dir else {}))
+    spec = importlib.util.spec_from_file_location("deploy_script", REPO_ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     code = module.main(script_args)
