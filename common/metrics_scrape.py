@@ -160,7 +160,11 @@ def format_summary(stats: dict[str, ReplicaEngineStats], replicas: list | None =
 
 
 def summary_for_cluster(app: str | None = None, timeout: float = 5.0) -> str:
+    """The ENGINE section for the connected cluster; "" when Serve runs no replica at all."""
     from common import cluster
 
+    replicas = cluster.list_replicas(app)
+    if not replicas:
+        return ""
     samples, errors = scrape_cluster(timeout)
-    return format_summary(per_replica(samples), cluster.list_replicas(app), errors)
+    return format_summary(per_replica(samples), replicas, errors)

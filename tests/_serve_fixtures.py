@@ -36,7 +36,10 @@ def local_ray(num_cpus: int = 2):
     """A one-node Ray on 127.0.0.1 for the API tests."""
     from ray import serve
 
-    ray.init(num_cpus=num_cpus, _node_ip_address=LOCAL_IP, include_dashboard=False,
+    # address="local": a new cluster even when another Ray on this machine left its address in
+    # /tmp/ray/ray_current_cluster (ray.init would try to join that one and refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOCAL_IP,
+             include_dashboard=False,
              namespace="serve", logging_level="WARNING", log_to_driver=False)
     try:
         yield
