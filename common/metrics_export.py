@@ -28,7 +28,9 @@ def replica_tags() -> dict[str, str]:
     try:
         import ray
 
-        tags["NodeId"] = ray.get_runtime_context().get_node_id() or ""
+        # is_initialized first: get_runtime_context() would start a local Ray otherwise.
+        if ray.is_initialized():
+            tags["NodeId"] = ray.get_runtime_context().get_node_id() or ""
     except Exception:  # noqa: BLE001
         pass
     return tags

@@ -1,0 +1,74 @@
+"""Unit tests: labelled vLLM Ray metric wrappers, Prometheus text parsing, per-replica summary."""
+from __future__ import annotations
+
+import pytest
+
+from common import metrics_scrape
+from common.cluster import ReplicaInfo
+from common.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
+
+TEXT = """\
+# HELP ray_vllm_num_requests_running Number of requests in model execution batches.
+# TYPE ray_vllm_num_requests_running gauge
+ray_vllm_num_requests_running{ReplicaId="r1",application="a",deployment="LLMServer",engine="0",model_name="DeepSeek-R1",NodeId="n1"} 3.0
+ray_vllm_num_requests_running{ReplicaId="r2",application="a",deployment="LLMServer",engine="0",model_name="DeepSeek-R1",NodeId="n2"} 1.0
+ray_vllm_kv_cache_usage_perc{ReplicaId="r1",application="a",deployment="LLMServer",engine="0",model_name="DeepSeek-R1",NodeId="n1"} 0.25
+ray_vllm_request_success_total{ReplicaId="r1",application="a",finished_reason="length",model_name="x"} 7
+ray_vllm_request_success_total{ReplicaId="r1",application="a",finished_reason="stop",model_name="x"} 3
+ray_vllm_generation_tokens_total{ReplicaId="r2",application="a",model_name="x"} 128
+ray_serve_deployment_request_counter_total{application="a",deployment="LLMServer",replica="r1",route="/"} 10.0
+weird_label{path="a\\"b"} 1
+not a sample line
+"""
+
+
+def test_parse_reads_names_labels_values_and_skips_junk():
+    samples = metrics_scrape.parse(TEXT)
+    assert len(samples) == 8
+    assert samples[0].name == metrics_scrape.RUNNING
+    assert samples[0].labels["ReplicaId"] == "r1" and samples[0].value == 3.0
+    assert samples[-1].labels == {"path": 'a"b'}
+
+
+def test_totals_and_per_replica_sums():
+    samples = metrics_scrape.parse(TEXT)
+    assert metrics_scrape.total(samples, metrics_scrape.REQUEST_SUCCESS, application="a") == 10
+    assert metrics_scrape.total(samples, metrics_scrape.REQUEST_SUCCESS, application="b") == 0
+    stats = metrics_scrape.per_replica(samples)
+    assert set(stats) == {"r1", "r2"}
+    assert stats["r1"].running == 3 and stats["r1"].kv_cache_usage == 0.25
+    assert stats["r1"].requests_finished == 10 and stats["r1"].node_id == "n1"
+    assert stats["r2"].generation_tokens == 128 and stats["r2"].deployment == "LLMServer"
+
+
+def test_summary_lists_only_replicas_serve_still_has():
+    stats = metrics_scrape.per_replica(metrics_scrape.parse(TEXT))
+    live = [ReplicaInfo(app="a", deployment="LLMServer", replica_id="r1", state="RUNNING",
+                        node_id="n1", node_ip="127.0.0.1", actor_id=None, pid=None)]
+    text = metrics_scrape.format_summary(stats, live, ["http://x:1/metrics: timeout"])
+    assert "r1" in text and "r2" not in text and "25.0%" in text and "unreachable" in text
+    assert "no engine metrics" in metrics_scrape.format_summary({}, live)
+
+
+def test_labelled_logger_declares_and_fills_the_extra_labels():
+    ray_wrappers = pytest.importorskip("vllm.v1.metrics.ray_wrappers")
+    base = ray_wrappers.RayPrometheusStatLogger
+    logger_cls = labelled_stat_logger(base)
+    assert issubclass(logger_cls, base) and logger_cls is not base
+    counter = logger_cls._counter_cls("ops_unit_counter", "doc", labelnames=["model_name", "engine"])
+    assert counter.metric._tag_keys[-len(EXTRA_TAG_KEYS):] == EXTRA_TAG_KEYS
+    # Positional labels (how vLLM calls them) and keyword labels both give every declared key.
+    for labelled in (counter.labels("m", "0"), counter.labels(model_name="m", engine="0")):
+        assert set(labelled._tags) == set(counter.metric._tag_keys)
+        assert labelled._tags["model_name"] == "m" and labelled._tags["engine"] == "0"
+    with pytest.raises(ValueError):
+        counter.labels("only-one")
+    gauge = logger_cls._gauge_cls("ops_unit_gauge", "doc")
+    assert set(gauge._tags) == set(gauge.metric._tag_keys)
+
+
+def test_unknown_wrapper_shape_keeps_vllms_logger():
+    class Other:  # a vLLM whose logger has no wrapper class attributes
+        pass
+
+    assert labelled_stat_logger(Other) is Other
