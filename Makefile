@@ -9,12 +9,13 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench demo-model stop clean help
+.PHONY: setup demo test test-reliability bench demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + the demo model on CPU, show it answering"
 	@echo "make test   - set up and run the test suite (real vLLM CPU engine + Ray Serve)"
 	@echo "make setup  - create/update .venv only (requirements-cpu.txt)"
+	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 
 setup: $(SETUP_STAMP)
@@ -43,6 +44,10 @@ demo: setup
 
 test: setup
 	$(LOOPBACK) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Faults, overload and fuzzing only (also part of `make test`).
+test-reliability: setup
+	$(LOOPBACK) $(PY) -m pytest tests -m reliability $(PYTEST_ARGS)
 
 bench: setup
 	$(LOOPBACK) $(PY) bench/cpu_overhead.py

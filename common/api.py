@@ -34,6 +34,16 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
 
+# Seconds a client is told to wait after a 503 (overload, or a replica being replaced).
+RETRY_AFTER_S = 5
+
+
+def unavailable(message: str) -> ApiError:
+    """A 503 that tells the client when to retry."""
+    return ApiError(503, message, type_="service_unavailable",
+                    headers={"retry-after": str(RETRY_AFTER_S)})
+
+
 def _default_code(status: int) -> str:
     return {400: "bad_request", 401: "unauthorized", 404: "not_found",
             405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",

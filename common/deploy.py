@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable
 
 from common import cli
+from common.api import RETRY_AFTER_S
 from common.config import (EngineConfig, ServeConfig, add_engine_args, add_serve_args,
                            engine_config_from_args, replica_env, serve_config_from_args)
 
@@ -65,6 +66,9 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
     options.update(
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,
+        # Past max_ongoing + max_queued, Serve's proxy answers 503 at once instead of queueing
+        # without bound; Retry-After tells clients (and load balancers) when to come back.
+        backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     )
     options.update(topology)
     if serve_config.max_surge_percent > 0:

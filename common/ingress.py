@@ -164,6 +164,5 @@ class RoundRobinRouter:
                                type(exc).__name__)
                 continue
             return await _relay(head, gen)
-        return to_response(api.error_result(ApiError(
-            503, f"no backend could take the request ({type(last_error).__name__})",
-            type_="service_unavailable", headers={"retry-after": "5"})))
+        return to_response(api.error_result(api.unavailable(
+            f"no backend could take the request ({type(last_error).__name__})")))

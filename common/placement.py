@@ -46,8 +46,9 @@ def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
                 nodes = table["bundles_to_node_id"]
                 return [nodes[i] for i in range(count)]
             waited = time.monotonic() - started
-            print(f"[{waited:5.0f}s] waiting for {count} nodes with {bundle} each "
-                  "(STRICT_SPREAD) ...", flush=True)
+            if int(waited) % 10 < 2:
+                print(f"[{waited:5.0f}s] waiting for {count} distinct nodes with "
+                      f"{cluster_fmt(bundle)} free each (STRICT_SPREAD) ...", flush=True)
             if waited > timeout_s:
                 reason = cluster.explain([dict(bundle) for _ in range(count)], "STRICT_SPREAD")
                 return (f"no {count} distinct nodes with {cluster_fmt(bundle)} free each after "

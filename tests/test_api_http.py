@@ -34,10 +34,11 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(demo_model())
 
 
-def post(url: str, body, **kwargs) -> requests.Response:
+def post(url: str, body, headers: dict | None = None, **kwargs) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return requests.post(url, data=data, headers={"Content-Type": "application/json"},
-                         timeout=120, **kwargs)
+    return requests.post(url, data=data, timeout=120,
+                         headers={"Content-Type": "application/json", **(headers or {})},
+                         **kwargs)
 
 
 def test_post_root_answers_the_guides_json_exactly(service, tokenizer):
@@ -234,3 +235,46 @@ def test_health_reports_ok_with_node(service):
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
     assert response.json()["node"] in {n["NodeID"] for n in ray.nodes()}
+
+
+@pytest.fixture(scope="module")
+def secure(service):
+    """A second application on the same cluster, behind an API key."""
+    port = int(service.rsplit(":", 1)[1])
+    code = deploy_script("ray-single-gpu.py", *cpu_args(
+        port, "--num-replicas", "1", "--app-name", "secure", "--route-prefix", "/secure",
+        "--api-key", "s3cret-key"))
+    assert code == 0
+    yield f"{service}/secure"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": "s3cret-key"},
+                                     {"Authorization": "Basic s3cret-key"}],
+                         ids=["none", "wrong", "no-scheme", "basic"])
+def test_api_key_required_everywhere_but_health(secure, headers):
+    for method, path, body in [("POST", "/", {"prompt": "x", "max_tokens": 2}),
+                               ("GET", "/v1/models", None),
+                               ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})]:
+        response = requests.request(method, f"{secure}{path}", json=body, headers=headers,
+                                    timeout=60)
+        assert response.status_code == 401, (path, response.text)
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert requests.get(f"{secure}/health", timeout=60).status_code == 200
+
+
+def test_api_key_accepted_by_clients(secure):
+    from openai import OpenAI
+
+    headers = {"Authorization": "Bearer s3cret-key"}
+    assert post(f"{secure}/", {"prompt": "x", "max_tokens": 2},
+                headers=headers).status_code == 200
+    client = OpenAI(base_url=f"{secure}/v1", api_key="s3cret-key", max_retries=0)
+    assert client.models.list().data[0].id == "DeepSeek-R1"
+    import load_test
+
+    assert load_test.main(["--url", secure, "-c", "2", "-n", "4", "--max-tokens", "2",
+                           "--api-key", "s3cret-key", "--no-progress"]) == 0
+    assert load_test.main(["--url", secure, "-c", "1", "-n", "2", "--max-tokens", "2",
+                           "--no-progress"]) != 0  # no key: 401s counted as failures
