@@ -1,7 +1,6 @@
 """`make demo`: the demo model on the CPU build behind Ray Serve, deployed and shown answering."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os

@@ -254,7 +254,7 @@ def print_ready(serve_config: ServeConfig) -> None:
     host = "localhost" if serve_config.host in ("0.0.0.0", "::", "127.0.0.1") \
         else serve_config.host
     url = f"http://{host}:{serve_config.port}{serve_config.route_prefix.rstrip('/')}/"
-    auth = f" -H 'Authorization: Bearer $API_KEY'" if serve_config.api_key else ""
+    auth = " -H 'Authorization: Bearer $API_KEY'" if serve_config.api_key else ""
     print(f"\nURL: {url}")
     print(f"try:  curl -X POST {url} -H 'Content-Type: application/json'{auth} "
           "-d '{\"prompt\": \"请简要介绍人工智能的发展历史\", \"max_tokens\": 64}'")

@@ -237,8 +237,7 @@ class LLMServer:
                                 f"({self.max_model_len}); shorten the prompt or lower max_tokens",
                            code="context_length_exceeded")
         if self.engine.errored:
-            raise ApiError(503, "the engine of this replica is dead; Serve is replacing it",
-                           type_="service_unavailable", headers={"retry-after": "5"})
+            raise api.unavailable("the engine of this replica is dead; Serve is replacing it")
         keep_special = split and await self._think_markers_are_special()
         params = self._sampling_params(req, max_tokens, req.stream, keep_special)
         ctx = ResponseContext(request_id=request_id, model=self.model_name, node=self.node_id)
@@ -342,9 +341,8 @@ class LLMServer:
 
     def _engine_error(self, ctx: ResponseContext, exc: Exception) -> ApiError:
         if self.engine.errored or type(exc).__name__ == "EngineDeadError":
-            return ApiError(503, "the engine of this replica died while generating; "
-                                 "retry: Serve is replacing the replica",
-                            type_="service_unavailable", headers={"retry-after": "5"})
+            return api.unavailable("the engine of this replica died while generating; "
+                                   "retry: Serve is replacing the replica")
         if isinstance(exc, ValueError):
             return ApiError(400, str(exc))
         logger.exception("request %s failed", ctx.request_id)

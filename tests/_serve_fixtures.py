@@ -1,12 +1,12 @@
 """Fixtures for tests that deploy the project's scripts on a real Ray (one node or simulated many)."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import os
 import socket
-import time
+import threading
 
-from _cluster_fixtures import LOCAL_IP, ROOT  # noqa: F401  (sets RAY_ENABLE_AUTO_CONNECT first)
+from _cluster_fixtures import LOCAL_IP, ROOT, wait_until  # noqa: F401  (sets env first)
 
 import ray  # noqa: E402
 import requests  # noqa: E402
@@ -53,15 +53,30 @@ def deploy_script(script: str, *argv: str) -> int:
     return load_script(script).main(list(argv))
 
 
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not met within {timeout:.0f} s")
-
-
 def health(base_url: str) -> dict:
     return requests.get(f"{base_url}/health", timeout=30).json()
+
+
+@contextlib.contextmanager
+def background_load(send, workers: int):
+    """Keep `workers` threads calling send() back to back until the block exits; a failed
+    send is raised when the block ends."""
+    stop = threading.Event()
+
+    def keep_busy():
+        while not stop.is_set():
+            send()
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(keep_busy) for _ in range(workers)]
+        try:
+            yield
+        finally:
+            stop.set()
+        for future in futures:
+            future.result()
+
+
+def wait_for_replicas(list_running, count: int, timeout: float) -> list:
+    return wait_until(lambda: (lambda r: r if len(r) == count else None)(list_running()),
+                      timeout=timeout, what=f"{count} running replicas")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from _cluster_fixtures import ROOT, simulated_cluster, subprocess_env  # noqa: E402  (sets env first)
+from _cluster_fixtures import ROOT, simulated_cluster, subprocess_env, wait_until  # noqa: E402  (sets env first)
 
 import pytest  # noqa: E402
 import ray  # noqa: E402
@@ -35,16 +35,6 @@ def run_json(capsys, *argv: str):
     code = check_cluster.main(["--json", *argv])
     out = capsys.readouterr().out
     return code, json.loads(out)
-
-
-def wait_for(predicate, timeout: float = 30, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def test_healthy_cluster_shows_nodes_and_replica_placement(sim, capsys):
@@ -108,7 +98,7 @@ def test_impossible_deployment_is_pending_with_reason(sim, capsys):
             gpu16 = [p for p in report["pending"] if p["shape"].get("GPU") == 16]
             return (code, report, gpu16) if gpu16 else None
 
-        code, report, demands = wait_for(pending_reported, timeout=40)
+        code, report, demands = wait_until(pending_reported, timeout=40)
         assert code == EXIT_UNHEALTHY and report["healthy"] is False
         reason = demands[0]["reason"]
         assert demands[0]["kind"] == "actor/task"
@@ -131,7 +121,7 @@ def test_impossible_deployment_is_pending_with_reason(sim, capsys):
         assert "PENDING" in text and "needs 16 GPU on one node" in text
     finally:
         serve.delete("toobig")
-    code, report = wait_for(lambda: (lambda r: r if r[0] == EXIT_OK else None)(
+    code, report = wait_until(lambda: (lambda r: r if r[0] == EXIT_OK else None)(
         run_json(capsys, "--address", c.address)), timeout=30)
     assert report["pending"] == []
 
@@ -146,7 +136,7 @@ def test_pending_placement_group_names_strategy_and_free_gpus(sim, capsys):
             hits = [p for p in report["pending"] if p["kind"] == "placement_group"]
             return (code, report, hits) if hits else None
 
-        code, report, hits = wait_for(pg_pending, timeout=30)
+        code, report, hits = wait_until(pg_pending, timeout=30)
         assert code == EXIT_UNHEALTHY
         assert hits[0]["strategy"] == "STRICT_PACK" and hits[0]["shape"] == {"GPU": 10}
         assert "STRICT_PACK" in hits[0]["reason"] and "10 GPU" in hits[0]["reason"]
@@ -168,7 +158,7 @@ def test_warns_when_multi_replica_deployment_sits_on_one_node(sim, capsys):
 
     serve.run(Pinned.bind(), name="pinned", route_prefix="/pinned")
     try:
-        code, report = wait_for(lambda: (lambda r: r if not r[1]["pending"] else None)(
+        code, report = wait_until(lambda: (lambda r: r if not r[1]["pending"] else None)(
             run_json(capsys, "--address", c.address)), timeout=30)
         reps = [r for r in report["replicas"] if r["app"] == "pinned"]
         assert {r["node_id"] for r in reps} == {workers[0].node_id}

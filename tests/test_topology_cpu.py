@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import concurrent.futures
-import threading
 
 from _cluster_fixtures import LOCAL_IP, simulated_cluster  # noqa: F401  (sets env first)
 
@@ -21,7 +19,8 @@ from ray import serve  # noqa: E402
 import check_cluster  # noqa: E402
 import load_test  # noqa: E402
 import stop_service  # noqa: E402
-from _serve_fixtures import cpu_args, deploy_script, wait_until  # noqa: E402
+from _serve_fixtures import (background_load, cpu_args, deploy_script,  # noqa: E402
+                             wait_for_replicas, wait_until)
 from common import cluster  # noqa: E402
 from common.api import RawRequest  # noqa: E402
 
@@ -142,24 +141,12 @@ def test_product_cpu_scales_out_to_the_other_node_under_load(sim, capsys):
     print(capsys.readouterr().out)
     first = running("product")
     assert len(first) == 1
-    stop = threading.Event()
     nodes_answering: set = set()
-
-    def keep_busy():
-        while not stop.is_set():
-            nodes_answering.add(generate("product", max_tokens=256)["node"])
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(keep_busy) for _ in range(4)]
-        try:
-            replicas = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(
-                running("product")), timeout=180, what="second replica")
-            wait_until(lambda: nodes_answering == worker_nodes(), timeout=60,
-                       what="answers from the new replica")
-        finally:
-            stop.set()
-        for future in futures:
-            future.result()
+    with background_load(lambda: nodes_answering.add(
+            generate("product", max_tokens=256)["node"]), workers=4):
+        replicas = wait_for_replicas(lambda: running("product"), 2, timeout=180)
+        wait_until(lambda: nodes_answering == worker_nodes(), timeout=60,
+                   what="answers from the new replica")
     assert {r.node_id for r in replicas} == worker_nodes()
     wait_until(lambda: len(cluster.list_replicas("product")) == 1, timeout=180,
                what="scale back to one replica")

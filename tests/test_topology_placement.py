@@ -6,8 +6,6 @@ the same scripts run the real engine on a simulated cluster in tests/test_topolo
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import threading
 
 from _cluster_fixtures import LOCAL_IP, simulated_cluster  # noqa: F401  (sets env first)
 
@@ -17,7 +15,8 @@ import requests  # noqa: E402
 from ray import serve  # noqa: E402
 
 import _placement_probe  # noqa: E402
-from _serve_fixtures import deploy_script, wait_until  # noqa: E402
+from _serve_fixtures import (background_load, deploy_script, wait_for_replicas,  # noqa: E402
+                             wait_until)
 from common import cli, cluster  # noqa: E402
 
 URL = f"http://{LOCAL_IP}:8000"
@@ -117,21 +116,8 @@ def test_product_scales_out_to_the_other_node_and_back(sim):
         "product", "--target-ongoing-requests", "1", "--upscale-delay", "1",
         "--downscale-delay", "3")) == 0
     assert len(running("product")) == 1
-    stop = threading.Event()
-
-    def keep_busy():
-        while not stop.is_set():
-            describe("product", delay_s=1.0)
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(keep_busy) for _ in range(6)]
-        try:
-            replicas = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(
-                running("product")), timeout=90, what="second replica")
-        finally:
-            stop.set()
-        for future in futures:
-            future.result()
+    with background_load(lambda: describe("product", delay_s=1.0), workers=6):
+        replicas = wait_for_replicas(lambda: running("product"), 2, timeout=90)
     assert {r.node_id for r in replicas} == gpu_nodes()
     wait_until(lambda: len(cluster.list_replicas("product")) == 1, timeout=120,
                what="scale back to one replica")
