@@ -359,4 +359,6 @@ def test_model_setting_change_is_a_rolling_restart_without_failed_requests(ops):
     assert len(during) > 0
     after = running_replicas()
     assert len(after) == 1 and after != before
-    print(f"rolling restart took {took:.0f}s; {len(during)} requests served, 0 failed")
+    slowest = max(r.latency for r in during)
+    print(f"rolling restart took {took:.0f}s; {len(during)} requests served, 0 failed, "
+          f"slowest {slowest:.1f}s")
