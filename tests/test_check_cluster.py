@@ -134,7 +134,9 @@ def test_pending_placement_group_names_strategy_and_free_gpus(sim, capsys):
         def pg_pending():
             code, report = run_json(capsys, "--address", c.address)
             hits = [p for p in report["pending"] if p["kind"] == "placement_group"]
-            return (code, report, hits) if hits else None
+            # The deleted app's GPUs come back a moment after serve.delete returns.
+            idle = any("idle" in w for w in report["warnings"])
+            return (code, report, hits) if hits and idle else None
 
         code, report, hits = wait_until(pg_pending, timeout=30)
         assert code == EXIT_UNHEALTHY
