@@ -49,8 +49,12 @@ test: setup
 test-reliability: setup
 	$(LOOPBACK) $(PY) -m pytest tests -m reliability $(PYTEST_ARGS)
 
+# CPU benchmarks (about 10 minutes): serving path vs engine and vllm serve, 1-token overhead and
+# router hop, load_test.py's own capacity. GPU runs: bench/README.md.
 bench: setup
-	$(LOOPBACK) $(PY) bench/cpu_overhead.py
+	$(LOOPBACK) $(PY) bench/serving_benchmark.py --device cpu
+	$(LOOPBACK) $(PY) bench/serving_overhead.py
+	$(LOOPBACK) $(PY) bench/client_capacity.py --tokenizer bench/model7b
 
 clean:
 	rm -rf .cache .pytest_cache
