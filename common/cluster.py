@@ -340,10 +340,28 @@ def _actor_table() -> dict[str, dict]:
 _NIL_NODE = "0" * 56
 
 
+def _replica_group_bundles() -> dict[str, dict]:
+    """Bundles of each replica's own placement group, by name: Serve names a replica's group
+    after its actor, and its details do not list the bundles (a TP=8 replica would otherwise show
+    only the CPU its actor takes, not the 8 GPUs its group holds)."""
+    try:
+        import ray
+
+        table = ray.util.placement_group_table()
+    except Exception:  # noqa: BLE001 - no table: resources from the deployment config only
+        return {}
+    return {g.get("name"): {"placement_group_bundles": [dict(b) for b in
+                                                          (g.get("bundles") or {}).values()],
+                            "deployment_config": {"placement_group_strategy": g.get("strategy")}}
+            for g in table.values()
+            if str(g.get("name", "")).startswith(_REPLICA_NAME_PREFIX) and g.get("state") != "REMOVED"}
+
+
 def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
     actors = _actor_table()
     replicas: list[ReplicaInfo] = []
     details = _serve_details()
+    group_bundles = _replica_group_bundles() if details else {}
     for app_name, app_details in (details.get("applications") or {}).items():
         if app is not None and app_name != app:
             continue
@@ -363,7 +381,8 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
                     node_id=None if node_id in (None, "", _NIL_NODE) else node_id,
                     node_ip=rep.get("node_ip") or ((actor or {}).get("ip") or None if node_id else None),
                     actor_id=rep.get("actor_id") or None, pid=rep.get("pid") or (actor or {}).get("pid") or None,
-                    resources=resources))
+                    resources=_replica_resources(group)
+                    if (group := group_bundles.get(rep.get("actor_name"))) else resources))
     if details:
         return replicas
     # No controller answer: replica actors still tell where they are.
