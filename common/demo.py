@@ -96,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{url}, run `make demo DEMO_ISOLATE=0`, then stop it with "
               "`.venv/bin/python stop_service.py --shutdown` and `.venv/bin/ray stop`.")
         import ray
-        from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the cluster belongs to this process: it goes with it
     else:
         print(f"\nThe service keeps running at {url}.")
         print("  load test: .venv/bin/python load_test.py -c 8 -n 40 --max-tokens 32")
