@@ -37,10 +37,6 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         print(f"error: {fit}", file=sys.stderr)
         return cli.EXIT_FAILURE
     slots = preflight.replica_slots(demand, args.replicas_per_node)
-    if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
-        print("error: the Ray cluster has no GPU. For the CPU demo run `make demo`, or: "
-              "python ray-single-gpu.py --device cpu --model .cache/demo-model", file=sys.stderr)
-        return cli.EXIT_FAILURE
     num_replicas = preflight.resolve_replicas(args.num_replicas, slots, args.max_replicas,
                                               auto_default=None if engine.device == "cuda" else 1)
     if isinstance(num_replicas, str):

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from common import cli
+from common import cli, preflight
 from common.api import RETRY_AFTER_S
 from common.config import (EngineConfig, ServeConfig, add_engine_args, add_serve_args,
                            engine_config_from_args, replica_env, serve_config_from_args)
@@ -169,6 +169,10 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     from common.cluster import connect
 
     connect(args.address)
+    if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
+        print("error: the Ray cluster has no GPU (`ray status` lists none). For the CPU demo run "
+              "`make demo`, or add --device cpu --model .cache/demo-model", file=sys.stderr)
+        return cli.EXIT_FAILURE
     app = build(args, engine, serve_config)
     if isinstance(app, int):
         return app

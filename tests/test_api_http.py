@@ -278,3 +278,12 @@ def test_api_key_accepted_by_clients(secure):
                            "--api-key", "s3cret-key", "--no-progress"]) == 0
     assert load_test.main(["--url", secure, "-c", "1", "-n", "2", "--max-tokens", "2",
                            "--no-progress"]) != 0  # no key: 401s counted as failures
+
+
+@pytest.mark.parametrize("script", ["ray-single-gpu.py", "ray-force-multi.py", "ray-product",
+                                    "ray-placement-group.py"])
+def test_gpu_deployment_on_a_cluster_without_gpus_says_how_to_run_the_demo(service, script,
+                                                                           capsys):
+    assert deploy_script(script, "--model", demo_model(), "--timeout", "5") == 1
+    err = capsys.readouterr().err
+    assert "no GPU" in err and "--device cpu" in err
