@@ -285,9 +285,13 @@ class LLMServer:
         finish_reason = None
         text_parts: list[str] = []
         parser = reasoning.ReasoningParser() if split else None
+        plain = api.SSEDeltaEncoder(ctx, kind)
         self.counters["running"] += 1
         try:
             first = True
+            # vLLM's per-request collector already merges the deltas of steps this loop has not
+            # picked up yet (RequestOutputCollector with DELTA), so each iteration sends
+            # everything available at once and the first token is never held back.
             async for output in outputs:
                 out = output.outputs[0]
                 completion_tokens += len(out.token_ids)
@@ -302,28 +306,40 @@ class LLMServer:
                         thought, text = thought + tail_thought, text + tail_text
                     if not (thought or text or first or finish_reason is not None):
                         continue  # all held back (a marker may be arriving): nothing to send
+                if finish_reason is None and not thought and not first:
+                    # The common case, one frame per step: only the text is encoded (see
+                    # api.SSEDeltaEncoder; same bytes as the general path below).
+                    yield plain.frame(text)
+                    continue
+                if finish_reason is not None:
+                    # The last output: its frame goes out with usage and [DONE] below (the
+                    # generator ends after it; breaking would make vLLM abort the request).
+                    continue
+                if kind == "completion":
+                    yield api.sse(api.completion_chunk(ctx, text, None, reasoning=thought))
+                else:
+                    delta = self._chat_delta(text, thought, first)
+                    yield api.sse(api.chat_chunk(ctx, delta, None))
+                first = False
+            # One item for the end of the stream instead of two or three: every item costs a
+            # trip through Serve (replica -> proxy), whose per-item cost is what made the
+            # H100 stream bursty (ITL p50 0.03 ms / p99 56 ms vs vllm serve's 7.3 / 29 ms).
+            tail: list[bytes] = []
+            if finish_reason is not None:
                 if kind == "completion":
                     usage = api.usage(prompt_tokens, completion_tokens) \
-                        if finish_reason is not None and usage_mode == "inline" else None
-                    yield api.sse(api.completion_chunk(ctx, text, finish_reason, usage,
-                                                       reasoning=thought))
+                        if usage_mode == "inline" else None
+                    tail.append(api.sse(api.completion_chunk(ctx, text, finish_reason, usage,
+                                                             reasoning=thought)))
                 else:
-                    delta: dict[str, Any] = {"content": text}
-                    if thought:
-                        # Both names, as vLLM sends: `reasoning_content` (DeepSeek's API) and
-                        # `reasoning` (its newer name).
-                        delta["reasoning_content"] = delta["reasoning"] = thought
-                        if not text:
-                            del delta["content"]
-                    if first:
-                        delta["role"] = "assistant"
-                    yield api.sse(api.chat_chunk(ctx, delta, finish_reason))
-                first = False
+                    delta = self._chat_delta(text, thought, first)
+                    tail.append(api.sse(api.chat_chunk(ctx, delta, finish_reason)))
             if usage_mode == "separate":
                 obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-                yield api.sse(api.usage_chunk(ctx, obj, api.usage(prompt_tokens,
-                                                                  completion_tokens)))
-            yield api.SSE_DONE
+                tail.append(api.sse(api.usage_chunk(ctx, obj, api.usage(prompt_tokens,
+                                                                        completion_tokens))))
+            tail.append(api.SSE_DONE)
+            yield b"".join(tail)
             self.counters["finished"] += 1
             self._log_done(ctx, Generation("".join(text_parts), finish_reason, prompt_tokens,
                                            completion_tokens), time.perf_counter() - started)
@@ -334,10 +350,22 @@ class LLMServer:
         except Exception as exc:
             self.counters["failed"] += 1
             err = self._engine_error(ctx, exc)
-            yield api.sse(err.body())
-            yield api.SSE_DONE
+            yield api.sse(err.body()) + api.SSE_DONE
         finally:
             self.counters["running"] -= 1
+
+    @staticmethod
+    def _chat_delta(text: str, thought: str, first: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": text}
+        if thought:
+            # Both names, as vLLM sends: `reasoning_content` (DeepSeek's API) and
+            # `reasoning` (its newer name).
+            delta["reasoning_content"] = delta["reasoning"] = thought
+            if not text:
+                del delta["content"]
+        if first:
+            delta["role"] = "assistant"
+        return delta
 
     def _engine_error(self, ctx: ResponseContext, exc: Exception) -> ApiError:
         if self.engine.errored or type(exc).__name__ == "EngineDeadError":
