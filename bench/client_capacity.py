@@ -221,7 +221,7 @@ def markdown(report: dict[str, Any]) -> str:
     params = report["parameters"]
     machine = report["machine"]
     lines = [f"# Client capacity ({report['date']})", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
+             f"Machine: {machine['cpu']}, {machine['cpus']} cores, Python {machine['python']}, "
              + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v), "",
              f"Trivial server (prebuilt answers, one process, same machine) on {HOST}; "
              f"concurrency {params['concurrency']}, {params['num_requests']} requests per run, "
