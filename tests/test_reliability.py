@@ -120,7 +120,9 @@ def test_overload_sheds_with_503_retry_after_and_recovers(rel):
     capacity = MAX_ONGOING * 2
     rss_before = replica_rss(rel)
     started = time.monotonic()
-    body = {"prompt": "hello", "max_tokens": 128, "ignore_eos": True}
+    # Long enough that no request finishes before the whole burst has arrived, so what is
+    # admitted is set by the limits alone, not by how fast this machine happens to be.
+    body = {"prompt": "hello", "max_tokens": 768, "ignore_eos": True}
 
     def one(_):
         response = requests.post(f"{URL}/{rel}/", json=body, timeout=120)
@@ -131,7 +133,9 @@ def test_overload_sheds_with_503_retry_after_and_recovers(rel):
     statuses = [status for status, _ in answers]
     shed = [retry for status, retry in answers if status == 503]
     assert set(statuses) <= {200, 503}, statuses
-    assert len(shed) >= 10 * capacity - capacity - MAX_QUEUED * 2  # at most ongoing+queued kept
+    # Admitted: the replicas' slots plus the proxy's queue, give or take one round of slots
+    # (Serve's router works from replica queue lengths that lag by a moment).
+    assert len(shed) >= 10 * capacity - 2 * capacity - MAX_QUEUED * 2
     assert all(retry == "5" for retry in shed)
     assert statuses.count(200) >= capacity
     elapsed = time.monotonic() - started
