@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,7 +246,3 @@ def replica_env(engine: EngineConfig, extra: dict[str, str] | None = None) -> di
             env[key] = os.environ[key]
     env.update(extra or {})
     return env
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -110,10 +110,6 @@ def apply_offline_batch_limits(engine_args: Any, config: EngineConfig) -> None:
         engine_args.max_num_seqs = seqs[UsageContext.LLM_CLASS]
 
 
-def max_model_len(engine: Any) -> int:
-    return int(engine.model_config.max_model_len)
-
-
 def unfinished_requests(engine: Any) -> int:
     """Requests the engine still holds (for /health and the disconnect test)."""
     processor = getattr(engine, "output_processor", None)
