@@ -13,7 +13,7 @@ import sys
 
 from common import cli
 from common.config import EngineConfig, ServeConfig
-from common.deploy import deployment_options, replica_demand, script_main
+from common.deploy import configure, deployment_options, replica_demand, script_main
 from common.placement import pick_distinct_nodes, pin_to_node
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
@@ -40,8 +40,8 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     for index, node_id in enumerate(nodes):
         print(f"backend {index}: node {node_id}")
         options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), node_id)
-        backends.append(LLMBackend.options(name=f"LLMBackend{index}", **options)
-                        .bind(engine, serve_config))
+        backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
+                                  options).bind(engine, serve_config))
     return RoundRobinRouter.bind(serve_config, *backends)
 
 

@@ -169,7 +169,7 @@ def _fmt_amount(resource: str, value: float) -> str:
     return f"{_fmt_num(value)} {resource}"
 
 
-def _fmt_shape(shape: dict) -> str:
+def format_shape(shape: dict) -> str:
     if not shape:
         return "{}"
     return "{" + ", ".join(f"{k}: {_fmt_num(v) if k not in ('memory', 'object_store_memory') else f'{v / 2**30:.1f}GiB'}"
@@ -463,7 +463,7 @@ def _shortfall(shape: dict, pools: list[tuple[str, dict]], what: str) -> str:
             parts.append(f"needs {_fmt_amount(k, v)} on one node; {label}: "
                          f"{_fmt_amount(k, best)}{where}")
     if not parts:
-        parts.append(f"needs {_fmt_shape(shape)} on one node; every resource fits on some node "
+        parts.append(f"needs {format_shape(shape)} on one node; every resource fits on some node "
                      f"but no single node has all of them {'free' if what == 'free' else 'in total'}")
     return "; ".join(parts)
 
@@ -535,7 +535,7 @@ def explain(bundles: list[dict], strategy: str | None, nodes: list[NodeInfo] | N
             return f"infeasible: STRICT_SPREAD needs {len(bundles)} distinct nodes; only {alive} alive"
         if not _place(bundles, totals, s):
             return (f"infeasible: STRICT_SPREAD needs {len(bundles)} distinct nodes that each hold one "
-                    f"bundle of {_fmt_shape(max(bundles, key=lambda b: sum(b.values())))}")
+                    f"bundle of {format_shape(max(bundles, key=lambda b: sum(b.values())))}")
         if not _place(bundles, frees, s):
             fit = sum(1 for _, res in frees if any(_fits(b, res) for b in bundles))
             return (f"waiting for resources: STRICT_SPREAD needs {len(bundles)} distinct nodes with a "
@@ -692,8 +692,8 @@ def _fmt_resources(res: dict) -> str:
     if res.get("placement_group_bundles"):
         bundles = res["placement_group_bundles"]
         return (f"{len(bundles)} bundles {res.get('placement_group_strategy', '')} "
-                f"{_fmt_shape(_capacity({k: v for k, v in res.items() if not k.startswith('placement_group_')}))}")
-    return _fmt_shape(res)
+                f"{format_shape(_capacity({k: v for k, v in res.items() if not k.startswith('placement_group_')}))}")
+    return format_shape(res)
 
 
 def format_placement(replicas: list[ReplicaInfo]) -> str:
@@ -743,7 +743,7 @@ def format_report(report: ClusterReport) -> str:
             for i, (b, node) in enumerate(zip(g.bundles, g.bundle_nodes)):
                 rows.append((short_id(g.pg_id, 12) if i == 0 else "", g.name if i == 0 else "",
                              g.state if i == 0 else "", g.strategy if i == 0 else "", i,
-                             _fmt_shape(b), short_id(node) if node else "(unplaced)"))
+                             format_shape(b), short_id(node) if node else "(unplaced)"))
         out.append(_table(["PG", "NAME", "STATE", "STRATEGY", "BUNDLE", "RESOURCES", "NODE"], rows))
     else:
         out.append("(none)")
@@ -752,7 +752,7 @@ def format_report(report: ClusterReport) -> str:
     out.append("PENDING (what `ray status` lists as pending, and why it is not placed)")
     if report.pending:
         out.append(_table(["KIND", "SHAPE", "COUNT", "STRATEGY", "WHY"],
-                          [(p.kind + (f" {short_id(p.pg_id)}" if p.pg_id else ""), _fmt_shape(p.shape),
+                          [(p.kind + (f" {short_id(p.pg_id)}" if p.pg_id else ""), format_shape(p.shape),
                             p.count, p.strategy or "-", p.reason) for p in report.pending]))
     else:
         out.append("(nothing pending)")

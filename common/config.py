@@ -55,6 +55,12 @@ class EngineConfig:
     def gpus_per_replica(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def uses_ray_workers(self) -> bool:
+        """GPUs over several workers: vLLM's Ray executor runs them in the replica's own
+        placement group (common/deploy.py reserves it, common/engine.py hands it to vLLM)."""
+        return self.device == "cuda" and self.gpus_per_replica > 1
+
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for vllm.AsyncEngineArgs (only those set, so vLLM's defaults rule)."""
         kwargs: dict[str, Any] = {
@@ -76,8 +82,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
-        if self.device == "cuda" and self.gpus_per_replica > 1:
-            # Workers go into the replica's own placement group (see common/engine.py).
+        if self.uses_ray_workers:
             kwargs["distributed_executor_backend"] = "ray"
         return kwargs
 

@@ -28,18 +28,14 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[s
     env = {"env_vars": replica_env(engine, serve_config.env_vars)}
     if engine.device == "cpu":
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
-    gpus = engine.gpus_per_replica
-    if not needs_placement_group(engine):
+    if not engine.uses_ray_workers:
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
     return {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
-        "placement_group_bundles": [{"CPU": cpus, "GPU": 1}] + [{"GPU": 1}] * (gpus - 1),
+        "placement_group_bundles": [{"CPU": cpus, "GPU": 1}] +
+                                   [{"GPU": 1}] * (engine.gpus_per_replica - 1),
         "placement_group_strategy": "STRICT_PACK",
     }
-
-
-def needs_placement_group(engine: EngineConfig) -> bool:
-    return engine.device == "cuda" and engine.gpus_per_replica > 1
 
 
 def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
@@ -49,7 +45,7 @@ def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
     nodes two TP=8 replicas cannot share a node (and Serve refuses max_replicas_per_node together
     with placement_group_bundles). Any other replica gets max_replicas_per_node=1.
     """
-    return {} if needs_placement_group(engine) else {"max_replicas_per_node": 1}
+    return {} if engine.uses_ray_workers else {"max_replicas_per_node": 1}
 
 
 def replica_demand(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, float]:
@@ -70,22 +66,10 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
         # without bound; Retry-After tells clients (and load balancers) when to come back.
         backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     )
-    options.update(topology)
     if serve_config.max_surge_percent > 0:
-        if _serve_supports("max_surge_percent"):
-            options["max_surge_percent"] = serve_config.max_surge_percent
-        else:
-            print("warning: this Ray Serve has no max_surge_percent; rolling restarts stop old "
-                  "replicas before starting new ones", file=sys.stderr)
+        options["max_surge_percent"] = serve_config.max_surge_percent
+    options.update(topology)
     return options
-
-
-def _serve_supports(option: str) -> bool:
-    import inspect
-
-    from ray.serve.deployment import Deployment
-
-    return option in inspect.signature(Deployment.options).parameters
 
 
 # Fields of ServeConfig that Serve applies to running replicas without restarting them (deployment
@@ -127,15 +111,22 @@ def with_version(deployment: Any, version: str) -> Any:
         return deployment
 
 
+def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: ServeConfig,
+              options: dict[str, Any]) -> Any:
+    """An LLM deployment with its options and the version that keeps in-place updates working;
+    `options` from deployment_options(), possibly pinned (common/placement.py)."""
+    return with_version(deployment.options(name=name, **options),
+                        deployment_version(engine, serve_config))
+
+
 def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMServer",
             **topology: Any):
     """The Serve application of one LLM deployment answering HTTP itself."""
     from common.ingress import LLMDeployment
 
-    deployment = LLMDeployment.options(
-        name=name, **deployment_options(engine, serve_config, **topology))
-    return with_version(deployment, deployment_version(engine, serve_config)).bind(
-        engine, serve_config)
+    options = deployment_options(engine, serve_config, **topology)
+    return configure(LLMDeployment, name, engine, serve_config, options).bind(engine,
+                                                                             serve_config)
 
 
 # ---- the scripts' shared main --------------------------------------------------------------------
@@ -241,7 +232,8 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> int:
         print("the cluster cannot place these demands (as `ray status` lists them):",
               file=sys.stderr)
         for demand in pending:
-            print(f"  {demand.count} x {demand.shape} ({demand.kind}): {demand.reason}",
+            print(f"  {demand.count} x {cluster.format_shape(demand.shape)} ({demand.kind}): "
+                  f"{demand.reason}",
                   file=sys.stderr)
     print("the application stays deployed and Serve keeps trying; "
           "inspect with `python check_cluster.py`, remove with `python stop_service.py`",

@@ -27,7 +27,7 @@ def build_engine(config: EngineConfig):
     engine_args = AsyncEngineArgs(**config.engine_kwargs())
     apply_offline_batch_limits(engine_args, config)
     vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-    if config.device == "cuda" and config.gpus_per_replica > 1:
+    if config.uses_ray_workers:
         import ray.util
 
         placement_group = ray.util.get_current_placement_group()
@@ -50,7 +50,7 @@ def engine_stat_loggers(config: EngineConfig) -> list | None:
     engine metrics leave through the node's Ray metrics endpoint (vLLM's own prometheus_client
     registry has no HTTP server inside a Serve replica). Feature-detected: a vLLM without the
     Ray logger, or a disabled flag, keeps vLLM's default loggers and the replica still starts."""
-    if not getattr(config, "engine_metrics", True):
+    if not config.engine_metrics:
         return None
     try:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger

@@ -12,7 +12,7 @@ from ray import serve
 
 from common import api
 from common.api import ApiError, RawRequest, Result
-from common.config import EngineConfig, ServeConfig
+from common.config import ServeConfig
 from common.server import LLMServer
 
 logger = logging.getLogger("ray.serve")
@@ -58,15 +58,17 @@ def to_response(result: Result) -> Response:
 replica_app = new_app()
 
 
-@serve.deployment(name="LLMServer", health_check_period_s=HEALTH_CHECK_PERIOD_S,
-                  health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
+# Every deployment that holds an engine: health-checked through LLMServer.check_health, and
+# drained on stop/downscale.
+ENGINE_REPLICA_OPTIONS = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
+                          "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+                          "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S}
+
+
+@serve.deployment(name="LLMServer", **ENGINE_REPLICA_OPTIONS)
 @serve.ingress(replica_app)
 class LLMDeployment(LLMServer):
     """One vLLM engine answering HTTP directly (single-gpu, force-multi, product)."""
-
-    def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
-        super().__init__(engine_config, serve_config)
 
     @replica_app.api_route("/{path:path}", methods=HTTP_METHODS, include_in_schema=False)
     async def entry(self, request: Request) -> Response:
@@ -78,10 +80,7 @@ class LLMDeployment(LLMServer):
 
 
 # The backends of ray-placement-group.py: no HTTP of their own; the router calls `call`.
-LLMBackend = serve.deployment(
-    LLMServer, name="LLMBackend", health_check_period_s=HEALTH_CHECK_PERIOD_S,
-    health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
+LLMBackend = serve.deployment(LLMServer, name="LLMBackend", **ENGINE_REPLICA_OPTIONS)
 
 # Defined above the router: Serve pickles an ingress class when it is decorated, with the
 # module globals that exist at that moment.

@@ -35,8 +35,8 @@ def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
 
     from common import cluster
 
-    group = placement_group([dict(bundle) for _ in range(count)], strategy="STRICT_SPREAD",
-                            name=name)
+    bundles = [dict(bundle) for _ in range(count)]
+    group = placement_group(bundles, strategy="STRICT_SPREAD", name=name)
     started = time.monotonic()
     try:
         while True:
@@ -48,11 +48,12 @@ def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
             waited = time.monotonic() - started
             if int(waited) % 10 < 2:
                 print(f"[{waited:5.0f}s] waiting for {count} distinct nodes with "
-                      f"{cluster_fmt(bundle)} free each (STRICT_SPREAD) ...", flush=True)
+                      f"{cluster.format_shape(bundle)} free each (STRICT_SPREAD) ...",
+                      flush=True)
             if waited > timeout_s:
-                reason = cluster.explain([dict(bundle) for _ in range(count)], "STRICT_SPREAD")
-                return (f"no {count} distinct nodes with {cluster_fmt(bundle)} free each after "
-                        f"{timeout_s:.0f}s: {reason}")
+                reason = cluster.explain(bundles, "STRICT_SPREAD")
+                return (f"no {count} distinct nodes with {cluster.format_shape(bundle)} free "
+                        f"each after {timeout_s:.0f}s: {reason}")
     finally:
         remove_placement_group(group)
 
@@ -61,10 +62,6 @@ def _wait(group, seconds: float):
     import ray
 
     return ray.wait([group.ready()], timeout=seconds)
-
-
-def cluster_fmt(shape: dict[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in shape.items())
 
 
 def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requests: float,

@@ -108,8 +108,9 @@ def check_single_gpu_fit(engine: EngineConfig) -> str | None:
 
 def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float) -> None:
     """Say up front how many replicas the cluster can hold, and warn when some cannot fit."""
-    shape = ", ".join(f"{v:g} {k}" for k, v in demand.items())
-    print(f"{replicas} replica(s), each needing {shape} on one node; "
+    from common.cluster import format_shape
+
+    print(f"{replicas} replica(s), each needing {format_shape(demand)} on one node; "
           f"the cluster's nodes can hold {slots}")
     if slots < replicas:
         print(f"warning: only {slots} of {replicas} replica(s) fit the cluster's nodes; the rest "

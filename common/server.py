@@ -46,7 +46,7 @@ class LLMServer:
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self._tokenizer = None
         # DeepSeek-R1 reasoning split on /v1/chat/completions (POST / splits only on request).
-        self.reasoning_on = reasoning.enabled(getattr(serve_config, "reasoning_parser", "auto"),
+        self.reasoning_on = reasoning.enabled(serve_config.reasoning_parser,
                                               engine_config.served_model_name, engine_config.model)
         self._markers_special: bool | None = None
         self.counters = {"running": 0, "finished": 0, "aborted": 0, "failed": 0}
@@ -378,11 +378,8 @@ class LLMServer:
                         type_="internal_error")
 
     def _log_done(self, ctx: ResponseContext, gen: Generation, seconds: float) -> None:
-        if self.serve_config.log_prompts:
-            logger.info("request %s done in %.3fs: prompt_tokens=%d completion_tokens=%d "
-                        "finish=%s text=%r", ctx.request_id, seconds, gen.prompt_tokens,
-                        gen.completion_tokens, gen.finish_reason, gen.text)
-        else:
-            logger.info("request %s done in %.3fs: prompt_tokens=%d completion_tokens=%d "
-                        "finish=%s", ctx.request_id, seconds, gen.prompt_tokens,
-                        gen.completion_tokens, gen.finish_reason)
+        # The text only when the operator asked for it (--log-prompts).
+        text = f" text={gen.text!r}" if self.serve_config.log_prompts else ""
+        logger.info("request %s done in %.3fs: prompt_tokens=%d completion_tokens=%d finish=%s%s",
+                    ctx.request_id, seconds, gen.prompt_tokens, gen.completion_tokens,
+                    gen.finish_reason, text)

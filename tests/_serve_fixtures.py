@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 
-from _cluster_fixtures import LOCAL_IP, ROOT, wait_until  # noqa: F401  (sets env first)
+from _cluster_fixtures import LOCAL_IP, wait_until  # noqa: F401  (sets env first)
 
 import ray  # noqa: E402
 import requests  # noqa: E402
