@@ -13,6 +13,7 @@ EXIT_USAGE = 2            # bad flags (argparse's own code)
 EXIT_RAY_UNREACHABLE = 3  # no Ray cluster at --address
 EXIT_UNHEALTHY = 4        # the cluster answered but something is pending/unhealthy/dead
 EXIT_TIMEOUT = 5          # a wait ran out (e.g. replicas still PENDING)
+EXIT_RAY_AUTH = 6         # the cluster refused this process's Ray auth token (or it has none)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -1,6 +1,7 @@
 """Read-only inspection of a Ray cluster and its Serve apps: nodes, replicas, placement groups, pending demands."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -9,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from common.cli import EXIT_RAY_UNREACHABLE
+from common.cli import EXIT_RAY_AUTH, EXIT_RAY_UNREACHABLE
 
 # Drivers of this project share one namespace so that named/detached actors one script
 # creates can be found by the next one.
@@ -111,9 +112,94 @@ def _split_host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+AUTH_HELP = ("The head made its token with `ray get-auth-token --generate` (~/.ray/auth_token "
+             "there). Give this machine the same token: copy that file to ~/.ray/auth_token "
+             "(chmod 600), or set RAY_AUTH_TOKEN_PATH to a copy, or RAY_AUTH_TOKEN to its value. "
+             "README: 集群与令牌认证 (cluster and token authentication).")
+
+
+def _die_auth(tried: str, detail: str) -> None:
+    detail = " ".join(str(detail).split())[:300]
+    print(f"error: the Ray cluster at {tried!r} requires token authentication and refused this "
+          f"process: {detail}. {AUTH_HELP}", file=sys.stderr)
+    sys.exit(EXIT_RAY_AUTH)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Ray's C++ GCS client logs its own warning on an auth refusal; ours says it better."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def token_available() -> bool:
+    """True when this process can find a Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token), whether or not token auth is switched on in it."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
+
+
+def _match_cluster_auth(target: str, tried: str) -> str:
+    """Switch this process to token auth when the cluster requires it and a token is here.
+
+    Ray turns token auth on by itself only for `ray.init(address="auto")`; with an explicit
+    host:port (or RAY_ADDRESS) the driver must be told with RAY_AUTH_MODE=token. Asking the GCS
+    answers the question for every address form, so operators need neither variable. Returns how
+    the token was found, for the log line ("" when the cluster does not use auth)."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode != "token":
+        if not _gcs_refuses(target):
+            return ""
+        if mode == "disabled":
+            _die_auth(tried, "RAY_AUTH_MODE=disabled is set here; unset it")
+        if not token_available():
+            _die_auth(tried, "no token found on this machine")
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+    if _gcs_refuses(target):
+        _die_auth(tried, f"the token from {token_source()} was refused (not the head's token)")
+    return f"token auth ({token_source()})"
+
+
+def _gcs_refuses(target: str) -> bool:
+    """True when the GCS at `target` refuses this process's credentials (or lack of them)."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _stderr_silenced():
+            GcsClient(address=target)
+    except AuthenticationError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is ray.init's to report
+        return False
+    return False
+
+
+def token_source() -> str:
+    """Where this process's Ray token comes from, in Ray's own lookup order."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
 def connect(address: str = "auto", *, namespace: str = NAMESPACE,
-            timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Connects this process to the cluster, or exits with EXIT_RAY_UNREACHABLE and one line."""
+            timeout_s: float = CONNECT_TIMEOUT_S, runtime_env: dict | None = None) -> None:
+    """Connects this process to the cluster (with token auth when the cluster uses it), or exits
+    with EXIT_RAY_UNREACHABLE / EXIT_RAY_AUTH and one line. `runtime_env` is the job's: Serve
+    copies it into every deployment this process deploys."""
     import ray
     if ray.is_initialized():
         return
@@ -133,12 +219,13 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
         socket.create_connection(probe, timeout=timeout_s).close()
     except OSError as exc:
         _die_unreachable(tried, f"nothing answers at {probe[0]}:{probe[1]} ({exc.strerror or exc})")
+    auth = "" if target.startswith("ray://") else _match_cluster_auth(target, tried)
     # Something listens but may not be a GCS: keep ray.init's own retry loop short too.
     saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
     os.environ["RAY_gcs_server_port_wait_time_s"] = str(max(1, int(timeout_s)))
     try:
         ray.init(address=target, namespace=namespace, logging_level=logging.WARNING,
-                 log_to_driver=False)
+                 log_to_driver=False, runtime_env=runtime_env)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable" to the operator
         _die_unreachable(tried, f"{type(exc).__name__}: {exc}")
     finally:
@@ -146,6 +233,8 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
         else:
             os.environ["RAY_gcs_server_port_wait_time_s"] = saved
+    print(f"connected to Ray at {target}" + (f" with {auth}" if auth else ""), file=sys.stderr,
+          flush=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -201,6 +290,27 @@ def _serve_client():
         return _get_global_client(raise_if_no_controller_running=False)
     except Exception:  # noqa: BLE001 - no Serve means nothing to report, not a failure
         return None
+
+
+def serve_spreads_load() -> bool | None:
+    """Whether Serve's HTTP proxies run with node-local routing off (see common.deploy), read
+    from the environment of the proxy processes on this machine; None when none is readable."""
+    import psutil
+
+    import ray._private.state
+
+    seen = None
+    for actor in ray._private.state.actors().values():
+        if actor.get("ActorClassName") != "ProxyActor" or actor.get("State") != "ALIVE":
+            continue
+        try:
+            env = psutil.Process(int(actor["Pid"])).environ()
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue  # on another machine, or gone
+        if env.get("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "1").lower() in ("1", "true"):
+            return False
+        seen = True
+    return seen
 
 
 # --------------------------------------------------------------------------- nodes
