@@ -156,11 +156,12 @@ def step(rec: Recorder, name: str, script: str, argv: list[str], app: str, args,
 def phase_a(rec: Recorder, args) -> None:
     import ray
     from ray import serve
+    from common.deploy import start_serve
 
     ray.init(num_gpus=2, num_cpus=8, _node_ip_address=LOCAL_IP, include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": LOCAL_IP, "port": 8000})
+        start_serve(LOCAL_IP, 8000, "HeadOnly")
         step(rec, "A: ray-force-multi.py, 1 replica x TP=2 on one 2-GPU node", "ray-force-multi.py",
              ["--num-replicas", "1", *engine_flags(args.device, 2), *common_flags("tp2")],
              "tp2", args)
@@ -173,6 +174,7 @@ def phase_a(rec: Recorder, args) -> None:
 def phase_b(rec: Recorder, args) -> None:
     import ray
     from ray import serve
+    from common.deploy import start_serve
     from ray.cluster_utils import Cluster
 
     from common import cluster
@@ -198,7 +200,7 @@ def phase_b(rec: Recorder, args) -> None:
              log_to_driver=False)
     cpu_extra = ["--cpus-per-replica", "4"] if args.device == "cpu" else []
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": LOCAL_IP, "port": 8000})
+        start_serve(LOCAL_IP, 8000, "HeadOnly")
         step(rec, "B1: ray-placement-group.py across two 1-GPU raylets", "ray-placement-group.py",
              [*engine_flags(args.device, 1), *common_flags("pg"), *cpu_extra], "pg", args)
 

@@ -218,6 +218,10 @@ def _from_args(cls, args: argparse.Namespace):
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     config = _from_args(EngineConfig, args)
+    # Replicas do not run in the driver's directory: a relative model folder must travel as an
+    # absolute path (a Hugging Face ID, which is no local path, stays as given).
+    if os.path.exists(config.model):
+        config.model = os.path.abspath(config.model)
     if config.device == "cpu":
         apply_cpu_defaults(config)
     return config

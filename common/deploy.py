@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from common import cli, preflight
@@ -159,7 +160,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
 
     from common.cluster import connect
 
-    connect(args.address)
+    connect(args.address, runtime_env=replica_code_runtime_env())
     if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
         print("error: the Ray cluster has no GPU (`ray status` lists none). For the CPU demo run "
               "`make demo`, or add --device cpu --model .cache/demo-model", file=sys.stderr)
@@ -170,13 +171,51 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     return deploy(app, serve_config, proxy_location=args.proxy_location)
 
 
+def replica_code_runtime_env() -> dict[str, Any]:
+    """The job runtime_env that carries the project's package to every replica.
+
+    Replicas unpickle classes of the `common` package; without this they import it only where the
+    driver's checkout happens to sit at the same path on their node (a restart after the checkout
+    moved, or any replica on a node without a shared filesystem, fails with ModuleNotFoundError).
+    Ray uploads the package to the cluster once, content-addressed, and Serve copies the job's
+    runtime_env into each deployment: only what replicas import travels, so an edit elsewhere in
+    the checkout (README, tests, scripts) leaves the URI, and the running replicas, unchanged."""
+    import common
+
+    return {"py_modules": [str(Path(common.__file__).resolve().parent)],
+            "excludes": ["__pycache__", "*.pyc"]}
+
+
+# Serve's HTTP proxy sends a request to a replica on its own node whenever that one accepts it,
+# which with vLLM's large max_ongoing_requests is always: a replica beside the proxy gets every
+# request and the other nodes none. Serve's controller passes its environment to the proxies it
+# starts, so this applies wherever the scripts start Serve.
+SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+
+
+def start_serve(host: str, port: int, proxy_location: str) -> None:
+    """serve.start with the project's controller settings; a Serve that is already running keeps
+    its own (they apply only when the controller is created), so say what that means."""
+    from ray import serve
+
+    from common import cluster
+
+    if cluster._serve_client() is not None and cluster.serve_spreads_load() is False:
+        print("note: Serve was already running, started without "
+              "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may get "
+              "every request. `python stop_service.py --shutdown` and deploy again to apply it "
+              "(README: 故障排除).", file=sys.stderr)
+    serve.start(proxy_location=proxy_location,
+                http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": dict(SERVE_CONTROLLER_ENV)}})
+
+
 def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode") -> int:
     """Start Serve if needed, deploy the app without blocking, wait until it runs or fails."""
     from ray import serve
     from ray.serve.api import RunTarget
 
-    serve.start(proxy_location=proxy_location,
-                http_options={"host": serve_config.host, "port": serve_config.port})
+    start_serve(serve_config.host, serve_config.port, proxy_location)
     print(f"deploying application {serve_config.app_name!r} "
           f"(route {serve_config.route_prefix}) ...", flush=True)
     serve.run_many([RunTarget(target=app, name=serve_config.app_name,

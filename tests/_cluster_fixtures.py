@@ -31,6 +31,7 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     """Head (no GPU) + `gpu_nodes` nodes with 8 logical GPUs each; the driver is connected."""
     from ray import serve
     from common import cluster as cluster_mod
+    from common.deploy import start_serve
 
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
@@ -43,7 +44,7 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     c.wait_for_nodes()
     ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=cluster_mod.NAMESPACE,
              logging_level="WARNING", log_to_driver=False)
-    serve.start(proxy_location="HeadOnly", http_options={"host": LOCAL_IP, "port": 8000})
+    start_serve(LOCAL_IP, 8000, "HeadOnly")
     try:
         yield c, workers
     finally:
