@@ -13,7 +13,7 @@ from ray import serve
 from common import api
 from common.api import ApiError, RawRequest, Result
 from common.config import ServeConfig
-from common.server import LLMServer
+from common.server import ROUTER_DEPLOYMENT, LLMServer
 
 logger = logging.getLogger("ray.serve")
 
@@ -104,7 +104,7 @@ PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 5.0
 
 
-@serve.deployment(name="Router", max_ongoing_requests=4096, num_replicas=1,
+@serve.deployment(name=ROUTER_DEPLOYMENT, max_ongoing_requests=4096, num_replicas=1,
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress(router_app)
 class RoundRobinRouter:

@@ -21,6 +21,7 @@ DEFAULT_PROMPT = "请简要介绍人工智能的发展历史"
 ROOT_ENDPOINT = "/"
 OPENAI_ENDPOINT = "/v1/completions"
 ENDPOINTS = (ROOT_ENDPOINT, OPENAI_ENDPOINT)
+NODES_ENDPOINT = "/nodes"         # the service's own list of nodes holding its replicas
 UNKNOWN_NODE = "unknown"
 CONNECTION_ERROR = "connection_error"
 
@@ -101,6 +102,9 @@ class LoadResult:
     started_at: float                 # wall-clock epoch seconds
     aborted: str | None = None        # why issuing stopped early, if it did
     event_loop: str = "asyncio"
+    # Nodes that hold the service's replicas, as the service reports them (GET /nodes); None when
+    # it does not say. Nodes here that answered nothing show up in the summary with 0 answers.
+    replica_nodes: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -478,10 +482,27 @@ async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) ->
                     await progress_task
                 except asyncio.CancelledError:
                     pass
+        replica_nodes = await fetch_replica_nodes(session, config)
     run.results.sort(key=lambda result: result.index)
     return LoadResult(config=config, results=run.results, duration=duration,
                       started_at=started_at, aborted=run.aborted,
-                      event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
+                      event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+                      replica_nodes=replica_nodes)
+
+
+async def fetch_replica_nodes(session: aiohttp.ClientSession, config: LoadConfig) -> list[str] | None:
+    """The nodes holding the service's replicas, from its own `GET /nodes` (after the run, so
+    that replicas added by autoscaling count); None when the service does not answer it."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    try:
+        async with session.get(config.url.rstrip("/") + NODES_ENDPOINT, headers=headers,
+                               timeout=aiohttp.ClientTimeout(total=10)) as response:
+            if response.status != 200:
+                return None
+            nodes = (await response.json()).get("replica_nodes")
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+        return None
+    return sorted(str(node) for node in nodes) if isinstance(nodes, (list, dict)) else None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -554,9 +575,12 @@ def summarize(result: LoadResult) -> Summary:
     for r in successes:
         latencies_by_node.setdefault(r.node or UNKNOWN_NODE, []).append(r.latency)
     counts = {node: len(values) for node, values in latencies_by_node.items()}
+    # Replica nodes that answered nothing count as zero: one busy node of two is no balance.
+    for node in result.replica_nodes or ():
+        counts.setdefault(node, 0)
     shares = metrics.shares(counts)
     nodes = [NodeStats(node=node, count=counts[node], share=shares[node],
-                       latency=metrics.describe(latencies_by_node[node]))
+                       latency=metrics.describe(latencies_by_node.get(node, [])))
              for node in sorted(counts, key=lambda name: (-counts[name], name))]
 
     expected = result.config.expected_nodes
@@ -643,11 +667,14 @@ def format_report(summary: Summary, config: LoadConfig) -> str:
             lines.append(f"{name:<{node_width}} {entry.count:>7} {entry.share * 100:>6.1f}% "
                          f"{_ms(entry.latency.mean):>9} {_ms(entry.latency.p50):>9} "
                          f"{_ms(entry.latency.p99):>9}")
-        seen = len(summary.nodes)
+        seen = sum(1 for entry in summary.nodes if entry.count > 0)
         expected = f" of {summary.expected_nodes} expected" if summary.expected_nodes else ""
         balance = "n/a" if summary.balance is None else f"{summary.balance:.3f}"
         lines.append(_row("Nodes answering", f"{seen}{expected}"))
         lines.append(_row("Balance (min/max share, 1 = even)", balance))
+        silent = [entry.node for entry in summary.nodes if entry.count == 0]
+        if silent:
+            lines.append(f"WARNING: nodes holding replicas answered nothing: {', '.join(silent)}")
         if summary.expected_nodes and seen < summary.expected_nodes:
             lines.append(f"WARNING: only {seen} of {summary.expected_nodes} expected nodes answered")
     else:

@@ -29,6 +29,39 @@ def serve_request_id() -> str | None:
         return None
 
 
+_REPLICA_NODES_TTL_S = 5.0
+_replica_nodes_cache: tuple[float, dict[str, int]] = (0.0, {})
+
+
+def app_replica_nodes() -> dict[str, int]:
+    """Node ID -> RUNNING engine replicas of the current Serve application, from Serve's
+    controller (cached a few seconds: load tests may ask often). Routers hold no engine."""
+    global _replica_nodes_cache
+    cached_at, nodes = _replica_nodes_cache
+    if time.monotonic() - cached_at < _REPLICA_NODES_TTL_S:
+        return nodes
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    app_name = serve.get_replica_context().app_name
+    details = _get_global_client().get_serve_details() or {}
+    app = (details.get("applications") or {}).get(app_name) or {}
+    nodes = {}
+    for name, deployment in (app.get("deployments") or {}).items():
+        if name == ROUTER_DEPLOYMENT:
+            continue
+        for replica in deployment.get("replicas") or []:
+            state = str(getattr(replica.get("state"), "value", replica.get("state")))
+            if state == "RUNNING" and replica.get("node_id"):
+                nodes[replica["node_id"]] = nodes.get(replica["node_id"], 0) + 1
+    _replica_nodes_cache = (time.monotonic(), nodes)
+    return nodes
+
+
+# The placement-group application's round-robin router (common/ingress.py): it holds no engine.
+ROUTER_DEPLOYMENT = "Router"
+
+
 class LLMServer:
     """Transport-neutral API over one engine; `LLMDeployment` puts it behind HTTP."""
 
@@ -56,6 +89,7 @@ class LLMServer:
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/models": {"GET": self._models},
             "/health": {"GET": self._health},
+            "/nodes": {"GET": self._nodes},
         }
         logger.info("replica ready on node %s: model %s, context %d tokens",
                     self.node_id, self.model_name, self.max_model_len)
@@ -99,7 +133,7 @@ class LLMServer:
     def _route(self, raw: RawRequest) -> Handler:
         methods = self.routes.get(raw.path.rstrip("/") or "/")
         if methods is None:
-            raise ApiError(404, f"no route {raw.path}; see POST /, POST /v1/completions, "
+            raise ApiError(404, f"no route {raw.path}; see POST /, POST /v1/completions, GET /nodes, "
                                 f"POST /v1/chat/completions, GET /v1/models, GET /health")
         handler = methods.get(raw.method.upper())
         if handler is None:
@@ -130,6 +164,12 @@ class LLMServer:
                 "model": self.model_name, "engine_unfinished_requests":
                     unfinished_requests(self.engine), **self.counters}
         return Result(status=200 if alive else 503, body=api.dumps(body))
+
+    async def _nodes(self, raw: RawRequest, request_id: str) -> Result:
+        """The nodes holding this application's engine replicas, so that a plain HTTP client
+        (load_test.py) can tell a node that answered nothing from one that does not exist."""
+        nodes = await asyncio.to_thread(app_replica_nodes)
+        return Result(body=api.dumps({"node": self.node_id, "replica_nodes": nodes}))
 
     async def _models(self, raw: RawRequest, request_id: str) -> Result:
         body = {"object": "list", "data": [{
