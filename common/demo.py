@@ -1,10 +1,13 @@
-"""`make demo`: the demo model on the CPU build behind Ray Serve, deployed and shown answering."""
+"""`make demo`: a small real instruct model on the CPU build behind Ray Serve, left running on 127.0.0.1."""
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,10 +17,14 @@ from pathlib import Path
 import requests
 
 from common import cli
-from common.demo_model import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "请简要介绍人工智能的发展历史"
+STATE_DIR = ROOT / ".cache" / "demo"
+PROMPT = "Briefly explain what a GPU is."
+MAX_TOKENS = 48
+APP_NAME = "demo"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_RAY_PORT = 6379
 
 
 def load_script(name: str):
@@ -44,65 +51,211 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, _, port = address.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def live_cluster() -> str | None:
+    """The address of a running Ray cluster this machine points at (RAY_ADDRESS, else the one
+    `ray start` recorded last), if something answers there. A recorded address whose processes
+    were killed is ignored rather than taken for a cluster."""
+    from ray._private.utils import read_ray_address
+
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    recorded = read_ray_address()
+    target = _host_port(recorded) if recorded else None
+    return recorded if target and port_open(*target) else None
+
+
 def start_local_head(port: int) -> None:
-    """A one-node Ray cluster on 127.0.0.1 (all of this machine's CPUs)."""
+    """A one-node Ray cluster on 127.0.0.1 (all of this machine's CPUs), left running."""
+    if port_open("127.0.0.1", port):
+        raise DemoError(f"port {port} is taken by something that is not a Ray cluster "
+                        "recorded on this machine; pass --ray-port")
     cmd = [ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--num-cpus={max(2, os.cpu_count() or 2)}",
            "--disable-usage-stats"]
-    print("starting a local Ray head:", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    print("starting a local Ray head:", " ".join(["ray", *cmd[1:]]), flush=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise DemoError(f"`ray start --head` failed: {done.stderr.strip()[-600:]}")
+
+
+class DemoError(Exception):
+    def __init__(self, message: str, code: int = cli.EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def state_file(http_port: int) -> Path:
+    return STATE_DIR / f"{http_port}.json"
+
+
+def service_answers(http_port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{http_port}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def python_cmd(*args: str) -> str:
+    """How to run one of the project's scripts from the repo root, as printed for the user."""
+    exe = os.path.relpath(sys.executable, ROOT) if str(sys.executable).startswith(str(ROOT)) \
+        else sys.executable
+    return " ".join([exe, *(shlex.quote(a) for a in args)])
+
+
+def stop_command(http_port: int) -> str:
+    return "make demo-stop" if http_port == DEFAULT_HTTP_PORT else \
+        python_cmd("-m", "common.demo", "--stop", "--port", str(http_port))
+
+
+def session_dir_of_driver() -> str | None:
+    """The Ray session directory of the cluster this process is connected to."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
+def deploy(model: Path, address: str, http_port: int) -> None:
+    single_gpu = load_script("ray-single-gpu.py")
+    code = single_gpu.main([
+        "--address", address, "--device", "cpu", "--model", str(model), "--num-replicas", "1",
+        "--app-name", APP_NAME, "--host", "127.0.0.1", "--port", str(http_port),
+        # The CPU build's KV cache (64 MiB) holds about 2,700 tokens of this model; SmolLM2 is
+        # no reasoning model, whatever name it is served under.
+        "--max-model-len", "2048", "--reasoning-parser", "none", "--timeout", "600"])
+    if code != cli.EXIT_OK:
+        raise DemoError("deploying the demo failed (see above)", code)
+
+
+def show_answer(http_port: int) -> None:
+    url = f"http://127.0.0.1:{http_port}/"
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
+    print(f"\n$ curl -X POST {url} -H 'Content-Type: application/json' "
+          f"-d '{json.dumps(body, ensure_ascii=False)}'")
+    started = time.perf_counter()
+    answer = requests.post(url, json=body, timeout=300)
+    print(json.dumps(answer.json(), ensure_ascii=False, indent=2))
+    print(f"(HTTP {answer.status_code} in {(time.perf_counter() - started) * 1000:.0f} ms)")
+    if answer.status_code != 200:
+        raise DemoError(f"the demo answered HTTP {answer.status_code}")
+
+
+def print_next_steps(http_port: int, address: str) -> None:
+    url = f"http://127.0.0.1:{http_port}"
+    body = json.dumps({"prompt": "What is the capital of France?", "max_tokens": 32})
+    chat = json.dumps({"model": "DeepSeek-R1", "max_tokens": 32, "temperature": 0, "messages": [
+        {"role": "user", "content": "What is the capital of France?"}]})
+    print(f"\nThe demo keeps running at {url}/ until you stop it. Try:")
+    print(f"  curl -X POST {url}/ -H 'Content-Type: application/json' -d '{body}'")
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'")
+    print(f"  {python_cmd('load_test.py', '-c', '8', '-n', '40', '--max-tokens', '32', '--url', url)}")
+    print(f"  {python_cmd('check_cluster.py', '--address', address)}")
+    print(f"stop the demo: {stop_command(http_port)}")
+
+
+def run_demo(args) -> None:
+    from common.demo_model import ensure_instruct_model
+
+    model = ensure_instruct_model(quiet=False)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    state_path = state_file(args.port)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    address = live_cluster()
+    if address:
+        print(f"using the running Ray cluster at {address}", flush=True)
+    else:
+        start_local_head(args.ray_port)
+        address = f"127.0.0.1:{args.ray_port}"
+        state = {"address": address, "started_head": True}
+    if service_answers(args.port):
+        print(f"a service already answers on 127.0.0.1:{args.port}: reusing it", flush=True)
+    else:
+        print(f"model: {model} (SmolLM2-135M-Instruct, served as DeepSeek-R1 so that the guide's "
+              "commands work unchanged)", flush=True)
+        deploy(model, address, args.port)
+        if state.get("started_head") and not state.get("session_dir"):
+            state["session_dir"] = session_dir_of_driver()
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    state.setdefault("address", address)
+    state_path.write_text(json.dumps(state, indent=2) + "\n")
+    show_answer(args.port)
+    print_next_steps(args.port, address)
+
+
+def stop_demo(args) -> None:
+    """Delete the demo app and shut Serve down; end the Ray head only if the demo started it."""
+    path = state_file(args.port)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    address = state.get("address") or live_cluster()
+    target = _host_port(address) if address else None
+    if target and port_open(*target):
+        # Serve itself goes only with a cluster the demo started: elsewhere it may serve others.
+        shutdown = ["--shutdown"] if state.get("started_head") else []
+        code = load_script("stop_service.py").main(["--address", address, "--app", APP_NAME,
+                                                     *shutdown])
+        if code != cli.EXIT_OK:
+            raise DemoError("stopping the demo application failed (see above)", code)
+    else:
+        print("no running Ray cluster found for the demo")
+    if state.get("started_head") and state.get("session_dir"):
+        ended = end_processes_of_session(state["session_dir"])
+        print(f"stopped the demo's Ray head ({ended} processes)")
+    elif address:
+        print(f"left the Ray cluster at {address} running (the demo did not start it)")
+    path.unlink(missing_ok=True)
+
+
+def end_processes_of_session(session_dir: str, grace_s: float = 10.0) -> int:
+    """Terminate this machine's processes of one Ray session, and their children: every Ray
+    daemon names its session directory on its command line (workers rename themselves, so they
+    are found as children). `ray stop` would end every Ray cluster on the machine instead."""
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid != os.getpid() and any(session_dir in part
+                                           for part in (proc.info["cmdline"] or [])):
+            found[proc.pid] = proc
+            try:
+                found.update({child.pid: child for child in proc.children(recursive=True)})
+            except psutil.Error:
+                pass
+    found.pop(os.getpid(), None)
+    procs = list(found.values())
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
-    cli.add_flag(parser, "--ray-port", env="DEMO_RAY_PORT", type=int, default=6379,
+    cli.add_flag(parser, "--ray-port", env="DEMO_RAY_PORT", type=int, default=DEFAULT_RAY_PORT,
                  help="GCS port of the local Ray head the demo starts when none is running")
-    cli.add_flag(parser, "--port", env="SERVE_PORT", type=int, default=8000, help="HTTP port")
-    cli.add_flag(parser, "--isolated", env="DEMO_ISOLATED", type=bool, default=False,
-                 help="running in a throw-away network namespace: stop everything at the end")
+    cli.add_flag(parser, "--port", env="SERVE_PORT", type=int, default=DEFAULT_HTTP_PORT,
+                 help="HTTP port of the demo service")
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the demo (and the Ray head, if the demo started it)")
     args = parser.parse_args(argv)
-
-    model = ensure_demo_model()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = f"127.0.0.1:{args.ray_port}"
-    if args.isolated:
-        # A cluster owned by this process: it ends with it, and nothing else on the machine is
-        # touched (`ray stop` would stop every Ray of every user of this machine).
-        import ray
-
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1",
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    elif not port_open("127.0.0.1", args.ray_port):
-        start_local_head(args.ray_port)
-    single_gpu = load_script("ray-single-gpu.py")
-    code = single_gpu.main([
-        "--address", address, "--device", "cpu", "--model", str(model), "--num-replicas", "1",
-        "--host", "127.0.0.1", "--port", str(args.port), "--timeout", "300"])
-    if code != cli.EXIT_OK:
-        return code
-
-    url = f"http://127.0.0.1:{args.port}/"
-    body = {"prompt": PROMPT, "max_tokens": 32}
-    print(f"\n$ curl -X POST {url} -H 'Content-Type: application/json' "
-          f"-d '{json.dumps(body, ensure_ascii=False)}'")
-    started = time.perf_counter()
-    answer = requests.post(url, json=body, timeout=120)
-    print(json.dumps(answer.json(), ensure_ascii=False, indent=2))
-    print(f"(HTTP {answer.status_code} in {(time.perf_counter() - started) * 1000:.0f} ms; the "
-          "demo model has random weights, so the text is gibberish by design)")
-    if args.isolated:
-        print("\nThe demo ran in a loopback-only network namespace (make demo's default on "
-              "shared machines), so it stops now. To keep it running and reachable at "
-              f"{url}, run `make demo DEMO_ISOLATE=0`, then stop it with "
-              "`.venv/bin/python stop_service.py --shutdown` and `.venv/bin/ray stop`.")
-        import ray
-
-        ray.shutdown()  # the cluster belongs to this process: it goes with it
-    else:
-        print(f"\nThe service keeps running at {url}.")
-        print("  load test: .venv/bin/python load_test.py -c 8 -n 40 --max-tokens 32")
-        print("  stop:      .venv/bin/python stop_service.py --shutdown && .venv/bin/ray stop")
-    return 0 if answer.status_code == 200 else cli.EXIT_FAILURE
+    try:
+        (stop_demo if args.stop else run_demo)(args)
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
