@@ -1,5 +1,5 @@
 # Two commands from a fresh clone on a CPU-only machine: `make demo` and `make test`.
-# Both need `make setup`, which only creates/updates .venv (the one step that uses the network).
+# Both need `make setup`, which creates/updates .venv and builds the demo models (the one step that uses the network).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +15,7 @@ help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
 	@echo "make demo-stop - stop the demo (and the Ray head it started)"
 	@echo "make test   - set up and run the test suite (real vLLM CPU engine + Ray Serve)"
-	@echo "make setup  - create/update .venv only (requirements-cpu.txt)"
+	@echo "make setup  - create/update .venv (requirements-cpu.txt) and build the demo models in .cache"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 

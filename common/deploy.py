@@ -132,6 +132,23 @@ def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMSer
 
 # ---- the scripts' shared main --------------------------------------------------------------------
 
+VLLM_EPILOG = ("Any other `vllm serve` flag (see `vllm serve --help`) is passed to every replica's "
+               "engine and OpenAI server, e.g. --enable-auto-tool-choice --tool-call-parser "
+               "hermes; the flags above win where both name the same setting.")
+
+
+def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
+    """Flags this script does not know, checked by vLLM's own `vllm serve` parser before anything
+    is deployed (vLLM is imported only then: it takes seconds)."""
+    from common.vllm_app import serve_args
+
+    try:
+        serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False)
+    except Exception as exc:  # noqa: BLE001 - argparse and vLLM both raise their own types
+        return [f"{' '.join(vllm_args)}: {exc}"]
+    engine.vllm_args = list(vllm_args)
+    return []
+
 BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
 
 
@@ -140,7 +157,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
                 engine_defaults: EngineConfig | None = None,
                 serve_defaults: ServeConfig | None = None) -> int:
     """Parse flags, connect to Ray, build the app (build may return an exit code), deploy it."""
-    parser = cli.make_parser(description)
+    parser = cli.make_parser(description, VLLM_EPILOG)
     cli.add_address_flag(parser)
     cli.add_flag(parser, "--proxy-location", env="SERVE_PROXY_LOCATION", default="EveryNode",
                  choices=["EveryNode", "HeadOnly", "Disabled"],
@@ -149,10 +166,12 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         add_topology_args(parser.add_argument_group("topology"))
     add_engine_args(parser, engine_defaults)
     add_serve_args(parser, serve_defaults)
-    args = parser.parse_args(argv)
+    args, vllm_args = parser.parse_known_args(argv)
     engine = engine_config_from_args(args)
     serve_config = serve_config_from_args(args)
     problems = engine.validate()
+    if vllm_args:
+        problems += check_vllm_args(engine, vllm_args)
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -11,8 +11,9 @@ from common.config import EngineConfig
 logger = logging.getLogger("ray.serve")
 
 
-def build_engine(config: EngineConfig):
-    """Create vLLM's AsyncLLM from the config, inside the current (replica) process.
+def build_engine(config: EngineConfig, args: Any):
+    """Create vLLM's AsyncLLM from `vllm serve`'s arguments (common.vllm_app.serve_args), inside
+    the current (replica) process.
 
     For tensor/pipeline parallelism on GPUs the replica was scheduled in its own placement group
     (one bundle per GPU, STRICT_PACK; see common/deploy.py). vLLM's Ray executor is pointed at that
@@ -24,7 +25,7 @@ def build_engine(config: EngineConfig):
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine_args = AsyncEngineArgs(**config.engine_kwargs())
+    engine_args = AsyncEngineArgs.from_cli_args(args)
     apply_offline_batch_limits(engine_args, config)
     vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
     if config.uses_ray_workers:
@@ -41,7 +42,8 @@ def build_engine(config: EngineConfig):
                 config.device, os.getpid())
     return AsyncLLM.from_vllm_config(
         vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
-        enable_log_requests=False, disable_log_stats=False,
+        enable_log_requests=engine_args.enable_log_requests,
+        disable_log_stats=engine_args.disable_log_stats,
         stat_loggers=engine_stat_loggers(config))
 
 

@@ -22,6 +22,9 @@ ROOT_ENDPOINT = "/"
 OPENAI_ENDPOINT = "/v1/completions"
 ENDPOINTS = (ROOT_ENDPOINT, OPENAI_ENDPOINT)
 NODES_ENDPOINT = "/nodes"         # the service's own list of nodes holding its replicas
+# The replica's node on every response (the guide's POST / also has it in the body; vLLM's own
+# /v1 answers only here).
+NODE_HEADER = "x-serve-node"
 UNKNOWN_NODE = "unknown"
 CONNECTION_ERROR = "connection_error"
 
@@ -211,7 +214,7 @@ def _parse_json_body(result: RequestResult, body: bytes) -> None:
     if not isinstance(choice.get("text", ""), str):
         raise ValueError("choices[0].text is not a string")
     result.finish_reason = choice.get("finish_reason")
-    result.node = data.get("node") or UNKNOWN_NODE
+    result.node = data.get("node") or result.node or UNKNOWN_NODE
     _apply_usage(result, data.get("usage"))
     result.ok = True
 
@@ -257,7 +260,7 @@ async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, 
         usage = chunk.get("usage")
         if usage:
             _apply_usage(result, usage)
-    result.node = node or UNKNOWN_NODE
+    result.node = node or result.node or UNKNOWN_NODE
     if result.error is not None:
         return
     if not done:
@@ -278,6 +281,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: bytes,
     try:
         async with session.post(url, data=payload, headers=headers) as response:
             result.status = response.status
+            result.node = response.headers.get(NODE_HEADER)
             if response.status != 200:
                 body = await response.read()
                 result.error = f"http_{response.status}"

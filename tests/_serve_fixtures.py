@@ -54,7 +54,8 @@ def deploy_script(script: str, *argv: str) -> int:
 
 
 def health(base_url: str) -> dict:
-    return requests.get(f"{base_url}/health", timeout=30).json()
+    """The replica's own status (GET /nodes): its node, engine counters, the app's nodes."""
+    return requests.get(f"{base_url}/nodes", timeout=30).json()
 
 
 @contextlib.contextmanager

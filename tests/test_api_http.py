@@ -21,8 +21,10 @@ GUIDE_KEYS = {"id", "object", "created", "model", "node", "choices", "usage"}
 def service():
     port = free_port()
     with local_ray():
+        # The demo model's template opens <think> like R1's; these tests read plain content.
         code = deploy_script("ray-single-gpu.py", *cpu_args(
-            port, "--num-replicas", "1", "--max-model-len", str(MAX_MODEL_LEN)))
+            port, "--num-replicas", "1", "--max-model-len", str(MAX_MODEL_LEN),
+            "--reasoning-parser", "none"))
         assert code == 0
         yield f"http://{LOCAL_IP}:{port}"
 
@@ -159,7 +161,7 @@ BAD_REQUESTS = [
     ("max_tokens zero", "POST", "/", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     ("max_tokens negative", "POST", "/", b'{"prompt": "x", "max_tokens": -3}', 400, "max_tokens"),
     ("max_tokens huge", "POST", "/", b'{"prompt": "x", "max_tokens": 99999999999}', 400,
-     "context length"),
+     "max_model_len"),
     ("temperature negative", "POST", "/", b'{"prompt": "x", "temperature": -1}', 400,
      "temperature"),
     ("temperature nan", "POST", "/", b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
@@ -168,12 +170,9 @@ BAD_REQUESTS = [
     ("stream not bool", "POST", "/", b'{"prompt": "x", "stream": "yes"}', 400, "stream"),
     ("unknown field", "POST", "/", b'{"prompt": "x", "promtp": "y"}', 400, "promtp: unknown"),
     ("wrong method", "GET", "/", b"", 405, "POST"),
-    ("unknown path", "POST", "/nope", b"{}", 404, "no route"),
     ("unknown model", "POST", "/v1/completions", b'{"model": "gpt-4", "prompt": "x"}', 404,
      "gpt-4"),
-    ("chat no messages", "POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages"),
-    ("chat bad role", "POST", "/v1/chat/completions",
-     b'{"messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+    ("chat no messages", "POST", "/v1/chat/completions", b'{"messages": []}', 400, "message"),
 ]
 
 
@@ -184,14 +183,19 @@ def test_bad_input_gets_a_clear_4xx(service, name, method, path, body, status, w
                                 headers={"Content-Type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "code"}
+    # vLLM's ErrorResponse shape, on its own endpoints and on the guide's POST / alike.
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
     assert words.lower() in error["message"].lower(), error["message"]
 
 
-def test_prompt_plus_max_tokens_over_context_is_refused(service):
-    response = post(f"{service}/", {"prompt": "hello " * 100, "max_tokens": MAX_MODEL_LEN})
+def test_unknown_path_is_404(service):
+    assert requests.post(f"{service}/nope", data=b"{}", timeout=60).status_code == 404
+
+
+def test_max_tokens_over_the_context_is_refused(service):
+    response = post(f"{service}/", {"prompt": "hello", "max_tokens": MAX_MODEL_LEN + 1})
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert "max_tokens" in response.json()["error"]["message"]
 
 
 def test_oversize_body_is_413(service):
@@ -200,8 +204,7 @@ def test_oversize_body_is_413(service):
 
 
 def test_replica_keeps_serving_after_bad_input(service):
-    status = health(service)
-    assert status["status"] == "ok" and status["failed"] == 0
+    assert health(service)["engine_alive"]
     assert post(f"{service}/", {"prompt": "still there?", "max_tokens": 2}).status_code == 200
 
 
@@ -219,22 +222,23 @@ def _send_and_hang_up(port: int, body: dict, read_first_bytes: bool) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_client_disconnect_aborts_the_engine_request(service, stream):
     port = int(service.rsplit(":", 1)[1])
-    before = health(service)["aborted"]
+    before = health(service)["engine_aborted_requests"]
     # Long enough (about 4k tokens, ignore_eos) that only an abort finishes it within seconds.
     body = {"prompt": "hello", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True,
             "stream": stream}
     _send_and_hang_up(port, body, read_first_bytes=stream)
-    status = wait_until(lambda: (lambda h: h if h["aborted"] > before and
-                                 h["engine_unfinished_requests"] == 0 else None)(health(service)),
-                        timeout=30, what="engine request aborted")
-    assert status["running"] == 0
+    wait_until(lambda: (lambda h: h["engine_aborted_requests"] > before and
+                        h["engine_unfinished_requests"] == 0)(health(service)),
+               timeout=30, what="engine request aborted")
 
 
-def test_health_reports_ok_with_node(service):
+def test_health_is_vllms_and_every_answer_names_its_node(service):
     response = requests.get(f"{service}/health", timeout=30)
     assert response.status_code == 200
-    assert response.json()["status"] == "ok"
-    assert response.json()["node"] in {n["NodeID"] for n in ray.nodes()}
+    assert response.headers["x-serve-node"] in {n["NodeID"] for n in ray.nodes()}
+    status = health(service)
+    assert status["node"] == response.headers["x-serve-node"]
+    assert status["replica_nodes"] == {status["node"]: 1}
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +263,7 @@ def test_api_key_required_everywhere_but_health(secure, headers):
         response = requests.request(method, f"{secure}{path}", json=body, headers=headers,
                                     timeout=60)
         assert response.status_code == 401, (path, response.text)
-        assert response.json()["error"]["type"] == "authentication_error"
+        assert response.json()["error"]["type"] == "UnauthorizedError"
         assert response.headers["www-authenticate"] == "Bearer"
     assert requests.get(f"{secure}/health", timeout=60).status_code == 200
 

@@ -1,4 +1,4 @@
-"""Unit tests of request validation and response shaping (no engine, no Ray)."""
+"""Unit tests of the guide's POST / on vLLM's completions: validation and shaping (no engine, no Ray)."""
 from __future__ import annotations
 
 import json
@@ -33,99 +33,67 @@ def test_bad_bodies_name_the_problem(body, status, words):
     assert exc.value.status == status and words in exc.value.message
 
 
-def test_openai_requests_ignore_unknown_fields_and_take_one_prompt():
-    req = parse(b'{"model": "m", "prompt": ["one"], "user": "u"}', api.CompletionRequest)
-    assert req.prompt == "one" and req.max_tokens == 16
-    with pytest.raises(ApiError):
-        parse(b'{"prompt": ["a", "b"]}', api.CompletionRequest)
-    with pytest.raises(ApiError):
-        parse(b'{"prompt": "a", "n": 2}', api.CompletionRequest)
+def test_errors_have_vllms_error_response_shape():
+    body = ApiError(413, "too big").body()
+    assert body == {"error": {"message": "too big", "type": "RequestEntityTooLargeError",
+                              "param": None, "code": 413}}
+    assert api.unavailable("later").headers == {"retry-after": str(api.RETRY_AFTER_S)}
 
 
-def test_completion_body_is_the_guides_format():
-    ctx = api.ResponseContext(request_id="cmpl-1", model="DeepSeek-R1", node="n1", created=5)
-    body = api.completion_body(ctx, api.Generation("text", "stop", 10, 100))
-    assert body == {"id": "cmpl-1", "object": "text_completion", "created": 5,
-                    "model": "DeepSeek-R1", "node": "n1",
-                    "choices": [{"text": "text", "index": 0, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 100,
-                              "total_tokens": 110}}
+def test_payload_sends_only_what_the_client_set():
+    req = parse(b'{"prompt": "hi", "temperature": 0, "stream": true}')
+    payload = api.completion_payload(req, "DeepSeek-R1")
+    # temperature 0 is a choice (greedy), not "unset"; the rest stays vLLM's (generation_config).
+    assert payload == {"model": "DeepSeek-R1", "prompt": "hi", "max_tokens": 256, "stream": True,
+                       "temperature": 0, "stream_options": {"include_usage": True}}
 
 
-def test_sse_framing_and_chat_shapes():
-    ctx = api.ResponseContext(request_id="chatcmpl-1", model="m", node="n", created=1)
-    frame = api.sse(api.chat_chunk(ctx, {"content": "你"}, None))
-    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
-    assert json.loads(frame[6:])["choices"][0]["delta"]["content"] == "你"
-    assert api.SSE_DONE == b"data: [DONE]\n\n"
-    usage = api.usage_chunk(ctx, "chat.completion.chunk", api.usage(1, 2))
-    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
+VLLM_COMPLETION = {
+    "id": "cmpl-abc", "object": "text_completion", "created": 5, "model": "DeepSeek-R1",
+    "system_fingerprint": None, "kv_transfer_params": None,
+    "choices": [{"index": 0, "text": "生成的文本", "logprobs": None, "finish_reason": "stop",
+                 "stop_reason": None, "prompt_logprobs": None}],
+    "usage": {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110,
+              "prompt_tokens_details": None}}
 
 
-def test_request_ids_keep_a_clean_client_id_only():
-    assert api.new_request_id("abc-123") == "cmpl-abc-123"
-    assert api.new_request_id("cmpl-x") == "cmpl-x"
-    assert api.new_request_id("bad id\n").startswith("cmpl-") and "\n" not in \
-        api.new_request_id("bad id\n")
+def test_guide_body_is_the_guides_json_exactly():
+    body = api.guide_body(VLLM_COMPLETION, "node-1")
+    assert list(body) == ["id", "object", "created", "model", "node", "choices", "usage"]
+    assert body["choices"] == [{"text": "生成的文本", "index": 0, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}
+    assert body["node"] == "node-1" and body["id"] == "cmpl-abc"
 
 
-@pytest.mark.parametrize("kind", ["completion", "chat"])
-def test_sse_delta_encoder_gives_the_same_bytes(kind):
-    ctx = api.ResponseContext(request_id="cmpl-1", model="m\"odel", node="n\u2028", created=7)
-    encoder = api.SSEDeltaEncoder(ctx, kind)
-    for text in ["", " word", "你好", 'q"b\\s\n\t\x00\x1f', "\u2028😀", "\x00slot\x00"]:
-        chunk = api.completion_chunk(ctx, text, None) if kind == "completion" \
-            else api.chat_chunk(ctx, {"content": text}, None)
-        assert encoder.frame(text) == api.sse(chunk)
+def _vllm_chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None,
+                                        "finish_reason": finish, "stop_reason": None}]
+    chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+             "choices": choices, "usage": usage}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-def _stream_events(kind: str, usage_mode: str, deltas: list[str]) -> list[dict | str]:
-    """Drive LLMServer._stream with fake engine outputs; return the SSE events it sent."""
+@pytest.mark.parametrize("split", [1, 7, 10_000], ids=["bytewise", "odd", "whole"])
+def test_guide_stream_reshapes_vllms_chunks_and_moves_usage_into_the_last(split):
     import asyncio
-    from types import SimpleNamespace
 
-    from common.config import ServeConfig
-    from common.server import LLMServer
+    raw = (_vllm_chunk("a") + b": keep-alive\n\n" + _vllm_chunk("b") +
+           _vllm_chunk("c", "length") +
+           _vllm_chunk(None, usage={"prompt_tokens": 3, "completion_tokens": 3,
+                                    "total_tokens": 6}) + b"data: [DONE]\n\n")
 
-    server = object.__new__(LLMServer)
-    server.serve_config = ServeConfig()
-    server.counters = {"running": 0, "finished": 0, "aborted": 0, "failed": 0}
-
-    async def outputs():
-        for i, text in enumerate(deltas):
-            done = i == len(deltas) - 1
-            yield SimpleNamespace(outputs=[SimpleNamespace(
-                text=text, token_ids=[i], finish_reason="length" if done else None)])
+    async def pieces():
+        for start in range(0, len(raw), split):
+            yield raw[start:start + split]
 
     async def run() -> bytes:
-        ctx = api.ResponseContext(request_id="cmpl-1", model="m", node="n", created=1)
-        return b"".join([chunk async for chunk in server._stream(ctx, outputs(), 3, kind,
-                                                                  usage_mode)])
+        return b"".join([chunk async for chunk in api.guide_stream(pieces(), "n1")])
 
-    body = asyncio.run(run())
-    assert body.endswith(b"\n\n") and server.counters["finished"] == 1
-    events = []
-    for frame in body.split(b"\n\n")[:-1]:
-        assert frame.startswith(b"data: ")
-        events.append(frame[6:].decode() if frame == b"data: [DONE]" else json.loads(frame[6:]))
-    return events
-
-
-def test_stream_events_completion_inline_usage():
-    events = _stream_events("completion", "inline", ["a", "b", "c"])
+    frames = asyncio.run(run()).split(b"\n\n")[:-1]
+    events = [f[6:].decode() if f == b"data: [DONE]" else json.loads(f[6:]) for f in frames]
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", "b", "c"]
-    assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None, None, "length"]
-    assert "usage" not in events[1] and events[2]["usage"]["completion_tokens"] == 3
-    assert events[-1] == "[DONE]"
-
-
-def test_stream_events_chat_separate_usage_and_one_token():
-    events = _stream_events("chat", "separate", ["x", "y"])
-    assert events[0]["choices"][0]["delta"] == {"content": "x", "role": "assistant"}
-    assert events[1]["choices"][0]["delta"] == {"content": "y"}
-    assert events[1]["choices"][0]["finish_reason"] == "length"
-    assert events[2]["choices"] == [] and events[2]["usage"]["total_tokens"] == 5
-    assert events[3] == "[DONE]"
-    events = _stream_events("chat", "none", ["only"])
-    assert events[0]["choices"][0]["delta"] == {"content": "only", "role": "assistant"}
-    assert events[0]["choices"][0]["finish_reason"] == "length" and events[1] == "[DONE]"
+    assert all(set(e) <= {"id", "object", "created", "model", "node", "choices", "usage"}
+               and e["node"] == "n1" for e in events[:-1])
+    assert "usage" not in events[1]
+    assert events[2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert events[2]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"

@@ -85,8 +85,8 @@ def backend_finished(app: str) -> int:
     total = 0
     for name in ("LLMBackend0", "LLMBackend1"):
         handle = serve.get_deployment_handle(name, app_name=app).options(stream=True)
-        chunks = list(handle.call.remote(RawRequest("GET", "/health", {})))
-        total += json.loads(chunks[1])["finished"]
+        chunks = list(handle.call.remote(RawRequest("GET", "/nodes", {})))
+        total += json.loads(chunks[1])["requests_served"]
     return total
 
 
