@@ -55,11 +55,12 @@ def inprocess_main(n: int, warmup: int, model: str, out: str) -> int:
 
     from common.config import EngineConfig, apply_cpu_defaults
     from common.engine import build_engine
+    from common.vllm_app import serve_args
 
     config = apply_cpu_defaults(EngineConfig(model=model, device="cpu", max_model_len=512))
 
     async def run() -> list[float]:
-        engine = build_engine(config)
+        engine = build_engine(config, serve_args(config.engine_kwargs()))
         tokenizer = engine.get_tokenizer()
         if asyncio.iscoroutine(tokenizer):
             tokenizer = await tokenizer
