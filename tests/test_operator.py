@@ -5,7 +5,7 @@ gone, check_cluster.py and stop_service.py.
 
 Every process gets its own HOME (the token) and RAY_TMPDIR (sessions, ray_current_cluster), so the
 machine's ~/.ray and /tmp/ray stay untouched; Ray is ended by the processes of this test's own
-temp dir, never by `ray stop`.
+temp dir, never by stopping every Ray on the machine.
 """
 from __future__ import annotations
 
