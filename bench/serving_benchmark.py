@@ -424,7 +424,7 @@ class Bench:
                 if line.strip() != "READY":
                     raise RuntimeError(f"ray-single-gpu.py did not come up ({line.strip()})")
                 log(f"ray-single-gpu.py ready in {time.monotonic() - started:.0f}s")
-                return self._drive("ray", port, "/")
+                return self._drive("ray", port, self.args.ray_endpoint)
             except Exception as exc:
                 raise RuntimeError(f"ray target failed: {exc}; see {logpath}") from None
             finally:
@@ -685,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--repetitions", "-r", type=int, default=3, help="interleaved repetitions")
     opt("--warmup-requests", type=int, default=16,
         help="unmeasured requests sent to each target after it starts")
+    opt("--ray-endpoint", default="/", choices=["/", "/v1/completions"],
+        help="what the ray target is driven through: the guide's POST / or vLLM's own endpoint")
     opt("--targets", default=",".join(TARGETS), help="comma-separated subset of " +
         ", ".join(TARGETS))
     opt("--seed", type=int, default=0, help="prompt seed")
