@@ -19,7 +19,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-# The stream of POST / asks vLLM for usage in its own chunk, and puts it in the last text chunk.
+# vLLM's endpoint under the guide's POST / (common.api shapes its answer into the guide's JSON).
 _COMPLETION_PATH = "/v1/completions"
 NODE_HEADER = "x-serve-node"
 
@@ -88,10 +88,6 @@ class AsgiResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     chunks: AsyncIterator[bytes]
-
-    def header(self, name: str) -> str | None:
-        key = name.lower().encode()
-        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == key), None)
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks])
