@@ -105,7 +105,7 @@ def _die_unreachable(tried: str, detail: str) -> None:
     sys.exit(EXIT_RAY_UNREACHABLE)
 
 
-def _split_host_port(address: str) -> tuple[str, int] | None:
+def split_host_port(address: str) -> tuple[str, int] | None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         return None
@@ -211,7 +211,7 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
             target = canonicalize_bootstrap_address_or_die(target)
         except (ConnectionError, ValueError) as exc:
             _die_unreachable(tried, exc)
-    probe = _split_host_port(target[len("ray://"):] if target.startswith("ray://") else target)
+    probe = split_host_port(target[len("ray://"):] if target.startswith("ray://") else target)
     if probe is None:
         _die_unreachable(tried, "not a host:port address")
     # Preflight: a closed port answers at once here, whereas ray.init would retry for long.

@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 
 from common import cli
+from common.cluster import split_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ROOT / ".cache" / "demo"
@@ -51,11 +52,6 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def _host_port(address: str) -> tuple[str, int] | None:
-    host, _, port = address.rpartition(":")
-    return (host, int(port)) if host and port.isdigit() else None
-
-
 def live_cluster() -> str | None:
     """The address of a running Ray cluster this machine points at (RAY_ADDRESS, else the one
     `ray start` recorded last), if something answers there. A recorded address whose processes
@@ -65,7 +61,7 @@ def live_cluster() -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     recorded = read_ray_address()
-    target = _host_port(recorded) if recorded else None
+    target = split_host_port(recorded) if recorded else None
     return recorded if target and port_open(*target) else None
 
 
@@ -192,7 +188,7 @@ def stop_demo(args) -> None:
     path = state_file(args.port)
     state = json.loads(path.read_text()) if path.is_file() else {}
     address = state.get("address") or live_cluster()
-    target = _host_port(address) if address else None
+    target = split_host_port(address) if address else None
     if target and port_open(*target):
         # Serve itself goes only with a cluster the demo started: elsewhere it may serve others.
         shutdown = ["--shutdown"] if state.get("started_head") else []

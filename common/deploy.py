@@ -138,15 +138,14 @@ VLLM_EPILOG = ("Any other `vllm serve` flag (see `vllm serve --help`) is passed 
 
 
 def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
-    """Flags this script does not know, checked by vLLM's own `vllm serve` parser before anything
-    is deployed (vLLM is imported only then: it takes seconds)."""
+    """Problems with the flags this script does not know, as vLLM's own `vllm serve` parser sees
+    them, before anything is deployed (vLLM is imported only then: it takes seconds)."""
     from common.vllm_app import serve_args
 
     try:
         serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False)
     except Exception as exc:  # noqa: BLE001 - argparse and vLLM both raise their own types
         return [f"{' '.join(vllm_args)}: {exc}"]
-    engine.vllm_args = list(vllm_args)
     return []
 
 BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
@@ -172,6 +171,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     problems = engine.validate()
     if vllm_args:
         problems += check_vllm_args(engine, vllm_args)
+        engine.vllm_args = list(vllm_args)
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)

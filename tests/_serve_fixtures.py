@@ -21,6 +21,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def clean_env(home, temp_dir, **extra: str) -> dict[str, str]:
+    """What an operator's login shell with the venv activated has: no PYTHONPATH, no RAY_AUTH_*,
+    its own HOME (Ray's token) and RAY_TMPDIR (Ray's sessions and ray_current_cluster)."""
+    import sys
+    from pathlib import Path
+
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(home), "LANG": "C.UTF-8", "RAY_TMPDIR": str(temp_dir),
+            "TMPDIR": str(temp_dir), "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
 def demo_model() -> str:
     return str(ensure_demo_model(quiet=True))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from _serve_fixtures import free_port
+from _serve_fixtures import clean_env, free_port
 from common.demo import end_processes_of_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +34,7 @@ def machine():
     # A head whose processes were killed leaves its address behind; nothing listens there now.
     (base / "ray").mkdir()
     (base / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-    env = {"PATH": f"{Path(PY).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
-           "LANG": "C.UTF-8", "RAY_TMPDIR": str(base), "TMPDIR": str(base),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = clean_env(home, base)
     subprocess.run([str(Path(PY).parent / "ray"), "get-auth-token", "--generate"], env=env,
                    capture_output=True, check=True)
     try:

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from _serve_fixtures import demo_model, free_port, wait_until
+from _serve_fixtures import clean_env, demo_model, free_port, wait_until
 from common.cli import EXIT_OK, EXIT_RAY_AUTH
 from common.demo import end_processes_of_session
 
@@ -51,12 +51,7 @@ class Operator:
         self.model = demo_model()
 
     def env(self, **extra: str) -> dict[str, str]:
-        """What a login shell with the venv activated has: no PYTHONPATH, no RAY_AUTH_* ."""
-        env = {"PATH": f"{Path(PY).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": str(self.home),
-               "LANG": "C.UTF-8", "RAY_TMPDIR": str(self.base), "TMPDIR": str(self.base),
-               "RAY_USAGE_STATS_ENABLED": "0"}
-        env.update(extra)
-        return env
+        return clean_env(self.home, self.base, **extra)
 
     def run(self, *cmd: str, env: dict | None = None, cwd: Path | None = None,
             timeout: float = 900, check_code: int | None = EXIT_OK) -> subprocess.CompletedProcess:
