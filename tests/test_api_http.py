@@ -208,7 +208,8 @@ def test_replica_keeps_serving_after_bad_input(service):
     assert post(f"{service}/", {"prompt": "still there?", "max_tokens": 2}).status_code == 200
 
 
-def _send_and_hang_up(port: int, body: dict, read_first_bytes: bool) -> None:
+def _send_and_hang_up(service: str, body: dict, read_first_bytes: bool) -> None:
+    port = int(service.rsplit(":", 1)[1])
     payload = json.dumps(body).encode()
     with socket.create_connection((LOCAL_IP, port), timeout=30) as sock:
         sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -216,17 +217,19 @@ def _send_and_hang_up(port: int, body: dict, read_first_bytes: bool) -> None:
         if read_first_bytes:
             sock.recv(64)  # the stream has started: the engine is generating
         else:
-            time.sleep(1.5)
+            # Hang up only once the engine runs the request: a client gone before that leaves
+            # nothing to abort, and the test would prove nothing.
+            wait_until(lambda: health(service)["engine_unfinished_requests"] > 0,
+                       timeout=60, what="the request reached the engine")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_client_disconnect_aborts_the_engine_request(service, stream):
-    port = int(service.rsplit(":", 1)[1])
     before = health(service)["engine_aborted_requests"]
     # Long enough (about 4k tokens, ignore_eos) that only an abort finishes it within seconds.
     body = {"prompt": "hello", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True,
             "stream": stream}
-    _send_and_hang_up(port, body, read_first_bytes=stream)
+    _send_and_hang_up(service, body, read_first_bytes=stream)
     wait_until(lambda: (lambda h: h["engine_aborted_requests"] > before and
                         h["engine_unfinished_requests"] == 0)(health(service)),
                timeout=30, what="engine request aborted")
