@@ -92,6 +92,7 @@ class ClusterReport:
     pending: list
     warnings: list
     healthy: bool
+    ingress: str | None = None   # what answers HTTP: haproxy | proxy (see common.deploy)
 
 
 # --------------------------------------------------------------------------- connect
@@ -290,6 +291,18 @@ def _serve_client():
         return _get_global_client(raise_if_no_controller_running=False)
     except Exception:  # noqa: BLE001 - no Serve means nothing to report, not a failure
         return None
+
+
+def serve_ingress() -> str | None:
+    """'haproxy' or 'proxy': what answers HTTP for the running Serve (see common.deploy), from
+    the proxy actors it started; None when none is alive."""
+    import ray._private.state
+
+    alive = {a.get("ActorClassName") for a in ray._private.state.actors().values()
+             if a.get("State") == "ALIVE"}
+    if "HAProxyManager" in alive:
+        return "haproxy"
+    return "proxy" if "ProxyActor" in alive else None
 
 
 def serve_spreads_load() -> bool | None:
@@ -778,7 +791,8 @@ def collect_report(app: str | None = None, spread_deployments: set | None = None
                             f"fit in the free GPUs of any single node (see PENDING)")
 
     return ClusterReport(nodes=nodes, apps=apps, replicas=replicas, placement_groups=groups,
-                         pending=pending, warnings=warnings, healthy=not problems)
+                         pending=pending, warnings=warnings, healthy=not problems,
+                         ingress=serve_ingress() if apps else None)
 
 
 def report_to_dict(report: ClusterReport) -> dict:
@@ -829,7 +843,8 @@ def format_report(report: ClusterReport) -> str:
          for n in report.nodes]))
 
     out.append("")
-    out.append("SERVE APPLICATIONS")
+    out.append("SERVE APPLICATIONS" + (f" (HTTP ingress: {report.ingress})"
+                                       if report.ingress else ""))
     if report.apps:
         rows = []
         for name, a in sorted(report.apps.items()):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -161,6 +162,12 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     cli.add_flag(parser, "--proxy-location", env="SERVE_PROXY_LOCATION", default="EveryNode",
                  choices=["EveryNode", "HeadOnly", "Disabled"],
                  help="where Serve runs HTTP proxies (EveryNode: any node's IP answers)")
+    cli.add_flag(parser, "--ingress", env="SERVE_INGRESS", default=DEFAULT_INGRESS,
+                 choices=list(INGRESSES),
+                 help="what answers on --port: haproxy = Serve's HAProxy in front of replicas "
+                      "that serve HTTP themselves (direct ingress: no Python proxy hop; replicas "
+                      "listen on ports 30000-31000, which must be open between nodes); proxy = "
+                      "Serve's Python proxy actors. Applies when this script starts Serve")
     if add_topology_args:
         add_topology_args(parser.add_argument_group("topology"))
     add_engine_args(parser, engine_defaults)
@@ -187,7 +194,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     app = build(args, engine, serve_config)
     if isinstance(app, int):
         return app
-    return deploy(app, serve_config, proxy_location=args.proxy_location)
+    return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress)
 
 
 def replica_code_runtime_env() -> dict[str, Any]:
@@ -207,34 +214,67 @@ def replica_code_runtime_env() -> dict[str, Any]:
 
 # Serve's HTTP proxy sends a request to a replica on its own node whenever that one accepts it,
 # which with vLLM's large max_ongoing_requests is always: a replica beside the proxy gets every
-# request and the other nodes none. Serve's controller passes its environment to the proxies it
-# starts, so this applies wherever the scripts start Serve.
+# request and the other nodes none. Serve's controller passes its environment to the proxies and
+# replicas it starts, so these apply wherever the scripts start Serve, with no `ray start` setting.
 SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+INGRESSES = {
+    "proxy": {},
+    # HAProxy on every proxy node in front of ingress replicas that serve HTTP themselves (direct
+    # ingress), with Serve's throughput settings: user code on the replica's own event loop, which
+    # is also the engine's, and gRPC between deployments (the router's hop).
+    "haproxy": {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # ...but the access log line of each request is written when it ends, not 1000 at a time
+        # (operators look requests up by ID in the replica logs).
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+        # The router hands a whole request body to a backend in one gRPC message.
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 * 2**20),
+        # A stopping replica stays reachable this long so that every node's HAProxy drops it
+        # (the controller tells them within a second; HAProxy retries refused connections).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    },
+}
+DEFAULT_INGRESS = "haproxy"
 
 
-def start_serve(host: str, port: int, proxy_location: str) -> None:
+def controller_env(ingress: str) -> dict[str, str]:
+    """Env vars for Serve's controller, and through it its proxies and replicas; the same names
+    set in this process's environment win."""
+    env = {**SERVE_CONTROLLER_ENV, **INGRESSES[ingress]}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS) -> None:
     """serve.start with the project's controller settings; a Serve that is already running keeps
     its own (they apply only when the controller is created), so say what that means."""
     from ray import serve
 
     from common import cluster
 
-    if cluster._serve_client() is not None and cluster.serve_spreads_load() is False:
-        print("note: Serve was already running, started without "
-              "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may get "
-              "every request. `python stop_service.py --shutdown` and deploy again to apply it "
-              "(README: 故障排除).", file=sys.stderr)
+    if cluster._serve_client() is not None:
+        running = cluster.serve_ingress()
+        if running is not None and running != ingress:
+            print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
+                  "applies only when Serve starts. `python stop_service.py --shutdown` and deploy "
+                  "again to change it.", file=sys.stderr)
+        if running == "proxy" and cluster.serve_spreads_load() is False:
+            print("note: Serve was already running, started without "
+                  "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
+                  "get every request. `python stop_service.py --shutdown` and deploy again to "
+                  "apply it (README: 故障排除).", file=sys.stderr)
     serve.start(proxy_location=proxy_location,
                 http_options={"host": host, "port": port},
-                controller_options={"runtime_env": {"env_vars": dict(SERVE_CONTROLLER_ENV)}})
+                controller_options={"runtime_env": {"env_vars": controller_env(ingress)}})
 
 
-def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode") -> int:
+def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode",
+           ingress: str = DEFAULT_INGRESS) -> int:
     """Start Serve if needed, deploy the app without blocking, wait until it runs or fails."""
     from ray import serve
     from ray.serve.api import RunTarget
 
-    start_serve(serve_config.host, serve_config.port, proxy_location)
+    start_serve(serve_config.host, serve_config.port, proxy_location, ingress)
     print(f"deploying application {serve_config.app_name!r} "
           f"(route {serve_config.route_prefix}) ...", flush=True)
     serve.run_many([RunTarget(target=app, name=serve_config.app_name,

@@ -36,8 +36,9 @@ LOCAL_IP = "127.0.0.1"
 
 @contextlib.contextmanager
 def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: float = 1,
-                      worker_resources: list[dict] | None = None):
-    """Head (no GPU) + `gpu_nodes` nodes with 8 logical GPUs each; the driver is connected."""
+                      worker_resources: list[dict] | None = None, ingress: str | None = None):
+    """Head (no GPU) + `gpu_nodes` nodes with 8 logical GPUs each; the driver is connected and
+    Serve started with the scripts' `--ingress` (None: their default)."""
     from ray import serve
     from common import cluster as cluster_mod
     from common.deploy import start_serve
@@ -53,7 +54,7 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     c.wait_for_nodes()
     ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=cluster_mod.NAMESPACE,
              logging_level="WARNING", log_to_driver=False)
-    start_serve(LOCAL_IP, 8000, "HeadOnly")
+    start_serve(LOCAL_IP, 8000, "HeadOnly", **({"ingress": ingress} if ingress else {}))
     try:
         yield c, workers
     finally:

@@ -50,6 +50,7 @@ def test_healthy_cluster_shows_nodes_and_replica_placement(sim, capsys):
     code, report = run_json(capsys, "--address", c.address)
     assert code == EXIT_OK, report["warnings"]
     assert report["healthy"] is True
+    assert report["ingress"] == "haproxy"  # the scripts' default, started by the fixture
 
     nodes = {n["node_id"]: n for n in report["nodes"]}
     worker_ids = {w.node_id for w in workers}

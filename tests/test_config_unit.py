@@ -115,3 +115,16 @@ def test_weights_too_big_for_one_gpu_are_refused(tmp_path, monkeypatch):
     assert "do not fit one GPU" in message and "ray-force-multi.py" in message
     monkeypatch.setenv("GPU_MEMORY_GB", "80")
     assert preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path))) is None
+
+
+def test_ingress_env_reaches_serve_and_the_operators_own_values_win(monkeypatch):
+    from common.deploy import DEFAULT_INGRESS, controller_env
+
+    assert DEFAULT_INGRESS == "haproxy"
+    haproxy = controller_env("haproxy")
+    assert haproxy["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert haproxy["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] == "0"
+    assert haproxy["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] == "1"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in controller_env("proxy")
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
+    assert controller_env("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"

@@ -2,7 +2,8 @@
 
 `--device cpu` keeps each script's placement guarantees while reserving CPUs instead of GPUs.
 Each worker node declares one CPU, so a replica (1 CPU) has a node to itself, like a TP=8
-replica on an 8-GPU node.
+replica on an 8-GPU node. Serve runs with `--ingress proxy` here (its Python proxy actor), so the
+old HTTP path stays tested beside the default (HAProxy) that the other modules run on.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ URL = f"http://{LOCAL_IP}:8000"
 
 @pytest.fixture(scope="module")
 def sim():
-    with simulated_cluster(gpu_nodes=2, head_cpus=0, worker_cpus=1) as (c, workers):
+    with simulated_cluster(gpu_nodes=2, head_cpus=0, worker_cpus=1,
+                           ingress="proxy") as (c, workers):
+        assert cluster.serve_ingress() == "proxy"
         yield c, workers
 
 
@@ -39,7 +42,7 @@ def worker_nodes() -> set:
 
 def args(app: str, *extra: str) -> list[str]:
     return [*cpu_args(8000, "--tensor-parallel-size", "1", "--max-model-len", "2048"),
-            "--app-name", app, "--route-prefix", f"/{app}", *extra]
+            "--app-name", app, "--route-prefix", f"/{app}", "--ingress", "proxy", *extra]
 
 
 def generate(app: str, max_tokens: int = 4) -> dict:
