@@ -27,18 +27,23 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray")
+TARGETS = ("offline", "vllm-serve", "ray", "ray-proxy")
+# The deployment script's --ingress of each Ray target.
+RAY_INGRESS = {"ray": "haproxy", "ray-proxy": "proxy"}
 # Rows of the table: (row, server target, streaming)
 ROWS = (("offline", "offline", False), ("vllm-serve", "vllm-serve", False),
-        ("ray", "ray", False), ("vllm-serve-stream", "vllm-serve", True),
-        ("ray-stream", "ray", True))
+        ("ray", "ray", False), ("ray-proxy", "ray-proxy", False),
+        ("vllm-serve-stream", "vllm-serve", True), ("ray-stream", "ray", True),
+        ("ray-proxy-stream", "ray-proxy", True))
 
 EPILOG = """targets (each started fresh and torn down in every repetition, in this order):
   offline     vllm.LLM.generate on the same prompts, in a subprocess (GPU memory freed after)
   vllm-serve  `vllm serve` (vLLM's OpenAI server), driven by load_test.py over /v1/completions
               (then, on the same server, --stream at --stream-concurrency: row vllm-serve-stream)
-  ray         ray-single-gpu.py, one replica, Ray head on 127.0.0.1, proxy HeadOnly on 127.0.0.1,
-              driven by load_test.py over POST / (then --stream: row ray-stream)
+  ray         ray-single-gpu.py --ingress haproxy (the default), one replica, Ray head on
+              127.0.0.1, proxy HeadOnly on 127.0.0.1, driven by load_test.py over POST / (or
+              --ray-endpoint; then --stream: row ray-stream)
+  ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
 
 examples:
   python bench/serving_benchmark.py                       # GPU: 7B-shaped dummy model, 3 reps
@@ -63,6 +68,19 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+def ray_token_env(workdir: Path) -> dict[str, str]:
+    """A Ray auth token of the benchmark's own: a Ray head started with token auth writes one to
+    ~/.ray/auth_token when none is found, which would then switch every later cluster on the
+    machine to token auth."""
+    import secrets
+
+    path = workdir / "ray-auth-token"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return {"RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def free_port() -> int:
@@ -272,6 +290,7 @@ class Bench:
         env = {"TMPDIR": str(self.workdir / "tmp"), "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         (self.workdir / "tmp").mkdir(exist_ok=True)
+        env.update(ray_token_env(self.workdir))
         if self.cpu:
             from common.config import CPU_ENGINE_ENV
             env.update(CPU_ENGINE_ENV)
@@ -397,18 +416,18 @@ class Bench:
             finally:
                 stop_group(process)
 
-    def run_ray(self, rep: int) -> dict[str, dict[str, Any]]:
+    def run_ray(self, rep: int, target: str = "ray") -> dict[str, dict[str, Any]]:
         port = free_port()
         script_args = ["--num-replicas", "1", "--proxy-location", "HeadOnly", "--host", HOST,
                        "--port", str(port), "--model", self.args.model,
                        "--timeout", str(self.args.start_timeout),
-                       "--device", self.args.device, *self.cli_engine_flags(),
-                       *self.args.ray_args]
+                       "--device", self.args.device, "--ingress", RAY_INGRESS[target],
+                       *self.cli_engine_flags(), *self.args.ray_args]
         command = [sys.executable, __file__, "_ray", *script_args]
-        self.command_lines.setdefault("ray", "ray.init(_node_ip_address='127.0.0.1') + python "
+        self.command_lines.setdefault(target, "ray.init(_node_ip_address='127.0.0.1') + python "
                                       "ray-single-gpu.py " + " ".join(script_args).replace(
                                           str(REPO_ROOT) + "/", "").replace(str(port), "PORT"))
-        logpath = self.workdir / f"ray-{rep}.log"
+        logpath = self.workdir / f"{target}-{rep}.log"
         with open(logpath, "w") as logf:
             process = subprocess.Popen(command, env=clean_env(self.engine_env()), cwd=REPO_ROOT,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -424,9 +443,9 @@ class Bench:
                 if line.strip() != "READY":
                     raise RuntimeError(f"ray-single-gpu.py did not come up ({line.strip()})")
                 log(f"ray-single-gpu.py ready in {time.monotonic() - started:.0f}s")
-                return self._drive("ray", port, self.args.ray_endpoint)
+                return self._drive(target, port, self.args.ray_endpoint)
             except Exception as exc:
-                raise RuntimeError(f"ray target failed: {exc}; see {logpath}") from None
+                raise RuntimeError(f"{target} target failed: {exc}; see {logpath}") from None
             finally:
                 stop_group(process, grace_s=60)
 
@@ -463,7 +482,8 @@ class Bench:
         runs: list[dict[str, Any]] = []
         order = [t for t in TARGETS if t in a.targets]
         runners = {"offline": self.run_offline, "vllm-serve": self.run_vllm_serve,
-                   "ray": self.run_ray}
+                   "ray": self.run_ray,
+                   "ray-proxy": lambda rep: self.run_ray(rep, "ray-proxy")}
         for rep in range(a.repetitions):
             for target in order:
                 log(f"repetition {rep + 1}/{a.repetitions}: {target}")
@@ -555,14 +575,13 @@ def _median_of(table: list[dict[str, Any]], row: str, metric: str) -> float | No
 def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str, Any]:
     """(c)/(a) and (c)/(b): of the medians, and per repetition (same repetition = interleaved)."""
     result: dict[str, Any] = {}
-    pairs = [("ray/offline", "ray", "offline", "output_tok_s"),
-             ("ray/vllm-serve", "ray", "vllm-serve", "output_tok_s"),
-             ("ray-stream/vllm-serve-stream ttft_p50", "ray-stream", "vllm-serve-stream",
-              "ttft_p50_ms"),
-             ("ray-stream/vllm-serve-stream itl_p50", "ray-stream", "vllm-serve-stream",
-              "itl_p50_ms"),
-             ("ray-stream/vllm-serve-stream output_tok_s", "ray-stream", "vllm-serve-stream",
-              "output_tok_s")]
+    pairs = []
+    for ray in RAY_INGRESS:
+        pairs += [(f"{ray}/offline", ray, "offline", "output_tok_s"),
+                  (f"{ray}/vllm-serve", ray, "vllm-serve", "output_tok_s")]
+        pairs += [(f"{ray}-stream/vllm-serve-stream {metric.removesuffix('_ms')}",
+                   f"{ray}-stream", "vllm-serve-stream", metric)
+                  for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
     for name, num, den, metric in pairs:
         top, bottom = _median_of(table, num, metric), _median_of(table, den, metric)
         if top is None or not bottom:

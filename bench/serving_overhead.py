@@ -16,21 +16,27 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.serving_benchmark import (DEMO_MODEL, HOST, RESULTS_DIR, clean_env,  # noqa: E402
-                                     free_port, log, machine_info, stop_group)
+from bench.serving_benchmark import (DEMO_MODEL, HOST, RESULTS_DIR, SERVED_NAME,  # noqa: E402
+                                     clean_env, free_port, log, machine_info, ray_token_env,
+                                     stop_group, wait_http)
 from common.loadgen import DEFAULT_PROMPT  # noqa: E402
 
 EPILOG = """what is measured (sequential requests, concurrency 1, max_tokens 1, the same prompt):
-  in-process  common.engine.build_engine (vLLM AsyncLLM) called in one process: tokenize +
-              generate, no HTTP, no Ray
-  direct      ray-single-gpu.py --device cpu, one replica, POST / through Serve's proxy
-  router      ray-placement-group.py --device cpu --num-backends 1: the RoundRobinRouter
-              deployment in front of one LLMBackend (the extra hop), POST /
-serving-path overhead = direct - in-process; router hop = router - direct (p50 and p99).
+  in-process      common.engine.build_engine (vLLM AsyncLLM) called in one process: tokenize +
+                  generate, no HTTP, no Ray
+  vllm-serve      `vllm serve` on the same model and settings, POST /v1/completions
+  proxy /         ray-single-gpu.py --device cpu, one replica, Serve's Python proxy, POST /
+  proxy /v1       the same service, POST /v1/completions (vLLM's endpoint in the replica)
+  haproxy /, /v1  the same with --ingress haproxy (Serve's HAProxy + direct ingress)
+  router-proxy,   ray-placement-group.py --device cpu --num-backends 1: the RoundRobinRouter
+  router-haproxy  deployment in front of one LLMBackend (the extra hop), POST /, each ingress
+Rows of one service alternate their endpoints round by round. Derived: each served row minus
+vllm-serve, and the router hop (router - proxy /, per ingress), p50 and p99.
 
 run it inside a loopback-only network namespace:
   scripts/loopback.sh .venv/bin/python bench/serving_overhead.py
 """
+INGRESSES = ("proxy", "haproxy")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -89,27 +95,44 @@ def inprocess_main(n: int, warmup: int, model: str, out: str) -> int:
 def engine_env(workdir: Path) -> dict[str, str]:
     from common.config import CPU_ENGINE_ENV
     (workdir / "tmp").mkdir(exist_ok=True)
-    return {**CPU_ENGINE_ENV, "TMPDIR": str(workdir / "tmp"),
+    return {**CPU_ENGINE_ENV, **ray_token_env(workdir), "TMPDIR": str(workdir / "tmp"),
             "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TRANSFORMERS_OFFLINE": "1"}
 
 
-def load(port: int, n: int, workdir: Path, name: str) -> list[float]:
-    out = workdir / f"{name}-{time.time_ns()}.json"
+def load(port: int, n: int, workdir: Path, name: str, endpoint: str = "/") -> list[float]:
+    out = workdir / f"{name.replace('/', '_')}-{time.time_ns()}.json"
     command = [sys.executable, str(REPO_ROOT / "load_test.py"), "--url", f"http://{HOST}:{port}",
+               "--endpoint", endpoint, "--model", SERVED_NAME,
                "-c", "1", "-n", str(n), "--max-tokens", "1", "--temperature", "0",
                "--ignore-eos", "--no-progress", "--json", str(out), "--json-requests"]
-    subprocess.run(command, env=clean_env(), cwd=REPO_ROOT, capture_output=True, text=True)
+    completed = subprocess.run(command, env=clean_env(), cwd=REPO_ROOT, capture_output=True,
+                               text=True)
+    if not out.exists():
+        raise RuntimeError(f"load_test.py failed: {completed.stderr[-800:]}")
     data = json.loads(out.read_text())
     return [r["latency"] for r in data["requests"] if r["ok"]]
 
 
-def served(script: str, args: list[str], n: int, warmup: int, rounds: int, workdir: Path
-           ) -> list[float]:
+def measure(port: int, endpoints: dict[str, str], n: int, warmup: int, rounds: int,
+            workdir: Path) -> dict[str, list[float]]:
+    """Rows of one running service: {row: endpoint}, alternating endpoints round by round."""
+    for row, endpoint in endpoints.items():
+        load(port, warmup, workdir, f"{row}-warmup", endpoint)
+    times: dict[str, list[float]] = {row: [] for row in endpoints}
+    for _ in range(rounds):
+        for row, endpoint in endpoints.items():
+            times[row] += load(port, n, workdir, row, endpoint)
+    return times
+
+
+def served(script: str, args: list[str], endpoints: dict[str, str], n: int, warmup: int,
+           rounds: int, workdir: Path) -> dict[str, list[float]]:
+    """Start a deployment script on a Ray head of its own (bench/serving_benchmark.py _ray)."""
     port = free_port()
     command = [sys.executable, str(REPO_ROOT / "bench" / "serving_benchmark.py"), "_ray", script,
                "--device", "cpu", "--model", args[0], "--max-model-len", "512",
                "--proxy-location", "HeadOnly", "--host", HOST, "--port", str(port), *args[1:]]
-    logpath = workdir / f"{script}.log"
+    logpath = workdir / f"{script}-{'-'.join(endpoints)}.log".replace("/", "_").replace(" ", "")
     with open(logpath, "w") as logf:
         process = subprocess.Popen(command, env=clean_env(engine_env(workdir)), cwd=REPO_ROOT,
                                    stdout=subprocess.PIPE, stderr=logf, text=True,
@@ -122,13 +145,32 @@ def served(script: str, args: list[str], n: int, warmup: int, rounds: int, workd
                     break
             if line.strip() != "READY":
                 raise RuntimeError(f"{script} did not come up; see {logpath}")
-            load(port, warmup, workdir, f"{script}-warmup")
-            times: list[float] = []
-            for _ in range(rounds):
-                times += load(port, n, workdir, script)
-            return times
+            return measure(port, endpoints, n, warmup, rounds, workdir)
         finally:
             stop_group(process, grace_s=60)
+
+
+def vllm_served(model: str, n: int, warmup: int, rounds: int, workdir: Path
+                ) -> dict[str, list[float]]:
+    """`vllm serve` with the settings the deployment scripts give the CPU engine."""
+    from common.config import EngineConfig, apply_cpu_defaults
+
+    config = apply_cpu_defaults(EngineConfig(model=model, device="cpu", max_model_len=512))
+    flags = ["--max-model-len", "512", "--enforce-eager", "--seed", "0",
+             "--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes)]
+    port = free_port()
+    command = [sys.executable, str(REPO_ROOT / "bench" / "serving_benchmark.py"), "_vllm",
+               "serve", model, "--served-model-name", SERVED_NAME, "--host", HOST, "--port",
+               str(port), "--disable-uvicorn-access-log", *flags]
+    logpath = workdir / "vllm-serve.log"
+    with open(logpath, "w") as logf:
+        process = subprocess.Popen(command, env=clean_env(engine_env(workdir)), cwd=REPO_ROOT,
+                                   stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"http://{HOST}:{port}/health", process, 600)
+            return measure(port, {"vllm-serve": "/v1/completions"}, n, warmup, rounds, workdir)
+        finally:
+            stop_group(process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rounds of requests per served target (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests first "
                         "(default: %(default)s)")
+    parser.add_argument("--ingresses", default=",".join(INGRESSES),
+                        type=lambda v: [x for x in v.split(",") if x],
+                        help="the scripts' --ingress values to measure (default: %(default)s)")
+    parser.add_argument("--tag", default="", help="file name tag (default: none)")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="where the JSON and Markdown go (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="logs (default: a temporary folder)")
@@ -166,26 +212,34 @@ def main(argv: list[str] | None = None) -> int:
                    cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL,
                    stderr=open(workdir / "inprocess.log", "w"))
     samples["in-process"] = json.loads(out.read_text())
-    log("direct: ray-single-gpu.py")
-    samples["direct"] = served("ray-single-gpu.py", [args.model, "--num-replicas", "1"],
-                               args.num_requests, args.warmup, args.rounds, workdir)
-    log("router: ray-placement-group.py --num-backends 1")
-    samples["router"] = served("ray-placement-group.py",
-                               [args.model, "--num-backends", "1", "--tensor-parallel-size", "1"],
-                               args.num_requests, args.warmup, args.rounds, workdir)
+    runs = (args.num_requests, args.warmup, args.rounds, workdir)
+    log("vllm serve")
+    samples.update(vllm_served(args.model, *runs))
+    for ingress in args.ingresses:
+        log(f"direct: ray-single-gpu.py --ingress {ingress}")
+        samples.update(served("ray-single-gpu.py", [args.model, "--num-replicas", "1",
+                                                    "--ingress", ingress],
+                              {f"{ingress} /": "/", f"{ingress} /v1": "/v1/completions"}, *runs))
+        log(f"router: ray-placement-group.py --num-backends 1 --ingress {ingress}")
+        samples.update(served("ray-placement-group.py",
+                              [args.model, "--num-backends", "1", "--tensor-parallel-size", "1",
+                               "--ingress", ingress], {f"router-{ingress}": "/"}, *runs))
     stats = {name: percentiles(values) for name, values in samples.items()}
-    derived = {
-        "serving-path overhead (direct - in-process)": {
-            k: stats["direct"][k] - stats["in-process"][k] for k in ("p50_ms", "p99_ms")},
-        "router hop (router - direct)": {
-            k: stats["router"][k] - stats["direct"][k] for k in ("p50_ms", "p99_ms")},
-    }
+    reference = stats["vllm-serve"]
+    derived = {f"{row} - vllm-serve": {k: stats[row][k] - reference[k]
+                                      for k in ("p50_ms", "p99_ms")}
+               for row in stats if row not in ("in-process", "vllm-serve")}
+    for ingress in args.ingresses:
+        derived[f"router hop, {ingress} (router-{ingress} - {ingress} /)"] = {
+            k: stats[f"router-{ingress}"][k] - stats[f"{ingress} /"][k]
+            for k in ("p50_ms", "p99_ms")}
     result = {"benchmark": "serving_overhead",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(),
               "parameters": {"model": os.path.relpath(args.model, REPO_ROOT),
                              "num_requests": args.num_requests, "rounds": args.rounds,
                              "warmup": args.warmup, "max_tokens": 1, "concurrency": 1,
+                             "ingresses": args.ingresses,
                              "prompt": DEFAULT_PROMPT},
               "command": "python bench/serving_overhead.py " + " ".join(argv),
               "latency": stats, "derived": derived}
@@ -205,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    base = results_dir / f"serving_overhead-cpu-{time.strftime('%Y%m%d-%H%M%S')}"
+    tag = f"-{args.tag}" if args.tag else ""
+    base = results_dir / f"serving_overhead-cpu{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     base.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     base.with_suffix(".md").write_text(text)
     log(f"wrote {base}.json and .md")
