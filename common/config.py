@@ -26,6 +26,9 @@ CPU_ENGINE_ENV = {
 # between event loops costs throughput (measured on an H100: about 13% of output tok/s).
 SERVE_REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # Behind HAProxy a replica serves HTTP itself and answers backpressure with Serve's own plain
+    # text; Serve wraps that server in the middlewares this callable returns (JSON errors).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "common.serve_errors:json_error_middlewares",
 }
 
 

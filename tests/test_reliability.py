@@ -126,13 +126,17 @@ def test_overload_sheds_with_503_retry_after_and_recovers(rel):
 
     def one(_):
         response = requests.post(f"{URL}/{rel}/", json=body, timeout=120)
-        return response.status_code, response.headers.get("retry-after")
+        error = response.json().get("error") if response.status_code != 200 else None
+        return response.status_code, response.headers.get("retry-after"), error
 
     with concurrent.futures.ThreadPoolExecutor(10 * capacity) as pool:
         answers = list(pool.map(one, range(10 * capacity)))
-    statuses = [status for status, _ in answers]
-    shed = [retry for status, retry in answers if status == 503]
+    statuses = [status for status, _, _ in answers]
+    shed = [retry for status, retry, _ in answers if status == 503]
     assert set(statuses) <= {200, 503}, statuses
+    # Serve's own backpressure answer, in the same JSON shape as every other error.
+    assert all(error["code"] == 503 and error["type"] == "ServiceUnavailableError"
+               for status, _, error in answers if status == 503)
     # Admitted: the replicas' slots plus the proxy's queue, give or take one round of slots
     # (Serve's router works from replica queue lengths that lag by a moment).
     assert len(shed) >= 10 * capacity - 2 * capacity - MAX_QUEUED * 2
