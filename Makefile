@@ -9,13 +9,14 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-stop test test-reliability bench demo-model clean help
+.PHONY: setup demo demo-stop test test-unit test-reliability bench demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
 	@echo "make demo-stop - stop the demo (and the Ray head it started)"
 	@echo "make test   - set up and run the test suite (real vLLM CPU engine + Ray Serve)"
 	@echo "make setup  - create/update .venv (requirements-cpu.txt) and build the demo models in .cache"
+	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 
@@ -61,6 +62,11 @@ demo-stop:
 
 test: setup
 	$(LOOPBACK) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Tests that start neither Ray nor an engine (tests/*_unit.py, seconds): pure functions, parsers,
+# the load tester against a stub server.
+test-unit: setup
+	$(PY) -m pytest tests/*_unit.py $(PYTEST_ARGS)
 
 # Faults, overload and fuzzing only (also part of `make test`).
 test-reliability: setup

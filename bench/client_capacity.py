@@ -180,7 +180,7 @@ def run_load_test(name: str, port: int, concurrency: int, num_requests: int, ext
     prefix = "" if uvloop else "LOADGEN_NO_UVLOOP=1 "
     return {"name": name, "client": "load_test.py", "event_loop": data["environment"]["event_loop"],
             "command": prefix + "python " + " ".join(command[1:]).replace(str(REPO_ROOT) + "/", "").replace(str(out), "OUT.json"),
-            "exit_code": completed.returncode, "requests": summary["completed"],
+            "exit_code": completed.returncode, "requests": summary["answered"],
             "failures": summary["failures"], "duration_s": summary["duration"],
             "requests_per_s": summary["request_throughput"], "wall_s": wall,
             "node_counts": summary["node_counts"]}

@@ -122,7 +122,7 @@ class NodeStats:
 class Summary:
     """Aggregates of a run, shaped like `vllm bench serve`'s report plus per-node figures."""
 
-    completed: int                    # requests that got a final outcome
+    answered: int                     # requests with an outcome: successes + failures
     successes: int
     failures: int
     error_kinds: dict[str, int]
@@ -150,7 +150,7 @@ class Summary:
     @property
     def unreachable(self) -> bool:
         """True when nothing ever answered: every request failed to connect."""
-        return self.completed > 0 and self.error_kinds.get(CONNECTION_ERROR, 0) == self.completed
+        return self.answered > 0 and self.error_kinds.get(CONNECTION_ERROR, 0) == self.answered
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -589,7 +589,7 @@ def summarize(result: LoadResult) -> Summary:
 
     expected = result.config.expected_nodes
     return Summary(
-        completed=len(result.results),
+        answered=len(result.results),
         successes=len(successes),
         failures=len(failures),
         error_kinds=error_kinds,

@@ -1,7 +1,6 @@
 """Reads Prometheus metrics from each Ray node's metrics endpoint and sums vLLM's per replica."""
 from __future__ import annotations
 
-import re
 import urllib.request
 from dataclasses import dataclass
 from typing import Iterable
@@ -16,8 +15,6 @@ GENERATION_TOKENS = "ray_vllm_generation_tokens_total"
 PREEMPTIONS = "ray_vllm_num_preemptions_total"
 SERVE_REQUESTS = "ray_serve_deployment_request_counter_total"
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\S+)?$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -28,23 +25,25 @@ class Sample:
 
 
 def parse(text: str) -> list[Sample]:
-    """Prometheus text exposition format -> samples (comments and malformed lines skipped)."""
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line.strip())
-        if not match:
-            continue
-        name, raw_labels, raw_value = match.groups()
-        try:
-            value = float(raw_value)
-        except ValueError:
-            continue
-        labels = {k: bytes(v, "utf-8").decode("unicode_escape")
-                  for k, v in _LABEL.findall(raw_labels or "")}
-        samples.append(Sample(name, labels, value))
-    return samples
+    """Prometheus text exposition format -> samples, by prometheus_client's own parser; a
+    malformed line is skipped rather than losing the whole scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples_of(chunk: str) -> list[Sample]:
+        return [Sample(s.name, dict(s.labels), float(s.value))
+                for family in text_string_to_metric_families(chunk) for s in family.samples]
+
+    try:
+        return samples_of(text)
+    except ValueError:
+        good: list[Sample] = []
+        for line in text.splitlines():
+            if line.strip() and not line.startswith("#"):
+                try:
+                    good += samples_of(line + "\n")
+                except ValueError:
+                    continue
+        return good
 
 
 def node_endpoints() -> list[tuple[str, str]]:

@@ -30,6 +30,12 @@ def test_parse_reads_names_labels_values_and_skips_junk():
     assert samples[-1].labels == {"path": 'a"b'}
 
 
+def test_parse_keeps_non_ascii_label_values():
+    text = 'ray_vllm_num_requests_running{model_name="模型-R1",ReplicaId="r1"} 2.0\n'
+    (sample,) = metrics_scrape.parse(text)
+    assert sample.labels == {"model_name": "模型-R1", "ReplicaId": "r1"} and sample.value == 2.0
+
+
 def test_totals_and_per_replica_sums():
     samples = metrics_scrape.parse(TEXT)
     assert metrics_scrape.total(samples, metrics_scrape.REQUEST_SUCCESS, application="a") == 10

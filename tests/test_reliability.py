@@ -209,7 +209,7 @@ def test_fuzzed_requests_never_get_a_5xx_or_restart_a_replica(rel):
             assert error["message"] and error["type"] and error["code"]
 
     check()
-    assert seen["count"] >= 1000
+    assert seen["count"] >= min(1000, int(os.environ.get("FUZZ_EXAMPLES", "1500")))
     assert {r.replica_id for r in running(rel)} == replicas_before
 
 
@@ -238,10 +238,10 @@ def test_killed_replica_is_restarted_and_every_request_is_answered(rel):
     assert not thread.is_alive(), "load test hung"
     during = result["during"]
     # Every request got an answer: a success or a clean error, never a client-side timeout.
-    assert during.completed == 80 and during.successes + during.failures == 80
+    assert during.answered == 80 and during.successes + during.failures == 80
     assert "timeout" not in during.error_kinds
     assert during.successes >= 40
-    print(f"\nFIGURES killed replica: sent=80 answered={during.completed} ok={during.successes} "
+    print(f"\nFIGURES killed replica: sent=80 answered={during.answered} ok={during.successes} "
           f"failed_cleanly={during.failures} kinds={during.error_kinds} hung=0")
     wait_until(lambda: len(running(rel)) == 2 and
                victim.replica_id not in {r.replica_id for r in running(rel)},

@@ -183,7 +183,7 @@ def test_closed_loop_counts_split_and_json(service, tmp_path, capsys):
     data = json.loads(out.read_text())
     summary = data["summary"]
     assert summary["successes"] == 100 and summary["failures"] == 0
-    assert summary["completed"] == service.requests
+    assert summary["answered"] == service.requests
     assert summary["node_counts"] == {NODE_A: 75, NODE_B: 25}
     assert summary["balance"] == pytest.approx(25 / 75)
     assert summary["total_output_tokens"] == 400
