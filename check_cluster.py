@@ -7,7 +7,7 @@ from typing import Sequence
 
 from common import cluster
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, add_address_flag, add_flag,
-                        make_parser, parse)
+                        exits_with_codes, make_parser, parse)
 
 EPILOG = """\
 exit status: 0 healthy; 4 something is pending, unhealthy or dead; 3 Ray is not reachable.
@@ -48,6 +48,7 @@ def _engine_summary(app: str | None, as_json: bool):
         return None if as_json else f"ENGINE: metrics not readable ({type(exc).__name__}: {exc})"
 
 
+@exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     cluster.connect(args.address)

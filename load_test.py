@@ -5,7 +5,8 @@ import math
 import sys
 from typing import Sequence
 
-from common.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, make_parser
+from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
+                        make_parser)
 from common.loadgen import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
                             run_load_sync, summarize, write_json)
 
@@ -99,6 +100,7 @@ def build_parser():
     return parser
 
 
+@exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()  # env-var defaults are parsed here and may be invalid
@@ -112,8 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, ValueError) as exc:
                 parser.error(f"--prompt-file: {exc}")
     except SystemExit as exc:  # argparse exits 2 on bad flags and 0 for --help
-        if isinstance(exc.code, str):  # common.cli's message for an invalid env var
-            print(exc.code, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
     config = LoadConfig(

@@ -23,8 +23,7 @@ def add_topology_args(group) -> None:
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
     if args.num_replicas < 1:
-        print("error: --num-replicas must be >= 1", file=sys.stderr)
-        return cli.EXIT_USAGE
+        raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
     spread = one_replica_per_node(engine)
     demand = replica_demand(engine, serve_config)
     slots = preflight.replica_slots(demand, spread.get("max_replicas_per_node"))

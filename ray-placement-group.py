@@ -28,14 +28,10 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     from common.ingress import LLMBackend, RoundRobinRouter
 
     if args.num_backends < 1:
-        print("error: --num-backends must be >= 1", file=sys.stderr)
-        return cli.EXIT_USAGE
+        raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
     demand = replica_demand(engine, serve_config)
     nodes = pick_distinct_nodes(demand, args.num_backends, serve_config.timeout_s,
                                 name=f"{serve_config.app_name}-node-picker")
-    if isinstance(nodes, str):
-        print(f"error: {nodes}", file=sys.stderr)
-        return cli.EXIT_TIMEOUT
     backends = []
     for index, node_id in enumerate(nodes):
         print(f"backend {index}: node {node_id}")

@@ -28,20 +28,14 @@ def add_topology_args(group) -> None:
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
     if engine.gpus_per_replica != 1:
-        print("error: ray-single-gpu.py runs one GPU per replica; for tensor parallelism use "
-              "ray-force-multi.py", file=sys.stderr)
-        return cli.EXIT_USAGE
+        raise cli.ScriptError("ray-single-gpu.py runs one GPU per replica; for tensor "
+                              "parallelism use ray-force-multi.py", cli.EXIT_USAGE)
     demand = replica_demand(engine, serve_config)
-    fit = preflight.check_single_gpu_fit(engine) if engine.device == "cuda" else None
-    if fit:
-        print(f"error: {fit}", file=sys.stderr)
-        return cli.EXIT_FAILURE
+    if engine.device == "cuda":
+        preflight.check_single_gpu_fit(engine)
     slots = preflight.replica_slots(demand, args.replicas_per_node)
     num_replicas = preflight.resolve_replicas(args.num_replicas, slots, args.max_replicas,
                                               auto_default=None if engine.device == "cuda" else 1)
-    if isinstance(num_replicas, str):
-        print(f"error: {num_replicas}", file=sys.stderr)
-        return cli.EXIT_USAGE
     print(f"{num_replicas} replica(s), 1 {'GPU' if engine.device == 'cuda' else 'CPU engine'} "
           f"each, at most {args.replicas_per_node} per node ({slots} slot(s) in the cluster)")
     return llm_app(engine, serve_config, num_replicas=num_replicas,

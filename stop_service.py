@@ -8,7 +8,7 @@ from typing import Sequence
 
 from common import cluster
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, add_address_flag, add_flag,
-                        make_parser, parse)
+                        exits_with_codes, make_parser, parse)
 
 EPILOG = """\
 Each replica stops taking new requests and finishes the ones it has, for up to its deployment's
@@ -62,6 +62,7 @@ def _progress(apps: dict, waiting: list[str]) -> str:
     return "; ".join(parts)
 
 
+@exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     cluster.connect(args.address)

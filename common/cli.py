@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -14,6 +15,30 @@ EXIT_RAY_UNREACHABLE = 3  # no Ray cluster at --address
 EXIT_UNHEALTHY = 4        # the cluster answered but something is pending/unhealthy/dead
 EXIT_TIMEOUT = 5          # a wait ran out (e.g. replicas still PENDING)
 EXIT_RAY_AUTH = 6         # the cluster refused this process's Ray auth token (or it has none)
+
+
+class ScriptError(Exception):
+    """A failure a script reports as one `error: ...` line on stderr and its exit code. Library
+    code raises it; only the scripts' main functions (wrapped by exits_with_codes) turn it into
+    the message and the status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def exits_with_codes(main: Callable[..., int]) -> Callable[..., int]:
+    """Wraps a script's main(): a ScriptError becomes its message and its exit code."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ScriptError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return err.code
+
+    return wrapper
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -46,7 +71,8 @@ def env_default(env: str | None, default: Any, convert: Callable[[str], Any] | N
         try:
             return convert(raw)
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            sys.exit(f"error: environment variable {env}={raw!r} is invalid: {exc}")
+            raise ScriptError(f"environment variable {env}={raw!r} is invalid: {exc}",
+                              EXIT_USAGE) from None
     return default
 
 

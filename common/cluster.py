@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from common.cli import EXIT_RAY_AUTH, EXIT_RAY_UNREACHABLE
+from common.cli import EXIT_RAY_AUTH, EXIT_RAY_UNREACHABLE, ScriptError
 
 # Drivers of this project share one namespace so that named/detached actors one script
 # creates can be found by the next one.
@@ -98,12 +98,11 @@ class ClusterReport:
 # --------------------------------------------------------------------------- connect
 
 
-def _die_unreachable(tried: str, detail: str) -> None:
+def _unreachable(tried: str, detail: Any) -> ScriptError:
     detail = " ".join(str(detail).split()).rstrip(".")  # Ray's messages span lines; keep ours to one
-    print(f"error: cannot reach a Ray cluster at {tried!r}: {detail}. Start one with "
-          f"`ray start --head` on the head node, or point --address / RAY_ADDRESS at the "
-          f"head's GCS address (host:6379).", file=sys.stderr)
-    sys.exit(EXIT_RAY_UNREACHABLE)
+    return ScriptError(f"cannot reach a Ray cluster at {tried!r}: {detail}. Start one with "
+                       f"`ray start --head` on the head node, or point --address / RAY_ADDRESS "
+                       f"at the head's GCS address (host:6379).", EXIT_RAY_UNREACHABLE)
 
 
 def split_host_port(address: str) -> tuple[str, int] | None:
@@ -119,11 +118,10 @@ AUTH_HELP = ("The head made its token with `ray get-auth-token --generate` (~/.r
              "README: 集群与令牌认证 (cluster and token authentication).")
 
 
-def _die_auth(tried: str, detail: str) -> None:
+def _auth_refused(tried: str, detail: Any) -> ScriptError:
     detail = " ".join(str(detail).split())[:300]
-    print(f"error: the Ray cluster at {tried!r} requires token authentication and refused this "
-          f"process: {detail}. {AUTH_HELP}", file=sys.stderr)
-    sys.exit(EXIT_RAY_AUTH)
+    return ScriptError(f"the Ray cluster at {tried!r} requires token authentication and refused "
+                       f"this process: {detail}. {AUTH_HELP}", EXIT_RAY_AUTH)
 
 
 @contextlib.contextmanager
@@ -161,14 +159,15 @@ def _match_cluster_auth(target: str, tried: str) -> str:
         if not _gcs_refuses(target):
             return ""
         if mode == "disabled":
-            _die_auth(tried, "RAY_AUTH_MODE=disabled is set here; unset it")
+            raise _auth_refused(tried, "RAY_AUTH_MODE=disabled is set here; unset it")
         if not token_available():
-            _die_auth(tried, "no token found on this machine")
+            raise _auth_refused(tried, "no token found on this machine")
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
         _enable_token_auth()
     if _gcs_refuses(target):
-        _die_auth(tried, f"the token from {token_source()} was refused (not the head's token)")
+        raise _auth_refused(tried, f"the token from {token_source()} was refused (not the "
+                                   "head's token)")
     return f"token auth ({token_source()})"
 
 
@@ -198,8 +197,8 @@ def token_source() -> str:
 
 def connect(address: str = "auto", *, namespace: str = NAMESPACE,
             timeout_s: float = CONNECT_TIMEOUT_S, runtime_env: dict | None = None) -> None:
-    """Connects this process to the cluster (with token auth when the cluster uses it), or exits
-    with EXIT_RAY_UNREACHABLE / EXIT_RAY_AUTH and one line. `runtime_env` is the job's: Serve
+    """Connects this process to the cluster (with token auth when the cluster uses it), or raises
+    a ScriptError with EXIT_RAY_UNREACHABLE / EXIT_RAY_AUTH and one line. `runtime_env` is the job's: Serve
     copies it into every deployment this process deploys."""
     import ray
     if ray.is_initialized():
@@ -211,15 +210,16 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
         try:
             target = canonicalize_bootstrap_address_or_die(target)
         except (ConnectionError, ValueError) as exc:
-            _die_unreachable(tried, exc)
+            raise _unreachable(tried, exc)
     probe = split_host_port(target[len("ray://"):] if target.startswith("ray://") else target)
     if probe is None:
-        _die_unreachable(tried, "not a host:port address")
+        raise _unreachable(tried, "not a host:port address")
     # Preflight: a closed port answers at once here, whereas ray.init would retry for long.
     try:
         socket.create_connection(probe, timeout=timeout_s).close()
     except OSError as exc:
-        _die_unreachable(tried, f"nothing answers at {probe[0]}:{probe[1]} ({exc.strerror or exc})")
+        raise _unreachable(tried, f"nothing answers at {probe[0]}:{probe[1]} "
+                                  f"({exc.strerror or exc})")
     auth = "" if target.startswith("ray://") else _match_cluster_auth(target, tried)
     # Something listens but may not be a GCS: keep ray.init's own retry loop short too.
     saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
@@ -228,7 +228,7 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
         ray.init(address=target, namespace=namespace, logging_level=logging.WARNING,
                  log_to_driver=False, runtime_env=runtime_env)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable" to the operator
-        _die_unreachable(tried, f"{type(exc).__name__}: {exc}")
+        raise _unreachable(tried, f"{type(exc).__name__}: {exc}")
     finally:
         if saved is None:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)

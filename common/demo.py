@@ -68,7 +68,7 @@ def live_cluster() -> str | None:
 def start_local_head(port: int) -> None:
     """A one-node Ray cluster on 127.0.0.1 (all of this machine's CPUs), left running."""
     if port_open("127.0.0.1", port):
-        raise DemoError(f"port {port} is taken by something that is not a Ray cluster "
+        raise cli.ScriptError(f"port {port} is taken by something that is not a Ray cluster "
                         "recorded on this machine; pass --ray-port")
     cmd = [ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--num-cpus={max(2, os.cpu_count() or 2)}",
@@ -76,13 +76,7 @@ def start_local_head(port: int) -> None:
     print("starting a local Ray head:", " ".join(["ray", *cmd[1:]]), flush=True)
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise DemoError(f"`ray start --head` failed: {done.stderr.strip()[-600:]}")
-
-
-class DemoError(Exception):
-    def __init__(self, message: str, code: int = cli.EXIT_FAILURE):
-        super().__init__(message)
-        self.code = code
+        raise cli.ScriptError(f"`ray start --head` failed: {done.stderr.strip()[-600:]}")
 
 
 def state_file(http_port: int) -> Path:
@@ -125,7 +119,7 @@ def deploy(model: Path, address: str, http_port: int) -> None:
         # no reasoning model, whatever name it is served under.
         "--max-model-len", "2048", "--reasoning-parser", "none", "--timeout", "600"])
     if code != cli.EXIT_OK:
-        raise DemoError("deploying the demo failed (see above)", code)
+        raise cli.ScriptError("deploying the demo failed (see above)", code)
 
 
 def show_answer(http_port: int) -> None:
@@ -138,7 +132,7 @@ def show_answer(http_port: int) -> None:
     print(json.dumps(answer.json(), ensure_ascii=False, indent=2))
     print(f"(HTTP {answer.status_code} in {(time.perf_counter() - started) * 1000:.0f} ms)")
     if answer.status_code != 200:
-        raise DemoError(f"the demo answered HTTP {answer.status_code}")
+        raise cli.ScriptError(f"the demo answered HTTP {answer.status_code}")
 
 
 def print_next_steps(http_port: int, address: str) -> None:
@@ -195,7 +189,7 @@ def stop_demo(args) -> None:
         code = load_script("stop_service.py").main(["--address", address, "--app", APP_NAME,
                                                      *shutdown])
         if code != cli.EXIT_OK:
-            raise DemoError("stopping the demo application failed (see above)", code)
+            raise cli.ScriptError("stopping the demo application failed (see above)", code)
     else:
         print("no running Ray cluster found for the demo")
     if state.get("started_head") and state.get("session_dir"):
@@ -237,6 +231,7 @@ def end_processes_of_session(session_dir: str, grace_s: float = 10.0) -> int:
     return len(procs)
 
 
+@cli.exits_with_codes
 def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
     cli.add_flag(parser, "--ray-port", env="DEMO_RAY_PORT", type=int, default=DEFAULT_RAY_PORT,
@@ -246,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="store_true",
                         help="stop the demo (and the Ray head, if the demo started it)")
     args = parser.parse_args(argv)
-    try:
-        (stop_demo if args.stop else run_demo)(args)
-    except DemoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.code
+    (stop_demo if args.stop else run_demo)(args)
     return cli.EXIT_OK
 
 

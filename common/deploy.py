@@ -152,11 +152,13 @@ def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
 BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
 
 
+@cli.exits_with_codes
 def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
                 add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
                 engine_defaults: EngineConfig | None = None,
                 serve_defaults: ServeConfig | None = None) -> int:
-    """Parse flags, connect to Ray, build the app (build may return an exit code), deploy it."""
+    """Parse flags, connect to Ray, build the app, deploy it; a ScriptError anywhere on the way
+    becomes its message and exit code."""
     parser = cli.make_parser(description, VLLM_EPILOG)
     cli.add_address_flag(parser)
     cli.add_flag(parser, "--proxy-location", env="SERVE_PROXY_LOCATION", default="EveryNode",
@@ -180,20 +182,16 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         problems += check_vllm_args(engine, vllm_args)
         engine.vllm_args = list(vllm_args)
     if problems:
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_USAGE)
 
     from common.cluster import connect
 
     connect(args.address, runtime_env=replica_code_runtime_env())
     if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
-        print("error: the Ray cluster has no GPU (`ray status` lists none). For the CPU demo run "
-              "`make demo`, or add --device cpu --model .cache/demo-model", file=sys.stderr)
-        return cli.EXIT_FAILURE
+        raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
+                              "demo run `make demo`, or add --device cpu --model "
+                              ".cache/demo-model")
     app = build(args, engine, serve_config)
-    if isinstance(app, int):
-        return app
     return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress)
 
 

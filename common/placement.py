@@ -1,9 +1,10 @@
 """Topology helpers: autoscaling settings, and pinning deployments to distinct nodes via a placement group."""
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
+
+from common import cli
 
 # Ray gives every node this label; Serve accepts label selectors where it refuses a
 # scheduling_strategy (so a deployment cannot be bound to a driver-made placement group).
@@ -24,11 +25,11 @@ def pin_to_node(options: dict[str, Any], node_id: str) -> dict[str, Any]:
 
 
 def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
-                        name: str) -> list[str] | str:
+                        name: str) -> list[str]:
     """Reserve `count` bundles on `count` different nodes at once (STRICT_SPREAD) and return their
     node IDs; the group is then removed so the deployments can take the same resources.
 
-    Returns an error message (str) when Ray cannot place the group in time.
+    Raises a ScriptError (EXIT_TIMEOUT) when Ray cannot place the group in time.
     """
     from ray.util.placement_group import (placement_group, placement_group_table,
                                           remove_placement_group)
@@ -52,8 +53,9 @@ def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
                       flush=True)
             if waited > timeout_s:
                 reason = cluster.explain(bundles, "STRICT_SPREAD")
-                return (f"no {count} distinct nodes with {cluster.format_shape(bundle)} free "
-                        f"each after {timeout_s:.0f}s: {reason}")
+                raise cli.ScriptError(f"no {count} distinct nodes with "
+                                      f"{cluster.format_shape(bundle)} free each after "
+                                      f"{timeout_s:.0f}s: {reason}", cli.EXIT_TIMEOUT)
     finally:
         remove_placement_group(group)
 
@@ -68,9 +70,8 @@ def autoscaling_config(min_replicas: int, max_replicas: int, target_ongoing_requ
                        upscale_delay_s: float, downscale_delay_s: float,
                        initial_replicas: int | None = None) -> dict[str, Any]:
     if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
-        print(f"error: need 0 <= --min-replicas ({min_replicas}) <= --max-replicas "
-              f"({max_replicas}) and --max-replicas >= 1", file=sys.stderr)
-        raise SystemExit(2)
+        raise cli.ScriptError(f"need 0 <= --min-replicas ({min_replicas}) <= --max-replicas "
+                              f"({max_replicas}) and --max-replicas >= 1", cli.EXIT_USAGE)
     config = {"min_replicas": min_replicas, "max_replicas": max_replicas,
               "target_ongoing_requests": target_ongoing_requests,
               "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s}

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from common import cli
 from common.config import EngineConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -41,21 +42,24 @@ def replica_slots(demand: dict[str, float], replicas_per_node: int | None = None
 
 
 def resolve_replicas(requested: str | int, slots: int, max_replicas: int,
-                     auto_default: int | None = None) -> int | str:
-    """The replica count for --num-replicas (a number or 'auto'); a str is an error message."""
+                     auto_default: int | None = None) -> int:
+    """The replica count for --num-replicas (a number or 'auto'), or a usage ScriptError."""
     if str(requested).strip().lower() == "auto":
         count = auto_default if auto_default is not None else min(slots, max_replicas)
         if count < 1:
-            return "no node can hold even one replica; see `python check_cluster.py`"
+            raise cli.ScriptError("no node can hold even one replica; see "
+                                  "`python check_cluster.py`", cli.EXIT_USAGE)
         return count
     try:
         count = int(requested)
     except ValueError:
-        return f"--num-replicas must be a number or 'auto', got {requested!r}"
+        raise cli.ScriptError(f"--num-replicas must be a number or 'auto', got {requested!r}",
+                              cli.EXIT_USAGE) from None
     if count < 1:
-        return "--num-replicas must be >= 1"
+        raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
     if count > max_replicas:
-        return f"--num-replicas {count} is above --max-replicas {max_replicas}"
+        raise cli.ScriptError(f"--num-replicas {count} is above --max-replicas {max_replicas}",
+                              cli.EXIT_USAGE)
     return count
 
 
@@ -89,21 +93,22 @@ def gpu_memory_bytes() -> int | None:
         return None
 
 
-def check_single_gpu_fit(engine: EngineConfig) -> str | None:
-    """A message when the weights alone exceed one GPU's share at --gpu-memory-utilization."""
+def check_single_gpu_fit(engine: EngineConfig) -> None:
+    """A ScriptError when the weights alone exceed one GPU's share at --gpu-memory-utilization."""
     weights = local_weights_bytes(engine.model)
     if weights is None or engine.load_format == "dummy":
-        return None
+        return
     memory = gpu_memory_bytes()
     if memory is None:
-        return None
+        return
     budget = memory * engine.gpu_memory_utilization
     if weights < budget:
-        return None
-    return (f"the model's weights ({weights / 2**30:.1f} GiB) do not fit one GPU "
-            f"({memory / 2**30:.1f} GiB x gpu_memory_utilization "
-            f"{engine.gpu_memory_utilization} = {budget / 2**30:.1f} GiB), before any KV cache. "
-            f"Use tensor parallelism: python ray-force-multi.py --tensor-parallel-size 8")
+        return
+    raise cli.ScriptError(
+        f"the model's weights ({weights / 2**30:.1f} GiB) do not fit one GPU "
+        f"({memory / 2**30:.1f} GiB x gpu_memory_utilization "
+        f"{engine.gpu_memory_utilization} = {budget / 2**30:.1f} GiB), before any KV cache. "
+        f"Use tensor parallelism: python ray-force-multi.py --tensor-parallel-size 8")
 
 
 def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float) -> None:

@@ -37,9 +37,18 @@ def test_env_vars_are_fallbacks_and_flags_win(monkeypatch):
 
 def test_invalid_env_value_exits_with_a_message(monkeypatch):
     monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "eight")
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(cli.ScriptError) as exc:
         parse([], monkeypatch=monkeypatch)
-    assert "TENSOR_PARALLEL_SIZE" in str(exc.value)
+    assert "TENSOR_PARALLEL_SIZE" in str(exc.value) and exc.value.code == cli.EXIT_USAGE
+
+
+def test_a_script_error_becomes_one_line_and_its_exit_code(capsys):
+    @cli.exits_with_codes
+    def main() -> int:
+        raise cli.ScriptError("no GPU in the cluster", cli.EXIT_TIMEOUT)
+
+    assert main() == cli.EXIT_TIMEOUT
+    assert capsys.readouterr().err == "error: no GPU in the cluster\n"
 
 
 def test_help_shows_defaults_and_env_names(capsys):
@@ -103,18 +112,21 @@ def test_resolve_replicas():
     assert preflight.resolve_replicas("auto", 20, 16) == 16
     assert preflight.resolve_replicas("auto", 5, 16, auto_default=1) == 1
     assert preflight.resolve_replicas("3", 16, 16) == 3
-    assert "max-replicas" in preflight.resolve_replicas("17", 16, 16)
-    assert "no node" in preflight.resolve_replicas("auto", 0, 16)
-    assert "number" in preflight.resolve_replicas("many", 16, 16)
+    for requested, slots, words in (("17", 16, "max-replicas"), ("auto", 0, "no node"),
+                                     ("many", 16, "number")):
+        with pytest.raises(cli.ScriptError, match=words) as refused:
+            preflight.resolve_replicas(requested, slots, 16)
+        assert refused.value.code == cli.EXIT_USAGE
 
 
 def test_weights_too_big_for_one_gpu_are_refused(tmp_path, monkeypatch):
     (tmp_path / "model-00001.safetensors").write_bytes(b"\0" * 4096)
     monkeypatch.setenv("GPU_MEMORY_GB", str(4096 / 2**30))  # a "GPU" as big as the weights
-    message = preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path)))
-    assert "do not fit one GPU" in message and "ray-force-multi.py" in message
+    with pytest.raises(cli.ScriptError) as refused:
+        preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path)))
+    assert "do not fit one GPU" in str(refused.value) and "ray-force-multi.py" in str(refused.value)
     monkeypatch.setenv("GPU_MEMORY_GB", "80")
-    assert preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path))) is None
+    preflight.check_single_gpu_fit(EngineConfig(model=str(tmp_path)))  # fits: no error
 
 
 def test_ingress_env_reaches_serve_and_the_operators_own_values_win(monkeypatch):
