@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from common import cli, preflight
-from common.config import EngineConfig, ServeConfig
+from replica.config import EngineConfig, ServeConfig
 from common.deploy import llm_app, one_replica_per_node, replica_demand, script_main
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)

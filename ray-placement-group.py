@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from common import cli
-from common.config import EngineConfig, ServeConfig
+from replica.config import EngineConfig, ServeConfig
 from common.deploy import configure, deployment_options, replica_demand, script_main
 from common.placement import pick_distinct_nodes, pin_to_node
 
@@ -25,7 +25,7 @@ def add_topology_args(group) -> None:
 
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
-    from common.ingress import LLMBackend, RoundRobinRouter
+    from replica.ingress import LLMBackend, RoundRobinRouter
 
     if args.num_backends < 1:
         raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from common import cli, preflight
-from common.config import EngineConfig, ServeConfig
+from replica.config import EngineConfig, ServeConfig
 from common.deploy import llm_app, replica_demand, script_main
 
 # The guide's memory settings for 64 GB GPUs: most of the card for weights + KV cache, and a

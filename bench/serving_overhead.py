@@ -22,7 +22,7 @@ from bench.serving_benchmark import (DEMO_MODEL, HOST, RESULTS_DIR, SERVED_NAME,
 from common.loadgen import DEFAULT_PROMPT  # noqa: E402
 
 EPILOG = """what is measured (sequential requests, concurrency 1, max_tokens 1, the same prompt):
-  in-process      common.engine.build_engine (vLLM AsyncLLM) called in one process: tokenize +
+  in-process      replica.engine.build_engine (vLLM AsyncLLM) called in one process: tokenize +
                   generate, no HTTP, no Ray
   vllm-serve      `vllm serve` on the same model and settings, POST /v1/completions
   proxy /         ray-single-gpu.py --device cpu, one replica, Serve's Python proxy, POST /
@@ -59,9 +59,9 @@ def inprocess_main(n: int, warmup: int, model: str, out: str) -> int:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from common.config import EngineConfig, apply_cpu_defaults
-    from common.engine import build_engine
-    from common.vllm_app import serve_args
+    from replica.config import EngineConfig, apply_cpu_defaults
+    from replica.engine import build_engine
+    from replica.vllm_app import serve_args
 
     config = apply_cpu_defaults(EngineConfig(model=model, device="cpu", max_model_len=512))
 
@@ -93,7 +93,7 @@ def inprocess_main(n: int, warmup: int, model: str, out: str) -> int:
 
 
 def engine_env(workdir: Path) -> dict[str, str]:
-    from common.config import CPU_ENGINE_ENV
+    from replica.config import CPU_ENGINE_ENV
     (workdir / "tmp").mkdir(exist_ok=True)
     return {**CPU_ENGINE_ENV, **ray_token_env(workdir), "TMPDIR": str(workdir / "tmp"),
             "VLLM_CACHE_ROOT": str(workdir / "vllm-cache"), "TRANSFORMERS_OFFLINE": "1"}
@@ -153,7 +153,7 @@ def served(script: str, args: list[str], endpoints: dict[str, str], n: int, warm
 def vllm_served(model: str, n: int, warmup: int, rounds: int, workdir: Path
                 ) -> dict[str, list[float]]:
     """`vllm serve` with the settings the deployment scripts give the CPU engine."""
-    from common.config import EngineConfig, apply_cpu_defaults
+    from replica.config import EngineConfig, apply_cpu_defaults
 
     config = apply_cpu_defaults(EngineConfig(model=model, device="cpu", max_model_len=512))
     flags = ["--max-model-len", "512", "--enforce-eager", "--seed", "0",

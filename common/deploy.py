@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import cli, preflight
-from common.api import RETRY_AFTER_S
-from common.config import (EngineConfig, ServeConfig, add_engine_args, add_serve_args,
-                           engine_config_from_args, replica_env, serve_config_from_args)
+from replica.api import RETRY_AFTER_S
+from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
+                            serve_config_from_args)
+from replica.config import EngineConfig, ServeConfig, replica_env
 
 
 def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, Any]:
@@ -21,7 +22,7 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[s
     - cuda, one GPU per replica: the replica actor holds the GPU and vLLM runs in it.
     - cuda, tensor/pipeline parallel: the replica gets its own placement group, one bundle per
       GPU, STRICT_PACK (all on one node); the replica actor itself takes only CPU from bundle 0
-      and vLLM's Ray workers take the GPUs of the bundles (common/engine.py points vLLM at the
+      and vLLM's Ray workers take the GPUs of the bundles (replica/engine.py points vLLM at the
       group). Ray Serve's own ray.serve.llm does the same. Asking `num_gpus=8` for the replica
       and letting vLLM reserve 8 more for its workers books 16 GPUs per replica: the guide's
       "never reaches the second machine".
@@ -82,7 +83,8 @@ _LIGHTWEIGHT_SERVE_FIELDS = ("app_name", "route_prefix", "host", "port", "max_on
 
 def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
     """A version that changes exactly when running replicas must restart: the engine settings,
-    the replica's own API settings and the project's code.
+    the replica's own API settings and the code replicas run (the `replica` package; scripts,
+    operator tools and the load generator do not count).
 
     Serve restarts every replica on each `serve.run` of an app built in Python (it gives such a
     deployment a random version). With a stable version, re-running a script with only
@@ -92,16 +94,22 @@ def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
     import dataclasses
     import hashlib
     import json
-    from pathlib import Path
 
     digest = hashlib.sha256()
     settings = {"engine": dataclasses.asdict(engine),
                 "serve": {k: v for k, v in dataclasses.asdict(serve_config).items()
                           if k not in _LIGHTWEIGHT_SERVE_FIELDS}}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for source in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    root = replica_package_dir()
+    for source in sorted(root.rglob("*.py")):
+        digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def replica_package_dir() -> Path:
+    import replica
+
+    return Path(replica.__file__).resolve().parent
 
 
 def with_version(deployment: Any, version: str) -> Any:
@@ -124,7 +132,7 @@ def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: Se
 def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMServer",
             **topology: Any):
     """The Serve application of one LLM deployment answering HTTP itself."""
-    from common.ingress import LLMDeployment
+    from replica.ingress import LLMDeployment
 
     options = deployment_options(engine, serve_config, **topology)
     return configure(LLMDeployment, name, engine, serve_config, options).bind(engine,
@@ -141,7 +149,7 @@ VLLM_EPILOG = ("Any other `vllm serve` flag (see `vllm serve --help`) is passed 
 def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
     """Problems with the flags this script does not know, as vLLM's own `vllm serve` parser sees
     them, before anything is deployed (vLLM is imported only then: it takes seconds)."""
-    from common.vllm_app import serve_args
+    from replica.vllm_app import serve_args
 
     try:
         serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False)
@@ -196,18 +204,16 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
 
 
 def replica_code_runtime_env() -> dict[str, Any]:
-    """The job runtime_env that carries the project's package to every replica.
+    """The job runtime_env that carries the `replica` package to every replica.
 
-    Replicas unpickle classes of the `common` package; without this they import it only where the
+    Replicas unpickle classes of the `replica` package; without this they import it only where the
     driver's checkout happens to sit at the same path on their node (a restart after the checkout
     moved, or any replica on a node without a shared filesystem, fails with ModuleNotFoundError).
     Ray uploads the package to the cluster once, content-addressed, and Serve copies the job's
-    runtime_env into each deployment: only what replicas import travels, so an edit elsewhere in
-    the checkout (README, tests, scripts) leaves the URI, and the running replicas, unchanged."""
-    import common
-
-    return {"py_modules": [str(Path(common.__file__).resolve().parent)],
-            "excludes": ["__pycache__", "*.pyc"]}
+    runtime_env into each deployment: only what replicas run travels, so an edit elsewhere in
+    the checkout (README, tests, scripts, common/) leaves the URI, and the running replicas,
+    unchanged."""
+    return {"py_modules": [str(replica_package_dir())], "excludes": ["__pycache__", "*.pyc"]}
 
 
 # Serve's HTTP proxy sends a request to a replica on its own node whenever that one accepts it,

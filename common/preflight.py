@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from common import cli
-from common.config import EngineConfig
+from replica.config import EngineConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

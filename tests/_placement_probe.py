@@ -71,7 +71,7 @@ BackendPlacementProbe = serve.deployment(PlacementProbe, name="LLMBackend")
 
 def install(monkeypatch) -> None:
     """Swap the LLM deployments the scripts build for the probe."""
-    import common.ingress
+    import replica.ingress
 
-    monkeypatch.setattr(common.ingress, "LLMDeployment", HttpPlacementProbe)
-    monkeypatch.setattr(common.ingress, "LLMBackend", BackendPlacementProbe)
+    monkeypatch.setattr(replica.ingress, "LLMDeployment", HttpPlacementProbe)
+    monkeypatch.setattr(replica.ingress, "LLMBackend", BackendPlacementProbe)

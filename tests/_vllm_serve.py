@@ -38,7 +38,7 @@ LOCAL_IP = "127.0.0.1"
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 
-# Env of the CPU build on small machines (the replica's CPU_ENGINE_ENV, common/config.py, says
+# Env of the CPU build on small machines (the replica's CPU_ENGINE_ENV, replica/config.py, says
 # why). VLLM_ENABLE_V1_MULTIPROCESSING=0 is right for `vllm serve` too: the API server still
 # runs the engine core in its own process (AsyncLLM always does), and 0 only keeps the model
 # worker inside that process instead of a third one (the "mp" executor), which is how the

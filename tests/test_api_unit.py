@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from common import api
-from common.api import ApiError
+from replica import api
+from replica.api import ApiError
 
 
 def parse(body: bytes, model=api.GenerateRequest, limit: int = 1 << 20):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from common import cli, preflight
-from common.config import (EngineConfig, ServeConfig, add_engine_args, add_serve_args,
-                           engine_config_from_args, replica_env, serve_config_from_args)
+from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
+                            serve_config_from_args)
+from replica.config import EngineConfig, ServeConfig, replica_env
 from common.deploy import deployment_options, replica_resources
 
 
@@ -140,3 +141,28 @@ def test_ingress_env_reaches_serve_and_the_operators_own_values_win(monkeypatch)
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in controller_env("proxy")
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
     assert controller_env("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+
+
+def test_deployment_version_and_shipped_code_follow_the_replica_package_only(tmp_path,
+                                                                              monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from common import deploy
+
+    package = deploy.replica_package_dir()
+    shipped = deploy.replica_code_runtime_env()["py_modules"]
+    assert shipped == [str(package)] and package.name == "replica"
+    assert not (package / "loadgen.py").exists() and not (package / "cluster.py").exists()
+
+    copy = tmp_path / "replica"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(deploy, "replica_package_dir", lambda: copy)
+    version = deploy.deployment_version(EngineConfig(), ServeConfig())
+    # An operator tool or the load generator changing leaves running replicas alone...
+    (tmp_path / "loadgen.py").write_text("# edited\n")
+    assert deploy.deployment_version(EngineConfig(), ServeConfig()) == version
+    # ...the code replicas run changing restarts them.
+    server = Path(copy / "server.py")
+    server.write_text(server.read_text() + "\n# edited\n")
+    assert deploy.deployment_version(EngineConfig(), ServeConfig()) != version

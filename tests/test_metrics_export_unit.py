@@ -5,7 +5,7 @@ import pytest
 
 from common import metrics_scrape
 from common.cluster import ReplicaInfo
-from common.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
+from replica.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
 
 TEXT = """\
 # HELP ray_vllm_num_requests_running Number of requests in model execution batches.

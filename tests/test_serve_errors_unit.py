@@ -1,10 +1,10 @@
-"""The JSON-errors middleware Serve wraps a replica's HTTP server with (common/serve_errors.py)."""
+"""The JSON-errors middleware Serve wraps a replica's HTTP server with (replica/serve_errors.py)."""
 from __future__ import annotations
 
 import asyncio
 import json
 
-from common.serve_errors import JsonServeErrors, json_error_middlewares
+from replica.serve_errors import JsonServeErrors, json_error_middlewares
 
 
 def _run(app) -> list[dict]:

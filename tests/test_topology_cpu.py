@@ -23,7 +23,7 @@ import stop_service  # noqa: E402
 from _serve_fixtures import (background_load, cpu_args, deploy_script,  # noqa: E402
                              wait_for_replicas, wait_until)
 from common import cluster  # noqa: E402
-from common.api import RawRequest  # noqa: E402
+from replica.api import RawRequest  # noqa: E402
 
 URL = f"http://{LOCAL_IP}:8000"
 

@@ -10,8 +10,8 @@ from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from common import api
-from common.api import RawRequest
+from replica import api
+from replica.api import RawRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -19,7 +19,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
-# vLLM's endpoint under the guide's POST / (common.api shapes its answer into the guide's JSON).
+# vLLM's endpoint under the guide's POST / (replica.api shapes its answer into the guide's JSON).
 _COMPLETION_PATH = "/v1/completions"
 NODE_HEADER = "x-serve-node"
 

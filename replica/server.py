@@ -7,16 +7,16 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from common import vllm_app
-from common.api import RawRequest
-from common.config import EngineConfig, ServeConfig
+from replica import vllm_app
+from replica.api import RawRequest
+from replica.config import EngineConfig, ServeConfig
 
 logger = logging.getLogger("ray.serve")
 
 _REPLICA_NODES_TTL_S = 5.0
 _replica_nodes_cache: tuple[float, dict[str, int]] = (0.0, {})
 
-# The placement-group application's round-robin router (common/ingress.py): it holds no engine.
+# The placement-group application's round-robin router (replica/ingress.py): it holds no engine.
 ROUTER_DEPLOYMENT = "Router"
 
 
@@ -70,13 +70,13 @@ def reasoning_parser_for(choice: str, model: str) -> str:
 
 
 class LLMServer:
-    """One vLLM engine and the app serving it. `LLMDeployment` (common/ingress.py) puts the app
+    """One vLLM engine and the app serving it. `LLMDeployment` (replica/ingress.py) puts the app
     behind Serve's HTTP proxy; `LLMBackend` answers a router's `call` through the same app."""
 
     async def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
 
-        from common.engine import build_engine, serve_log_handlers_kept
+        from replica.engine import build_engine, serve_log_handlers_kept
 
         self.engine_config = engine_config
         self.serve_config = serve_config
@@ -114,7 +114,7 @@ class LLMServer:
         self.engine.abort = counted
 
     def status(self) -> dict[str, Any]:
-        from common.engine import unfinished_requests
+        from replica.engine import unfinished_requests
 
         return {"node": self.node_id, "model": self.model_name,
                 "engine_alive": not self.engine.errored,

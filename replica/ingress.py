@@ -8,10 +8,10 @@ from typing import Any
 
 from ray import serve
 
-from common import api, vllm_app
-from common.api import RawRequest
-from common.config import ServeConfig
-from common.server import ROUTER_DEPLOYMENT, LLMServer
+from replica import api, vllm_app
+from replica.api import RawRequest
+from replica.config import ServeConfig
+from replica.server import ROUTER_DEPLOYMENT, LLMServer
 
 logger = logging.getLogger("ray.serve")
 

@@ -6,13 +6,13 @@ import logging
 import os
 from typing import Any
 
-from common.config import EngineConfig
+from replica.config import EngineConfig
 
 logger = logging.getLogger("ray.serve")
 
 
 def build_engine(config: EngineConfig, args: Any):
-    """Create vLLM's AsyncLLM from `vllm serve`'s arguments (common.vllm_app.serve_args), inside
+    """Create vLLM's AsyncLLM from `vllm serve`'s arguments (replica.vllm_app.serve_args), inside
     the current (replica) process.
 
     For tensor/pipeline parallelism on GPUs the replica was scheduled in its own placement group
@@ -60,7 +60,7 @@ def engine_stat_loggers(config: EngineConfig) -> list | None:
         logger.warning("engine metrics not exported: vLLM has no RayPrometheusStatLogger (%s)",
                        exc)
         return None
-    from common.metrics_export import labelled_stat_logger
+    from replica.metrics_export import labelled_stat_logger
 
     return [labelled_stat_logger(RayPrometheusStatLogger)]
 

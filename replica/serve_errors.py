@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable
 
-from common import api
+from replica import api
 
 Message = dict[str, Any]
 
@@ -59,7 +59,7 @@ def _is_plain_error(start: Message) -> bool:
 
 def json_error_middlewares() -> list:
     """What Serve's HTTP server in a replica wraps its app with: RAY_SERVE_HTTP_PROXY_CALLBACK_
-    IMPORT_PATH names this function in the replicas' environment (common.config)."""
+    IMPORT_PATH names this function in the replicas' environment (replica.config)."""
     from starlette.middleware import Middleware
 
     return [Middleware(JsonServeErrors)]
