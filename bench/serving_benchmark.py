@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import machine
 from machine import version_of
@@ -27,14 +27,17 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray", "ray-proxy")
+TARGETS = ("offline", "vllm-serve", "ray", "ray-proxy", "serve-llm", "serve-llm-direct")
 # The deployment script's --ingress of each Ray target.
 RAY_INGRESS = {"ray": "haproxy", "ray-proxy": "proxy"}
+# ray.serve.llm targets: the environment of their Ray head.
+SERVE_LLM_ENV = {"serve-llm": {},
+                 "serve-llm-direct": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+                                      "RAY_SERVE_ENABLE_HA_PROXY": "1"}}
+SERVED = ("vllm-serve", *RAY_INGRESS, *SERVE_LLM_ENV)
 # Rows of the table: (row, server target, streaming)
-ROWS = (("offline", "offline", False), ("vllm-serve", "vllm-serve", False),
-        ("ray", "ray", False), ("ray-proxy", "ray-proxy", False),
-        ("vllm-serve-stream", "vllm-serve", True), ("ray-stream", "ray", True),
-        ("ray-proxy-stream", "ray-proxy", True))
+ROWS = (("offline", "offline", False), *((t, t, False) for t in SERVED),
+        *((f"{t}-stream", t, True) for t in SERVED))
 
 EPILOG = """targets (each started fresh and torn down in every repetition, in this order):
   offline     vllm.LLM.generate on the same prompts, in a subprocess (GPU memory freed after)
@@ -44,6 +47,10 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
               127.0.0.1, proxy HeadOnly on 127.0.0.1, driven by load_test.py over POST / (or
               --ray-endpoint; then --stream: row ray-stream)
   ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
+  serve-llm   Ray's own ray.serve.llm (LLMConfig + build_openai_app, its defaults but one
+              replica), the same engine settings, driven over /v1/completions
+  serve-llm-direct  the same with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 and
+              RAY_SERVE_ENABLE_HA_PROXY=1 (its replica serves vLLM's app directly)
 
 examples:
   python bench/serving_benchmark.py                       # GPU: 7B-shaped dummy model, 3 reps
@@ -232,17 +239,11 @@ def offline_main(spec_path: str) -> int:
 # Target (c): the Ray head on 127.0.0.1 + ray-single-gpu.py (`serving_benchmark.py _ray ARGS`)
 
 
-def ray_main(script_args: list[str]) -> int:
+def own_ray_head(body: Callable[[], int]) -> int:
     """Start a Ray head bound to 127.0.0.1 (owned by this process, so stopping it stops the
-    cluster), run a deployment script's main() in it (ray-single-gpu.py, or the script named
-    first, e.g. `_ray ray-placement-group.py ...`), print READY, serve until SIGTERM, then shut
-    Serve and Ray down."""
-    script = "ray-single-gpu.py"
-    if script_args and script_args[0].endswith(".py"):
-        script, script_args = script_args[0], script_args[1:]
+    cluster), run `body` (it deploys; 0 = up), print READY, serve until SIGTERM, then shut Serve
+    and Ray down."""
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    import importlib.util
-
     import ray
 
     from common.cluster import NAMESPACE
@@ -253,11 +254,15 @@ def ray_main(script_args: list[str]) -> int:
     ray.init(_node_ip_address=HOST, include_dashboard=False, namespace=NAMESPACE,
              log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2),
              **({"_temp_dir": temp_dir} if temp_dir else {}))
-    spec = importlib.util.spec_from_file_location("deploy_script", REPO_ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    code = module.main(script_args)
-    print("READY" if code == 0 else f"FAILED {code}", flush=True)
+    try:
+        code = body()
+    except Exception as exc:  # noqa: BLE001 - the driver reads FAILED and points at this log
+        import traceback
+        traceback.print_exc()
+        code = 1
+        print(f"FAILED {exc}", flush=True)
+    else:
+        print("READY" if code == 0 else f"FAILED {code}", flush=True)
     if code == 0:
         while not stop["now"]:
             time.sleep(0.5)
@@ -267,6 +272,47 @@ def ray_main(script_args: list[str]) -> int:
     finally:
         ray.shutdown()
     return code
+
+
+def ray_main(script_args: list[str]) -> int:
+    """`_ray [SCRIPT.py] FLAGS`: a deployment script's main() (default ray-single-gpu.py) on a
+    Ray head of its own."""
+    script = "ray-single-gpu.py"
+    if script_args and script_args[0].endswith(".py"):
+        script, script_args = script_args[0], script_args[1:]
+
+    def deploy() -> int:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("deploy_script", REPO_ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module.main(script_args)
+
+    return own_ray_head(deploy)
+
+
+def serve_llm_main(spec_json: str) -> int:
+    """`_serve_llm SPEC`: Ray's own `ray.serve.llm` (LLMConfig + build_openai_app, its defaults
+    but one replica) on a Ray head of its own, with the engine settings of the other targets;
+    the peer an operator would pick instead of this project. Its direct streaming mode is the
+    environment's RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING (with RAY_SERVE_ENABLE_HA_PROXY)."""
+    spec = json.loads(spec_json)
+
+    def deploy() -> int:
+        from ray import serve
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        engine = {k: v for k, v in spec["engine"].items() if k != "model"}
+        config = LLMConfig(
+            model_loading_config={"model_id": SERVED_NAME, "model_source": spec["engine"]["model"]},
+            engine_kwargs=engine, deployment_config={"num_replicas": 1},
+            **({"accelerator_config": {"kind": "cpu"}} if spec["device"] == "cpu" else {}))
+        serve.start(proxy_location="HeadOnly", http_options={"host": HOST, "port": spec["port"]})
+        serve.run(build_openai_app({"llm_configs": [config]}), name="serve-llm",
+                  route_prefix="/")
+        return 0
+
+    return own_ray_head(deploy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +338,7 @@ class Bench:
         (self.workdir / "tmp").mkdir(exist_ok=True)
         env.update(ray_token_env(self.workdir))
         if self.cpu:
-            from common.config import CPU_ENGINE_ENV
+            from replica.config import CPU_ENGINE_ENV
             env.update(CPU_ENGINE_ENV)
             env["VLLM_CACHE_ROOT"] = str(self.workdir / "vllm-cache")
         return env
@@ -423,15 +469,35 @@ class Bench:
                        "--timeout", str(self.args.start_timeout),
                        "--device", self.args.device, "--ingress", RAY_INGRESS[target],
                        *self.cli_engine_flags(), *self.args.ray_args]
-        command = [sys.executable, __file__, "_ray", *script_args]
         self.command_lines.setdefault(target, "ray.init(_node_ip_address='127.0.0.1') + python "
                                       "ray-single-gpu.py " + " ".join(script_args).replace(
                                           str(REPO_ROOT) + "/", "").replace(str(port), "PORT"))
+        return self._run_helper(rep, target, ["_ray", *script_args], port,
+                                self.args.ray_endpoint)
+
+    def run_serve_llm(self, rep: int, target: str) -> dict[str, dict[str, Any]]:
+        port = free_port()
+        spec = {"engine": self.engine_settings(), "device": self.args.device, "port": port}
+        env = dict(SERVE_LLM_ENV[target])
+        self.command_lines.setdefault(target, " ".join(f"{k}={v}" for k, v in env.items()) +
+                                      " ray.serve.llm: LLMConfig(model_loading_config="
+                                      f"{{model_id: {SERVED_NAME}, model_source: MODEL}}, "
+                                      f"engine_kwargs={json.dumps(spec['engine'])}, "
+                                      "deployment_config={num_replicas: 1}) + build_openai_app")
+        return self._run_helper(rep, target, ["_serve_llm", json.dumps(spec)], port,
+                                "/v1/completions", env)
+
+    def _run_helper(self, rep: int, target: str, helper_args: list[str], port: int,
+                    endpoint: str, env: dict[str, str] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+        """Start this file's `_ray` / `_serve_llm` helper, wait for READY, drive it, stop it."""
+        command = [sys.executable, __file__, *helper_args]
         logpath = self.workdir / f"{target}-{rep}.log"
         with open(logpath, "w") as logf:
-            process = subprocess.Popen(command, env=clean_env(self.engine_env()), cwd=REPO_ROOT,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=logf, text=True, start_new_session=True)
+            process = subprocess.Popen(command, env=clean_env({**self.engine_env(), **(env or {})}),
+                                       cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=logf, text=True,
+                                       start_new_session=True)
             try:
                 started = time.monotonic()
                 line = ""
@@ -441,9 +507,9 @@ class Bench:
                         break
                     logf.write(line)
                 if line.strip() != "READY":
-                    raise RuntimeError(f"ray-single-gpu.py did not come up ({line.strip()})")
-                log(f"ray-single-gpu.py ready in {time.monotonic() - started:.0f}s")
-                return self._drive(target, port, self.args.ray_endpoint)
+                    raise RuntimeError(f"{target} did not come up ({line.strip()})")
+                log(f"{target} ready in {time.monotonic() - started:.0f}s")
+                return self._drive(target, port, endpoint)
             except Exception as exc:
                 raise RuntimeError(f"{target} target failed: {exc}; see {logpath}") from None
             finally:
@@ -483,7 +549,8 @@ class Bench:
         order = [t for t in TARGETS if t in a.targets]
         runners = {"offline": self.run_offline, "vllm-serve": self.run_vllm_serve,
                    "ray": self.run_ray,
-                   "ray-proxy": lambda rep: self.run_ray(rep, "ray-proxy")}
+                   "ray-proxy": lambda rep: self.run_ray(rep, "ray-proxy"),
+                   **{t: (lambda rep, t=t: self.run_serve_llm(rep, t)) for t in SERVE_LLM_ENV}}
         for rep in range(a.repetitions):
             for target in order:
                 log(f"repetition {rep + 1}/{a.repetitions}: {target}")
@@ -576,7 +643,7 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
     """(c)/(a) and (c)/(b): of the medians, and per repetition (same repetition = interleaved)."""
     result: dict[str, Any] = {}
     pairs = []
-    for ray in RAY_INGRESS:
+    for ray in SERVED[1:]:
         pairs += [(f"{ray}/offline", ray, "offline", "output_tok_s"),
                   (f"{ray}/vllm-serve", ray, "vllm-serve", "output_tok_s")]
         pairs += [(f"{ray}-stream/vllm-serve-stream {metric.removesuffix('_ms')}",
@@ -747,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         return offline_main(argv[1])
     if argv[:1] == ["_ray"]:
         return ray_main(argv[1:])
+    if argv[:1] == ["_serve_llm"]:
+        return serve_llm_main(argv[1])
     if argv[:1] == ["_vllm"]:
         from bench.client_capacity import run_vllm_cli
         return run_vllm_cli(argv[1:])
