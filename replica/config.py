@@ -8,8 +8,8 @@ from typing import Any
 DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 
-# Env vars that make the CPU build start in seconds and behave on small machines; measured, see
-# README ("CPU demo"). Only applied for device=cpu, and only where the operator has not set them.
+# Env vars that make the CPU build start in seconds and behave on small machines. Only applied
+# for device=cpu, and only where the operator has not set them.
 CPU_ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "OMP_NUM_THREADS": "1",
@@ -19,7 +19,7 @@ CPU_ENGINE_ENV = {
     "DO_NOT_TRACK": "1",
 }
 # Serve runs user code on a separate thread by default; with an asyncio engine the extra hop
-# between event loops costs throughput (measured on an H100: about 13% of output tok/s).
+# between event loops costs throughput (figures: bench/README.md).
 SERVE_REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     # Behind HAProxy a replica serves HTTP itself and answers backpressure with Serve's own plain
@@ -111,9 +111,9 @@ class ServeConfig:
     route_prefix: str = "/"
     host: str = "0.0.0.0"
     port: int = 8000
-    # vLLM batches everything a replica holds (up to max_num_seqs, 1024 on an H100-class GPU):
+    # vLLM batches everything a replica holds (up to max_num_seqs, which is 1024 on large GPUs):
     # Serve's limit must not cut the batch below that, or requests wait in the proxy while the
-    # GPU has room (256 here held 512 in-flight requests to half a batch).
+    # GPU has room.
     max_ongoing_requests: int = 1024
     max_queued_requests: int = 1024
     cpus_per_replica: float = 1.0

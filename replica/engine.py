@@ -90,9 +90,8 @@ def serve_log_handlers_kept():
 
 def apply_offline_batch_limits(engine_args: Any, config: EngineConfig) -> None:
     """On GPUs, use the batch limits vLLM picks for its offline `LLM` class where the operator set
-    none. For the API-server context vLLM picks half the tokens per step (8192 vs 16384 on an
-    H100-class GPU), which cost throughput against `LLM.generate` with hundreds of requests in
-    flight. Feature-detected (`get_batch_defaults`, present in vLLM 0.26 and 0.32): a release
+    none. For the API-server context vLLM picks half the tokens per step, which costs throughput
+    against `LLM.generate` with hundreds of requests in flight (bench/README.md). Feature-detected (`get_batch_defaults`, present in vLLM 0.26 and 0.32): a release
     without it keeps its own defaults."""
     if config.device != "cuda":
         return
