@@ -3,33 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import sys
-import tempfile
 import time
 
-# Set before ray is imported anywhere: otherwise a Serve handle's metrics thread reconnects
-# after ray.shutdown() and the cluster cannot be torn down.
-os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-# A local ray.init() turns token auth on and writes a token where Ray looks by default
-# (~/.ray/auth_token, shared by everything on the machine): the tests keep theirs apart.
-if "RAY_AUTH_TOKEN_PATH" not in os.environ:
-    _token = os.path.join(tempfile.mkdtemp(prefix="ray-test-token-"), "auth_token")
-    with open(os.open(_token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as _file:
-        _file.write(secrets.token_hex(32))
-    os.environ["RAY_AUTH_TOKEN_PATH"] = _token
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-# Ray workers (replicas) inherit this from the raylets the tests start: they must be able to
-# import the project's modules and the tests' own deployments.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [ROOT, os.path.join(ROOT, "tests")] +
-    [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+import ray
+from ray.cluster_utils import Cluster
 
 LOCAL_IP = "127.0.0.1"
 

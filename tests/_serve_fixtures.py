@@ -6,13 +6,13 @@ import contextlib
 import socket
 import threading
 
-from _cluster_fixtures import LOCAL_IP, wait_until  # noqa: F401  (sets env first)
+from _cluster_fixtures import LOCAL_IP, wait_until  # noqa: F401
 
-import ray  # noqa: E402
-import requests  # noqa: E402
+import ray
+import requests
 
-from common.demo import load_script  # noqa: E402
-from common.demo_model import ensure_demo_model  # noqa: E402
+from common.demo import load_script
+from common.demo_model import ensure_demo_model
 
 
 def free_port() -> int:

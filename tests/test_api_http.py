@@ -11,7 +11,7 @@ import requests
 from _serve_fixtures import (LOCAL_IP, cpu_args, demo_model, deploy_script, free_port, health,
                              local_ray, wait_until)
 
-import ray  # noqa: E402
+import ray
 
 MAX_MODEL_LEN = 4096
 GUIDE_KEYS = {"id", "object", "created", "model", "node", "choices", "usage"}

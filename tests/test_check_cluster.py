@@ -7,15 +7,14 @@ import subprocess
 import sys
 import time
 
-from _cluster_fixtures import ROOT, simulated_cluster, subprocess_env, wait_until  # noqa: E402  (sets env first)
+from _cluster_fixtures import ROOT, subprocess_env, wait_until
 
-import pytest  # noqa: E402
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
-import check_cluster  # noqa: E402
-from common import cluster as cluster_mod  # noqa: E402
-from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE, EXIT_UNHEALTHY  # noqa: E402
+import check_cluster
+from common import cluster as cluster_mod
+from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE, EXIT_UNHEALTHY
 
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_gpus": 8, "num_cpus": 0})
@@ -24,11 +23,8 @@ class WhereAmI:
         return ray.get_runtime_context().get_node_id()
 
 
-@pytest.fixture(scope="module")
-def sim():
-    # Only the first GPU node carries "rack_a", so a deployment asking for it is forced there.
-    with simulated_cluster(worker_resources=[{"rack_a": 4}, {}]) as (c, workers):
-        yield c, workers
+# Only the first GPU node carries "rack_a", so a deployment asking for it is forced there.
+SIMULATED_CLUSTER = {"worker_resources": [{"rack_a": 4}, {}]}
 
 
 def run_json(capsys, *argv: str):

@@ -16,11 +16,11 @@ import requests
 
 from _serve_fixtures import LOCAL_IP, cpu_args, deploy_script, free_port, wait_until
 
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
-from common import cluster, metrics_scrape  # noqa: E402
-from common.loadgen import LoadConfig, run_load_sync, summarize  # noqa: E402
+from common import cluster, metrics_scrape
+from common.loadgen import LoadConfig, run_load_sync, summarize
 
 APP = "ops"
 # The deployment as the module deploys it; later tests redeploy it with one flag changed.

@@ -12,19 +12,19 @@ import signal
 import threading
 import time
 
-from _cluster_fixtures import LOCAL_IP, simulated_cluster  # noqa: F401  (sets env first)
+from _cluster_fixtures import LOCAL_IP
 
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-import ray  # noqa: E402
-import requests  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from ray import serve  # noqa: E402
+import psutil
+import pytest
+import ray
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
 
-import check_cluster  # noqa: E402
-from _serve_fixtures import cpu_args, deploy_script, wait_until  # noqa: E402
-from common import cluster, loadgen  # noqa: E402
+import check_cluster
+from _serve_fixtures import cpu_args, deploy_script, wait_until
+from common import cluster, loadgen
 
 pytestmark = pytest.mark.reliability
 
@@ -33,10 +33,7 @@ MAX_ONGOING = 4
 MAX_QUEUED = 8
 
 
-@pytest.fixture(scope="module")
-def sim():
-    with simulated_cluster(gpu_nodes=3, head_cpus=0, worker_cpus=1) as (c, workers):
-        yield c, workers
+SIMULATED_CLUSTER = {"gpu_nodes": 3, "head_cpus": 0, "worker_cpus": 1}
 
 
 def args(app: str, *extra: str) -> list[str]:

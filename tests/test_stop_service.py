@@ -8,14 +8,13 @@ import sys
 import threading
 import time
 
-from _cluster_fixtures import ROOT, simulated_cluster, subprocess_env  # noqa: E402  (sets env first)
+from _cluster_fixtures import ROOT, subprocess_env
 
-import pytest  # noqa: E402
-import requests  # noqa: E402
-from ray import serve  # noqa: E402
+import requests
+from ray import serve
 
-import stop_service  # noqa: E402
-from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE  # noqa: E402
+import stop_service
+from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE
 
 SLEEP_S = 2.0
 
@@ -28,10 +27,7 @@ class Slow:
         return "finished"
 
 
-@pytest.fixture(scope="module")
-def sim():
-    with simulated_cluster(gpu_nodes=1) as (c, workers):
-        yield c
+SIMULATED_CLUSTER = {"gpu_nodes": 1}
 
 
 def test_stop_waits_for_in_flight_requests(sim, capsys):
@@ -53,7 +49,7 @@ def test_stop_waits_for_in_flight_requests(sim, capsys):
     time.sleep(0.7)  # long enough for every request to reach the replica, well under SLEEP_S
 
     start = time.monotonic()
-    code = stop_service.main(["--address", sim.address, "--app", "slowapp", "--timeout", "30"])
+    code = stop_service.main(["--address", sim[0].address, "--app", "slowapp", "--timeout", "30"])
     elapsed = time.monotonic() - start
     out = capsys.readouterr().out
 
@@ -68,10 +64,10 @@ def test_stop_waits_for_in_flight_requests(sim, capsys):
 
 
 def test_nothing_running_exits_0(sim, capsys):
-    assert stop_service.main(["--address", sim.address, "--timeout", "10"]) == EXIT_OK
+    assert stop_service.main(["--address", sim[0].address, "--timeout", "10"]) == EXIT_OK
     assert "nothing is running" in capsys.readouterr().out.lower()
 
-    assert stop_service.main(["--address", sim.address, "--app", "no-such-app"]) == EXIT_OK
+    assert stop_service.main(["--address", sim[0].address, "--app", "no-such-app"]) == EXIT_OK
     out = capsys.readouterr().out.lower()
     assert "nothing is running" in out and "no-such-app" in out
 
@@ -79,7 +75,7 @@ def test_nothing_running_exits_0(sim, capsys):
 def test_default_stops_every_app_and_shutdown_stops_serve(sim, capsys):
     serve.run(Slow.options(name="A").bind(), name="first", route_prefix="/first")
     serve.run(Slow.options(name="B").bind(), name="second", route_prefix="/second")
-    code = stop_service.main(["--address", sim.address, "--timeout", "30", "--shutdown"])
+    code = stop_service.main(["--address", sim[0].address, "--timeout", "30", "--shutdown"])
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
     assert "first" in out and "second" in out and "shut down" in out

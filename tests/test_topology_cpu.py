@@ -10,30 +10,28 @@ from __future__ import annotations
 import collections
 import json
 
-from _cluster_fixtures import LOCAL_IP, simulated_cluster  # noqa: F401  (sets env first)
+from _cluster_fixtures import LOCAL_IP
 
-import pytest  # noqa: E402
-import ray  # noqa: E402
-import requests  # noqa: E402
-from ray import serve  # noqa: E402
+import ray
+import requests
+from ray import serve
 
-import check_cluster  # noqa: E402
-import load_test  # noqa: E402
-import stop_service  # noqa: E402
-from _serve_fixtures import (background_load, cpu_args, deploy_script,  # noqa: E402
+import check_cluster
+import load_test
+import stop_service
+from _serve_fixtures import (background_load, cpu_args, deploy_script,
                              wait_for_replicas, wait_until)
-from common import cluster  # noqa: E402
-from replica.api import RawRequest  # noqa: E402
+from common import cluster
+from replica.api import RawRequest
 
 URL = f"http://{LOCAL_IP}:8000"
 
 
-@pytest.fixture(scope="module")
-def sim():
-    with simulated_cluster(gpu_nodes=2, head_cpus=0, worker_cpus=1,
-                           ingress="proxy") as (c, workers):
-        assert cluster.serve_ingress() == "proxy"
-        yield c, workers
+SIMULATED_CLUSTER = {"gpu_nodes": 2, "head_cpus": 0, "worker_cpus": 1, "ingress": "proxy"}
+
+
+def test_serve_runs_on_the_python_proxy_here(sim):
+    assert cluster.serve_ingress() == "proxy"
 
 
 def worker_nodes() -> set:

@@ -7,26 +7,23 @@ from __future__ import annotations
 
 import collections
 
-from _cluster_fixtures import LOCAL_IP, simulated_cluster  # noqa: F401  (sets env first)
+from _cluster_fixtures import LOCAL_IP
 
-import pytest  # noqa: E402
-import ray  # noqa: E402
-import requests  # noqa: E402
-from ray import serve  # noqa: E402
+import pytest
+import ray
+import requests
+from ray import serve
 
-import _placement_probe  # noqa: E402
-from _serve_fixtures import (background_load, deploy_script, wait_for_replicas,  # noqa: E402
+import _placement_probe
+from _serve_fixtures import (background_load, deploy_script, wait_for_replicas,
                              wait_until)
-from common import cli, cluster  # noqa: E402
+from common import cli, cluster
 
 URL = f"http://{LOCAL_IP}:8000"
 
 
-@pytest.fixture(scope="module")
-def sim():
-    # Logical CPUs only: enough that GPUs, not CPUs, decide placement.
-    with simulated_cluster(gpu_nodes=2, head_cpus=1, worker_cpus=16) as (c, workers):
-        yield c, workers
+# Logical CPUs only: enough that GPUs, not CPUs, decide placement.
+SIMULATED_CLUSTER = {"gpu_nodes": 2, "head_cpus": 1, "worker_cpus": 16}
 
 
 @pytest.fixture(autouse=True)
