@@ -52,12 +52,15 @@ def _engine_summary(app: str | None, as_json: bool):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     cluster.connect(args.address)
-    try:
-        report = cluster.collect_report(app=args.app, spread_deployments=set(args.spread or ()))
-    except Exception as exc:  # noqa: BLE001 - operators need the reason, not a traceback
-        print(f"error: could not read the cluster state: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    engine = _engine_summary(args.app, as_json=args.json)
+    with cluster.state_snapshot():  # the report and the engine summary see the same moment
+        try:
+            report = cluster.collect_report(app=args.app,
+                                            spread_deployments=set(args.spread or ()))
+        except Exception as exc:  # noqa: BLE001 - operators need the reason, not a traceback
+            print(f"error: could not read the cluster state: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        engine = _engine_summary(args.app, as_json=args.json)
     if args.json:
         data = cluster.report_to_dict(report)
         data["engine_metrics"] = engine

@@ -279,6 +279,53 @@ def _enum_str(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+# ---- Ray's state, read once per snapshot ------------------------------------------------------
+# Every private or state-API call of this module goes through these readers. Inside
+# `state_snapshot()` each is read once and reused, so a report's "free" and "total" come from
+# the same moment (and one check_cluster.py run asks the GCS once per kind of state).
+
+_SNAPSHOT: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def state_snapshot():
+    global _SNAPSHOT
+    outer = _SNAPSHOT
+    _SNAPSHOT = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SNAPSHOT = outer
+
+
+def _read(kind: str, fetch):
+    if _SNAPSHOT is None:
+        return fetch()
+    if kind not in _SNAPSHOT:
+        _SNAPSHOT[kind] = fetch()
+    return _SNAPSHOT[kind]
+
+
+def ray_nodes() -> list[dict]:
+    import ray
+    return _read("nodes", ray.nodes)
+
+
+def _cluster_status():
+    from ray.autoscaler.v2.sdk import get_cluster_status
+    return _read("cluster_status", lambda: get_cluster_status(_gcs_address()))
+
+
+def _raw_actors() -> dict:
+    import ray._private.state
+    return _read("actors", ray._private.state.actors)
+
+
+def _placement_group_table() -> dict:
+    import ray
+    return _read("placement_groups", ray.util.placement_group_table)
+
+
 def _gcs_address() -> str:
     import ray
     return ray.get_runtime_context().gcs_address
@@ -296,10 +343,7 @@ def _serve_client():
 def serve_ingress() -> str | None:
     """'haproxy' or 'proxy': what answers HTTP for the running Serve (see common.deploy), from
     the proxy actors it started; None when none is alive."""
-    import ray._private.state
-
-    alive = {a.get("ActorClassName") for a in ray._private.state.actors().values()
-             if a.get("State") == "ALIVE"}
+    alive = {a.get("ActorClassName") for a in _raw_actors().values() if a.get("State") == "ALIVE"}
     if "HAProxyManager" in alive:
         return "haproxy"
     return "proxy" if "ProxyActor" in alive else None
@@ -310,10 +354,8 @@ def serve_spreads_load() -> bool | None:
     from the environment of the proxy processes on this machine; None when none is readable."""
     import psutil
 
-    import ray._private.state
-
     seen = None
-    for actor in ray._private.state.actors().values():
+    for actor in _raw_actors().values():
         if actor.get("ActorClassName") != "ProxyActor" or actor.get("State") != "ALIVE":
             continue
         try:
@@ -331,8 +373,7 @@ def serve_spreads_load() -> bool | None:
 
 def _available_per_node() -> dict[str, dict]:
     try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-        status = get_cluster_status(_gcs_address())
+        status = _cluster_status()
         out = {n.node_id: n.available_resources()
                for n in list(status.active_nodes) + list(status.idle_nodes) if n.node_id}
         if out:
@@ -340,14 +381,13 @@ def _available_per_node() -> dict[str, dict]:
     except Exception:  # noqa: BLE001 - fall through to the older GCS call
         pass
     import ray._private.state
-    return ray._private.state.available_resources_per_node()
+    return _read("available", ray._private.state.available_resources_per_node)
 
 
 def list_nodes() -> list[NodeInfo]:
-    import ray
     available = _available_per_node()
     nodes = []
-    for raw in ray.nodes():
+    for raw in ray_nodes():
         total = raw.get("Resources") or {}
         alive = bool(raw.get("Alive"))
         free = available.get(raw["NodeID"], {}) if alive else {}
@@ -377,13 +417,16 @@ def list_nodes() -> list[NodeInfo]:
 
 
 def _serve_details() -> dict:
-    client = _serve_client()
-    if client is None:
-        return {}
-    try:
-        return client.get_serve_details() or {}
-    except Exception:  # noqa: BLE001 - a controller that is going away has nothing to show
-        return {}
+    def fetch() -> dict:
+        client = _serve_client()
+        if client is None:
+            return {}
+        try:
+            return client.get_serve_details() or {}
+        except Exception:  # noqa: BLE001 - a controller that is going away has nothing to show
+            return {}
+
+    return _read("serve_details", fetch)
 
 
 def serve_apps() -> dict:
@@ -443,8 +486,7 @@ def _replica_resources(dep: dict) -> dict:
 def _actor_table() -> dict[str, dict]:
     """Actor id -> {state, node_id, ip, pid, class_name, name}, from the state API or the GCS."""
     try:
-        import ray._private.state
-        raw = ray._private.state.actors()
+        raw = _raw_actors()
         return {aid: {"state": a.get("State"), "node_id": (a.get("Address") or {}).get("NodeID"),
                       "ip": (a.get("Address") or {}).get("IPAddress"), "pid": a.get("Pid"),
                       "class_name": a.get("ActorClassName", ""), "name": a.get("Name", "")}
@@ -468,9 +510,7 @@ def _replica_group_bundles() -> dict[str, dict]:
     after its actor, and its details do not list the bundles (a TP=8 replica would otherwise show
     only the CPU its actor takes, not the 8 GPUs its group holds)."""
     try:
-        import ray
-
-        table = ray.util.placement_group_table()
+        table = _placement_group_table()
     except Exception:  # noqa: BLE001 - no table: resources from the deployment config only
         return {}
     return {g.get("name"): {"placement_group_bundles": [dict(b) for b in
@@ -530,9 +570,8 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
 
 
 def list_placement_groups() -> list[PlacementGroupInfo]:
-    import ray
     try:
-        table = ray.util.placement_group_table()
+        table = _placement_group_table()
     except Exception:  # noqa: BLE001
         return []
     groups = []
@@ -563,10 +602,9 @@ def _sub(resources: dict, shape: dict) -> dict:
 
 def _node_pools(nodes: list[NodeInfo], free: bool) -> list[tuple[str, dict]]:
     available = _available_per_node() if free else {}
-    import ray
     pools = []
     by_id = {n.node_id: n for n in nodes if n.alive}
-    for raw in ray.nodes():
+    for raw in ray_nodes():
         if raw["NodeID"] not in by_id:
             continue
         res = available.get(raw["NodeID"], {}) if free else (raw.get("Resources") or {})
@@ -676,8 +714,7 @@ def pending_demands(nodes: list[NodeInfo] | None = None) -> list[PendingDemand]:
     pools = _pools(nodes)
     demands: list[PendingDemand] = []
     try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-        summary = get_cluster_status(_gcs_address()).resource_demands
+        summary = _cluster_status().resource_demands
     except Exception:  # noqa: BLE001 - fall back to what the placement group table shows
         summary = None
     if summary is not None:
@@ -720,6 +757,12 @@ def _matches_spread(app: str, deployment: str, spread: set) -> bool:
 
 
 def collect_report(app: str | None = None, spread_deployments: set | None = None) -> ClusterReport:
+    """The cluster's state and what is wrong with it, from one snapshot of Ray's state."""
+    with state_snapshot():
+        return _collect_report(app, spread_deployments)
+
+
+def _collect_report(app: str | None, spread_deployments: set | None) -> ClusterReport:
     spread = set(spread_deployments or ())
     nodes = list_nodes()
     apps = serve_apps()

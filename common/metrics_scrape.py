@@ -49,10 +49,10 @@ def parse(text: str) -> list[Sample]:
 def node_endpoints() -> list[tuple[str, str]]:
     """(node_id, URL of its /metrics) for every alive node of the connected Ray cluster: the
     port is what `ray start --metrics-export-port` set (random when not set)."""
-    import ray
+    from common.cluster import ray_nodes
 
     endpoints = []
-    for node in ray.nodes():
+    for node in ray_nodes():
         port = node.get("MetricsExportPort")
         if node.get("Alive") and port:
             endpoints.append((node["NodeID"],

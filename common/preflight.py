@@ -13,9 +13,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def alive_node_resources() -> list[dict[str, float]]:
-    import ray
+    from common.cluster import ray_nodes
 
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return [dict(n["Resources"]) for n in ray_nodes() if n.get("Alive")]
 
 
 def cluster_total(resource: str) -> float:

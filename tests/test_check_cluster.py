@@ -78,6 +78,29 @@ def test_healthy_cluster_shows_nodes_and_replica_placement(sim, capsys):
     assert "HEALTHY" in text and "placement/WhereAmI" in text
 
 
+def test_one_run_reads_each_kind_of_ray_state_once(sim, capsys, monkeypatch):
+    import ray
+    import ray._private.state
+    import ray.autoscaler.v2.sdk as sdk
+
+    calls = {"nodes": 0, "cluster_status": 0, "actors": 0}
+
+    def counting(kind, real):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(ray, "nodes", counting("nodes", ray.nodes))
+    monkeypatch.setattr(sdk, "get_cluster_status",
+                        counting("cluster_status", sdk.get_cluster_status))
+    monkeypatch.setattr(ray._private.state, "actors", counting("actors", ray._private.state.actors))
+    code, report = run_json(capsys, "--address", sim[0].address)
+    assert report["nodes"] and code in (EXIT_OK, EXIT_UNHEALTHY)
+    # One snapshot: "free" and "total" of every node come from the same moment.
+    assert calls == {"nodes": 1, "cluster_status": 1, "actors": 1}, calls
+
+
 def test_impossible_deployment_is_pending_with_reason(sim, capsys):
     c, _ = sim
 
