@@ -661,10 +661,13 @@ def _pools(nodes: list[NodeInfo]) -> tuple[list, list]:
 
 def explain(bundles: list[dict], strategy: str | None, nodes: list[NodeInfo] | None = None,
             pools: tuple[list, list] | None = None) -> str:
-    """Why a request of these bundles (one for an actor/task) is not placed, from node totals and free resources."""
-    nodes = nodes if nodes is not None else list_nodes()
+    """Why a request of these bundles (one for an actor/task) is not placed. A pure function of
+    `pools` ((node, total resources) and (node, free resources) lists) when they are given; else
+    they are read from the cluster."""
+    if pools is None:
+        pools = _pools(nodes if nodes is not None else list_nodes())
     bundles = [_capacity(b) for b in bundles]
-    totals, frees = pools if pools is not None else _pools(nodes)
+    totals, frees = pools
     alive = len(totals)
     if strategy is None or len(bundles) == 1 and (strategy or "").upper() != "STRICT_SPREAD":
         shape = bundles[0] if len(bundles) == 1 else {}
