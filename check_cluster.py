@@ -6,6 +6,8 @@ import sys
 from typing import Sequence
 
 from common import cluster
+from common.cluster_format import format_report
+from common.ray_connect import connect
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, add_address_flag, add_flag,
                         exits_with_codes, make_parser, parse)
 
@@ -51,7 +53,7 @@ def _engine_summary(app: str | None, as_json: bool):
 @exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
-    cluster.connect(args.address)
+    connect(args.address)
     with cluster.state_snapshot():  # the report and the engine summary see the same moment
         try:
             report = cluster.collect_report(app=args.app,
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["engine_metrics"] = engine
         print(json.dumps(data, indent=2, default=str))
     else:
-        print(cluster.format_report(report))
+        print(format_report(report))
         if engine:
             print("\n" + engine)
     return EXIT_OK if report.healthy else EXIT_UNHEALTHY

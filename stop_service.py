@@ -7,6 +7,7 @@ import time
 from typing import Sequence
 
 from common import cluster
+from common.ray_connect import connect
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, add_address_flag, add_flag,
                         exits_with_codes, make_parser, parse)
 
@@ -65,7 +66,7 @@ def _progress(apps: dict, waiting: list[str]) -> str:
 @exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
-    cluster.connect(args.address)
+    connect(args.address)
     from ray import serve
 
     serve_running = cluster._serve_client() is not None

@@ -122,6 +122,7 @@ def step(rec: Recorder, name: str, script: str, argv: list[str], app: str, args,
     from ray import serve
 
     from common import cluster
+    from common.cluster_format import format_placement
     from common.demo import load_script
 
     entry: dict = {"name": name, "command": f"python {script} " + " ".join(argv),
@@ -134,7 +135,7 @@ def step(rec: Recorder, name: str, script: str, argv: list[str], app: str, args,
             entry["deploy_exit"] = load_script(script).main(argv)
         entry["deploy_s"] = round(time.monotonic() - t0, 1)
         entry["deploy_output"] = buffer.getvalue()[-4000:]
-        entry["placement"] = cluster.format_placement(cluster.list_replicas(app))
+        entry["placement"] = format_placement(cluster.list_replicas(app))
         entry["resources"] = {"GPU_total": ray.cluster_resources().get("GPU"),
                               "GPU_available": ray.available_resources().get("GPU", 0)}
         entry["check_cluster"] = check_cluster_json(app)
@@ -142,7 +143,7 @@ def step(rec: Recorder, name: str, script: str, argv: list[str], app: str, args,
             during_load(entry)
         else:
             entry["load"] = run_load(app, args)
-        entry["placement_after_load"] = cluster.format_placement(cluster.list_replicas(app))
+        entry["placement_after_load"] = format_placement(cluster.list_replicas(app))
     except Exception:  # record and go on to the next step
         entry["error"] = traceback.format_exc()
     finally:
@@ -178,6 +179,7 @@ def phase_b(rec: Recorder, args) -> None:
     from ray.cluster_utils import Cluster
 
     from common import cluster
+    from common.cluster_format import format_placement
 
     cluster_ = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": LOCAL_IP, "include_dashboard": False})
@@ -222,7 +224,7 @@ def phase_b(rec: Recorder, args) -> None:
                     running = [r for r in cluster.list_replicas("product") if r.state == "RUNNING"]
                     if len(running) == 2:
                         entry["scaled_out_after_s"] = round(time.monotonic() - started, 1)
-                        entry["placement_scaled"] = cluster.format_placement(running)
+                        entry["placement_scaled"] = format_placement(running)
                         break
                     time.sleep(2)
             finally:

@@ -246,7 +246,7 @@ def own_ray_head(body: Callable[[], int]) -> int:
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     import ray
 
-    from common.cluster import NAMESPACE
+    from common.ray_connect import NAMESPACE
 
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))

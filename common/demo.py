@@ -17,7 +17,7 @@ from pathlib import Path
 import requests
 
 from common import cli
-from common.cluster import split_host_port
+from common.ray_connect import split_host_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ROOT / ".cache" / "demo"

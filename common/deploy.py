@@ -192,7 +192,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     if problems:
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_USAGE)
 
-    from common.cluster import connect
+    from common.ray_connect import connect
 
     connect(args.address, runtime_env=replica_code_runtime_env())
     if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
@@ -345,10 +345,11 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> int:
 
 def print_ready(serve_config: ServeConfig) -> None:
     from common import cluster
+    from common.cluster_format import format_placement
 
     replicas = cluster.list_replicas(serve_config.app_name)
     print(f"\napplication {serve_config.app_name!r} is RUNNING with {len(replicas)} replica(s):")
-    print(cluster.format_placement(replicas))
+    print(format_placement(replicas))
     host = "localhost" if serve_config.host in ("0.0.0.0", "::", "127.0.0.1") \
         else serve_config.host
     url = f"http://{host}:{serve_config.port}{serve_config.route_prefix.rstrip('/')}/"

@@ -19,8 +19,8 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     """Head (no GPU) + `gpu_nodes` nodes with 8 logical GPUs each; the driver is connected and
     Serve started with the scripts' `--ingress` (None: their default)."""
     from ray import serve
-    from common import cluster as cluster_mod
     from common.deploy import start_serve
+    from common.ray_connect import NAMESPACE
 
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
@@ -31,7 +31,7 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
         workers.append(c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
                                   resources={"accelerator_type:H100": 1, **extra}))
     c.wait_for_nodes()
-    ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=cluster_mod.NAMESPACE,
+    ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=NAMESPACE,
              logging_level="WARNING", log_to_driver=False)
     start_serve(LOCAL_IP, 8000, "HeadOnly", **({"ingress": ingress} if ingress else {}))
     try:

@@ -15,6 +15,7 @@ from ray import serve
 import check_cluster
 from common import cluster as cluster_mod
 from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE, EXIT_UNHEALTHY
+from common.cluster_format import format_placement
 
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_gpus": 8, "num_cpus": 0})
@@ -195,7 +196,7 @@ def test_format_placement_table(sim):
                                         {"GPU": 8.0, "CPU": 0.5}),
                 cluster_mod.ReplicaInfo("app", "Dep", "r2", "PENDING_CREATION", None, None, None, None,
                                         {"GPU": 8.0})]
-    text = cluster_mod.format_placement(replicas)
+    text = format_placement(replicas)
     lines = text.splitlines()
     assert lines[0].split() == ["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE", "IP", "RESOURCES"]
     assert "aaaaaaaaaaaa" in lines[1] and "10.0.0.1" in lines[1] and "GPU: 8" in lines[1]

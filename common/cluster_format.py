@@ -1,0 +1,97 @@
+"""The text rendering of a cluster report (check_cluster.py) and of replica placement tables."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from common.cluster import (UNKNOWN, ClusterReport, ReplicaInfo, _capacity, _fmt_num,
+                            format_shape, short_id)
+
+
+def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt_resources(res: dict) -> str:
+    if not res:
+        return "-"
+    if res.get("placement_group_bundles"):
+        bundles = res["placement_group_bundles"]
+        return (f"{len(bundles)} bundles {res.get('placement_group_strategy', '')} "
+                f"{format_shape(_capacity({k: v for k, v in res.items() if not k.startswith('placement_group_')}))}")
+    return format_shape(res)
+
+
+def format_placement(replicas: list[ReplicaInfo]) -> str:
+    if not replicas:
+        return "(no replicas)"
+    rows = [(f"{r.app}/{r.deployment}", r.replica_id, r.state, short_id(r.node_id), r.node_ip,
+             _fmt_resources(r.resources))
+            for r in sorted(replicas, key=lambda r: (r.app, r.deployment, r.node_id or "~", r.replica_id))]
+    return _table(["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE IP", "RESOURCES"], rows)
+
+
+def format_report(report: ClusterReport) -> str:
+    out: list[str] = []
+    alive = sum(1 for n in report.nodes if n.alive)
+    out.append(f"NODES ({alive} alive, {len(report.nodes) - alive} dead)")
+    out.append(_table(
+        ["NODE", "IP", "STATE", "ROLE", "CPU FREE/TOTAL", "GPU FREE/TOTAL", "GPU MODEL", "GPU MEM"],
+        [(short_id(n.node_id), n.ip, "alive" if n.alive else "DEAD", "head" if n.is_head else "worker",
+          f"{_fmt_num(n.cpus_available)}/{_fmt_num(n.cpus_total)}",
+          f"{_fmt_num(n.gpus_available)}/{_fmt_num(n.gpus_total)}",
+          n.gpu_model if n.gpus_total else "-",
+          (f"{_fmt_num(n.gpu_memory_gb)} GB" if n.gpu_memory_gb else UNKNOWN) if n.gpus_total else "-")
+         for n in report.nodes]))
+
+    out.append("")
+    out.append("SERVE APPLICATIONS" + (f" (HTTP ingress: {report.ingress})"
+                                       if report.ingress else ""))
+    if report.apps:
+        rows = []
+        for name, a in sorted(report.apps.items()):
+            for dname, d in sorted(a["deployments"].items()) or [("-", {"status": "-", "replica_states": {}, "message": ""})]:
+                states = ", ".join(f"{k} {v}" for k, v in sorted(d["replica_states"].items())) or "-"
+                rows.append((name, a["status"], dname, d["status"], states,
+                             d.get("message") or a.get("message") or ""))
+        out.append(_table(["APP", "APP STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "MESSAGE"], rows))
+    else:
+        out.append("(none: Serve is not running or has no applications)")
+
+    out.append("")
+    out.append("REPLICAS")
+    out.append(format_placement(report.replicas))
+
+    out.append("")
+    out.append("PLACEMENT GROUPS")
+    if report.placement_groups:
+        rows = []
+        for g in report.placement_groups:
+            for i, (b, node) in enumerate(zip(g.bundles, g.bundle_nodes)):
+                rows.append((short_id(g.pg_id, 12) if i == 0 else "", g.name if i == 0 else "",
+                             g.state if i == 0 else "", g.strategy if i == 0 else "", i,
+                             format_shape(b), short_id(node) if node else "(unplaced)"))
+        out.append(_table(["PG", "NAME", "STATE", "STRATEGY", "BUNDLE", "RESOURCES", "NODE"], rows))
+    else:
+        out.append("(none)")
+
+    out.append("")
+    out.append("PENDING (what `ray status` lists as pending, and why it is not placed)")
+    if report.pending:
+        out.append(_table(["KIND", "SHAPE", "COUNT", "STRATEGY", "WHY"],
+                          [(p.kind + (f" {short_id(p.pg_id)}" if p.pg_id else ""), format_shape(p.shape),
+                            p.count, p.strategy or "-", p.reason) for p in report.pending]))
+    else:
+        out.append("(nothing pending)")
+
+    if report.warnings:
+        out.append("")
+        out.append("WARNINGS")
+        out.extend(f"  ! {w}" for w in report.warnings)
+    out.append("")
+    out.append("HEALTHY" if report.healthy else
+               "UNHEALTHY: something is pending, unhealthy or dead (see above)")
+    return "\n".join(out)
