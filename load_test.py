@@ -7,7 +7,7 @@ from typing import Sequence
 
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
                         make_parser)
-from common.loadgen import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
+from loadgen.client import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
                             run_load_sync, summarize, write_json)
 
 EPILOG = """examples:

@@ -87,7 +87,7 @@ def common_flags(app: str) -> list[str]:
 
 
 def run_load(app: str, args, duration: float | None = None) -> dict:
-    from common import loadgen
+    from loadgen import client as loadgen
 
     config = loadgen.LoadConfig(url=f"{URL}/{app}", concurrency=args.concurrency,
                                 num_requests=args.requests, max_tokens=args.max_tokens,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench.serving_benchmark import (DEMO_MODEL, HOST, RESULTS_DIR, SERVED_NAME,  # noqa: E402
                                      clean_env, free_port, log, machine_info, ray_token_env,
                                      stop_group, wait_http)
-from common.loadgen import DEFAULT_PROMPT  # noqa: E402
+from loadgen.client import DEFAULT_PROMPT  # noqa: E402
 
 EPILOG = """what is measured (sequential requests, concurrency 1, max_tokens 1, the same prompt):
   in-process      replica.engine.build_engine (vLLM AsyncLLM) called in one process: tokenize +

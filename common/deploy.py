@@ -129,7 +129,7 @@ def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: Se
                         deployment_version(engine, serve_config))
 
 
-def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMServer",
+def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMDeployment",
             **topology: Any):
     """The Serve application of one LLM deployment answering HTTP itself."""
     from replica.ingress import LLMDeployment

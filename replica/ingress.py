@@ -28,7 +28,7 @@ ENGINE_REPLICA_OPTIONS = {"health_check_period_s": HEALTH_CHECK_PERIOD_S,
                           "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S}
 
 
-@serve.deployment(name="LLMServer", **ENGINE_REPLICA_OPTIONS)
+@serve.deployment(name="LLMDeployment", **ENGINE_REPLICA_OPTIONS)
 @serve.ingress()
 class LLMDeployment(LLMServer):
     """One vLLM engine answering HTTP itself (single-gpu, force-multi, product): the app is

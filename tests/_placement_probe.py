@@ -56,7 +56,7 @@ class PlacementProbe:
         yield json.dumps(self.describe()).encode()
 
 
-@serve.deployment(name="LLMServer")
+@serve.deployment(name="LLMDeployment")
 @serve.ingress(probe_app)
 class HttpPlacementProbe(PlacementProbe):
     @probe_app.post("/")

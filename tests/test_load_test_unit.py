@@ -12,7 +12,7 @@ from aiohttp import web
 
 import load_test
 from common.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from common.loadgen import LoadConfig, run_load_sync, summarize
+from loadgen.client import LoadConfig, run_load_sync, summarize
 
 NODE_A = "a" * 56
 NODE_B = "b" * 56

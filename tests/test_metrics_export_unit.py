@@ -10,13 +10,13 @@ from replica.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
 TEXT = """\
 # HELP ray_vllm_num_requests_running Number of requests in model execution batches.
 # TYPE ray_vllm_num_requests_running gauge
-ray_vllm_num_requests_running{ReplicaId="r1",application="a",deployment="LLMServer",engine="0",model_name="DeepSeek-R1",NodeId="n1"} 3.0
-ray_vllm_num_requests_running{ReplicaId="r2",application="a",deployment="LLMServer",engine="0",model_name="DeepSeek-R1",NodeId="n2"} 1.0
-ray_vllm_kv_cache_usage_perc{ReplicaId="r1",application="a",deployment="LLMServer",engine="0",model_name="DeepSeek-R1",NodeId="n1"} 0.25
+ray_vllm_num_requests_running{ReplicaId="r1",application="a",deployment="LLMDeployment",engine="0",model_name="DeepSeek-R1",NodeId="n1"} 3.0
+ray_vllm_num_requests_running{ReplicaId="r2",application="a",deployment="LLMDeployment",engine="0",model_name="DeepSeek-R1",NodeId="n2"} 1.0
+ray_vllm_kv_cache_usage_perc{ReplicaId="r1",application="a",deployment="LLMDeployment",engine="0",model_name="DeepSeek-R1",NodeId="n1"} 0.25
 ray_vllm_request_success_total{ReplicaId="r1",application="a",finished_reason="length",model_name="x"} 7
 ray_vllm_request_success_total{ReplicaId="r1",application="a",finished_reason="stop",model_name="x"} 3
 ray_vllm_generation_tokens_total{ReplicaId="r2",application="a",model_name="x"} 128
-ray_serve_deployment_request_counter_total{application="a",deployment="LLMServer",replica="r1",route="/"} 10.0
+ray_serve_deployment_request_counter_total{application="a",deployment="LLMDeployment",replica="r1",route="/"} 10.0
 weird_label{path="a\\"b"} 1
 not a sample line
 """
@@ -44,12 +44,12 @@ def test_totals_and_per_replica_sums():
     assert set(stats) == {"r1", "r2"}
     assert stats["r1"].running == 3 and stats["r1"].kv_cache_usage == 0.25
     assert stats["r1"].requests_finished == 10 and stats["r1"].node_id == "n1"
-    assert stats["r2"].generation_tokens == 128 and stats["r2"].deployment == "LLMServer"
+    assert stats["r2"].generation_tokens == 128 and stats["r2"].deployment == "LLMDeployment"
 
 
 def test_summary_lists_only_replicas_serve_still_has():
     stats = metrics_scrape.per_replica(metrics_scrape.parse(TEXT))
-    live = [ReplicaInfo(app="a", deployment="LLMServer", replica_id="r1", state="RUNNING",
+    live = [ReplicaInfo(app="a", deployment="LLMDeployment", replica_id="r1", state="RUNNING",
                         node_id="n1", node_ip="127.0.0.1", actor_id=None, pid=None)]
     text = metrics_scrape.format_summary(stats, live, ["http://x:1/metrics: timeout"])
     assert "r1" in text and "r2" not in text and "25.0%" in text and "unreachable" in text

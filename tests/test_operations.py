@@ -20,7 +20,7 @@ import ray
 from ray import serve
 
 from common import cluster, metrics_scrape
-from common.loadgen import LoadConfig, run_load_sync, summarize
+from loadgen.client import LoadConfig, run_load_sync, summarize
 
 APP = "ops"
 # The deployment as the module deploys it; later tests redeploy it with one flag changed.
@@ -131,7 +131,7 @@ def engine_totals(ops) -> dict[str, float]:
     assert not errors
     totals = {name: metrics_scrape.total(samples, name, application=APP) for name in COUNTERS}
     totals["serve"] = metrics_scrape.total(samples, metrics_scrape.SERVE_REQUESTS,
-                                           application=APP, deployment="LLMServer")
+                                           application=APP, deployment="LLMDeployment")
     return totals
 
 
@@ -170,7 +170,7 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
     [info] = [r for r in cluster.list_replicas(APP) if r.replica_id == replica]
     series = [s for s in samples if s.name == metrics_scrape.REQUEST_SUCCESS
               and s.labels.get("application") == APP]
-    assert series and all(s.labels["deployment"] == "LLMServer" and
+    assert series and all(s.labels["deployment"] == "LLMDeployment" and
                           s.labels["ReplicaId"] == replica and
                           s.labels["NodeId"] == info.node_id and
                           s.labels["NodeAddress"] == LOCAL_IP and
@@ -187,7 +187,7 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
     engine = out[out.index("ENGINE"):]
     row = next(line for line in engine.splitlines() if replica in line)
     stats = metrics_scrape.per_replica(samples)[replica]
-    assert row.split()[0] == f"{APP}/LLMServer"
+    assert row.split()[0] == f"{APP}/LLMDeployment"
     assert f"{stats.requests_finished:.0f}" in row.split()
 
 
@@ -312,7 +312,7 @@ class BackgroundLoad:
 
 
 def deployment_config(app: str = APP) -> dict:
-    return cluster._serve_details()["applications"][app]["deployments"]["LLMServer"][
+    return cluster._serve_details()["applications"][app]["deployments"]["LLMDeployment"][
         "deployment_config"]
 
 

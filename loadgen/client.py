@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence, TextIO
 
 import aiohttp
 
-from common import metrics
-from common.metrics import Stats
+from loadgen import stats
+from loadgen.stats import Stats
 
 DEFAULT_PROMPT = "请简要介绍人工智能的发展历史"
 ROOT_ENDPOINT = "/"
@@ -137,7 +137,7 @@ class Summary:
     tpot: Stats | None
     itl: Stats | None
     nodes: list[NodeStats]
-    balance: float | None             # min share / max share over nodes, see metrics.balance
+    balance: float | None             # min share / max share over nodes, see stats.balance
     max_share_deviation: float | None
     expected_nodes: int | None
     aborted: str | None = None
@@ -570,10 +570,10 @@ def summarize(result: LoadResult) -> Summary:
 
     ttft = tpot = itl = None
     if result.config.stream:
-        ttft = metrics.describe([r.ttft for r in successes if r.ttft is not None])
-        tpots = [metrics.tpot(r.latency, r.ttft, r.output_tokens) for r in successes]
-        tpot = metrics.describe([value for value in tpots if value is not None])
-        itl = metrics.describe([gap for r in successes if r.itl for gap in r.itl])
+        ttft = stats.describe([r.ttft for r in successes if r.ttft is not None])
+        tpots = [stats.tpot(r.latency, r.ttft, r.output_tokens) for r in successes]
+        tpot = stats.describe([value for value in tpots if value is not None])
+        itl = stats.describe([gap for r in successes if r.itl for gap in r.itl])
 
     latencies_by_node: dict[str, list[float]] = {}
     for r in successes:
@@ -582,9 +582,9 @@ def summarize(result: LoadResult) -> Summary:
     # Replica nodes that answered nothing count as zero: one busy node of two is no balance.
     for node in result.replica_nodes or ():
         counts.setdefault(node, 0)
-    shares = metrics.shares(counts)
+    shares = stats.shares(counts)
     nodes = [NodeStats(node=node, count=counts[node], share=shares[node],
-                       latency=metrics.describe(latencies_by_node.get(node, [])))
+                       latency=stats.describe(latencies_by_node.get(node, [])))
              for node in sorted(counts, key=lambda name: (-counts[name], name))]
 
     expected = result.config.expected_nodes
@@ -594,18 +594,18 @@ def summarize(result: LoadResult) -> Summary:
         failures=len(failures),
         error_kinds=error_kinds,
         duration=duration,
-        request_throughput=metrics.throughput(len(successes), duration),
-        output_token_throughput=metrics.throughput(output_tokens, duration),
-        total_token_throughput=metrics.throughput(prompt_tokens + output_tokens, duration),
+        request_throughput=stats.throughput(len(successes), duration),
+        output_token_throughput=stats.throughput(output_tokens, duration),
+        total_token_throughput=stats.throughput(prompt_tokens + output_tokens, duration),
         total_prompt_tokens=prompt_tokens,
         total_output_tokens=output_tokens,
-        latency=metrics.describe([r.latency for r in successes]),
+        latency=stats.describe([r.latency for r in successes]),
         ttft=ttft,
         tpot=tpot,
         itl=itl,
         nodes=nodes,
-        balance=metrics.balance(counts, expected),
-        max_share_deviation=metrics.max_share_deviation(counts, expected),
+        balance=stats.balance(counts, expected),
+        max_share_deviation=stats.max_share_deviation(counts, expected),
         expected_nodes=expected,
         aborted=result.aborted,
         sample_errors=sample_errors,
@@ -623,14 +623,14 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1000:.2f}"
 
 
-def _stats_rows(title: str, short: str, stats: Stats | None) -> list[str]:
-    if stats is None:
+def _stats_rows(title: str, short: str, figures: Stats | None) -> list[str]:
+    if figures is None:
         return []
     rows = [f"{(' ' + title + ' '):-^{_WIDTH}}"]
-    if stats.count == 0:
+    if figures.count == 0:
         return rows + [_row(f"{short} (ms)", "n/a (no samples)")]
-    rows.append(_row(f"Mean {short} (ms)", _ms(stats.mean)))
-    for label, value in (("P50", stats.p50), ("P90", stats.p90), ("P99", stats.p99)):
+    rows.append(_row(f"Mean {short} (ms)", _ms(figures.mean)))
+    for label, value in (("P50", figures.p50), ("P90", figures.p90), ("P99", figures.p99)):
         rows.append(_row(f"{label} {short} (ms)", _ms(value)))
     return rows
 
