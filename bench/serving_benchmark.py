@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -315,6 +316,29 @@ def serve_llm_main(spec_json: str) -> int:
     return own_ray_head(deploy)
 
 
+@contextlib.contextmanager
+def ready_helper(helper_args: list[str], env: dict[str, str], logpath: Path, name: str):
+    """Run this file's `_ray` / `_serve_llm` helper, wait for its READY line (its stderr and
+    earlier stdout go to `logpath`), and stop its process group when the block ends."""
+    command = [sys.executable, str(Path(__file__).resolve()), *helper_args]
+    with open(logpath, "w") as logf:
+        process = subprocess.Popen(command, env=clean_env(env), cwd=REPO_ROOT,
+                                   stdout=subprocess.PIPE, stderr=logf, text=True,
+                                   start_new_session=True)
+        try:
+            line = ""
+            while process.poll() is None:
+                line = process.stdout.readline()  # type: ignore[union-attr]
+                if not line or line.strip() == "READY" or line.startswith("FAILED"):
+                    break
+                logf.write(line)
+            if line.strip() != "READY":
+                raise RuntimeError(f"{name} did not come up ({line.strip()}); see {logpath}")
+            yield
+        finally:
+            stop_group(process, grace_s=60)
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark driver
 
@@ -490,30 +514,15 @@ class Bench:
     def _run_helper(self, rep: int, target: str, helper_args: list[str], port: int,
                     endpoint: str, env: dict[str, str] | None = None
                     ) -> dict[str, dict[str, Any]]:
-        """Start this file's `_ray` / `_serve_llm` helper, wait for READY, drive it, stop it."""
-        command = [sys.executable, __file__, *helper_args]
+        """Start this file's `_ray` / `_serve_llm` helper, drive it once it is READY, stop it."""
         logpath = self.workdir / f"{target}-{rep}.log"
-        with open(logpath, "w") as logf:
-            process = subprocess.Popen(command, env=clean_env({**self.engine_env(), **(env or {})}),
-                                       cwd=REPO_ROOT, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=logf, text=True,
-                                       start_new_session=True)
-            try:
-                started = time.monotonic()
-                line = ""
-                while process.poll() is None:
-                    line = process.stdout.readline()  # type: ignore[union-attr]
-                    if not line or line.strip() in ("READY",) or line.startswith("FAILED"):
-                        break
-                    logf.write(line)
-                if line.strip() != "READY":
-                    raise RuntimeError(f"{target} did not come up ({line.strip()})")
+        started = time.monotonic()
+        try:
+            with ready_helper(helper_args, {**self.engine_env(), **(env or {})}, logpath, target):
                 log(f"{target} ready in {time.monotonic() - started:.0f}s")
                 return self._drive(target, port, endpoint)
-            except Exception as exc:
-                raise RuntimeError(f"{target} target failed: {exc}; see {logpath}") from None
-            finally:
-                stop_group(process, grace_s=60)
+        except Exception as exc:
+            raise RuntimeError(f"{target} target failed: {exc}; see {logpath}") from None
 
     def _drive(self, name: str, port: int, endpoint: str) -> dict[str, dict[str, Any]]:
         rows = {}

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.serving_benchmark import (DEMO_MODEL, HOST, RESULTS_DIR, SERVED_NAME,  # noqa: E402
                                      clean_env, free_port, log, machine_info, ray_token_env,
-                                     stop_group, wait_http)
+                                     ready_helper, stop_group, wait_http)
 from loadgen.client import DEFAULT_PROMPT  # noqa: E402
 
 EPILOG = """what is measured (sequential requests, concurrency 1, max_tokens 1, the same prompt):
@@ -129,25 +129,11 @@ def served(script: str, args: list[str], endpoints: dict[str, str], n: int, warm
            rounds: int, workdir: Path) -> dict[str, list[float]]:
     """Start a deployment script on a Ray head of its own (bench/serving_benchmark.py _ray)."""
     port = free_port()
-    command = [sys.executable, str(REPO_ROOT / "bench" / "serving_benchmark.py"), "_ray", script,
-               "--device", "cpu", "--model", args[0], "--max-model-len", "512",
-               "--proxy-location", "HeadOnly", "--host", HOST, "--port", str(port), *args[1:]]
+    script_args = ["--device", "cpu", "--model", args[0], "--max-model-len", "512",
+                   "--proxy-location", "HeadOnly", "--host", HOST, "--port", str(port), *args[1:]]
     logpath = workdir / f"{script}-{'-'.join(endpoints)}.log".replace("/", "_").replace(" ", "")
-    with open(logpath, "w") as logf:
-        process = subprocess.Popen(command, env=clean_env(engine_env(workdir)), cwd=REPO_ROOT,
-                                   stdout=subprocess.PIPE, stderr=logf, text=True,
-                                   start_new_session=True)
-        try:
-            line = ""
-            while process.poll() is None:
-                line = process.stdout.readline()  # type: ignore[union-attr]
-                if not line or line.strip() == "READY" or line.startswith("FAILED"):
-                    break
-            if line.strip() != "READY":
-                raise RuntimeError(f"{script} did not come up; see {logpath}")
-            return measure(port, endpoints, n, warmup, rounds, workdir)
-        finally:
-            stop_group(process, grace_s=60)
+    with ready_helper(["_ray", script, *script_args], engine_env(workdir), logpath, script):
+        return measure(port, endpoints, n, warmup, rounds, workdir)
 
 
 def vllm_served(model: str, n: int, warmup: int, rounds: int, workdir: Path

@@ -188,7 +188,7 @@ def _serve_client():
 def serve_ingress() -> str | None:
     """'haproxy' or 'proxy': what answers HTTP for the running Serve (see common.deploy), from
     the proxy actors it started; None when none is alive."""
-    alive = {a.get("ActorClassName") for a in _raw_actors().values() if a.get("State") == "ALIVE"}
+    alive = {a["class_name"] for a in _actor_table().values() if a["state"] == "ALIVE"}
     if "HAProxyManager" in alive:
         return "haproxy"
     return "proxy" if "ProxyActor" in alive else None
@@ -200,12 +200,12 @@ def serve_spreads_load() -> bool | None:
     import psutil
 
     seen = None
-    for actor in _raw_actors().values():
-        if actor.get("ActorClassName") != "ProxyActor" or actor.get("State") != "ALIVE":
+    for actor in _actor_table().values():
+        if actor["class_name"] != "ProxyActor" or actor["state"] != "ALIVE":
             continue
         try:
-            env = psutil.Process(int(actor["Pid"])).environ()
-        except (psutil.Error, KeyError, TypeError, ValueError):
+            env = psutil.Process(int(actor["pid"])).environ()
+        except (psutil.Error, TypeError, ValueError):
             continue  # on another machine, or gone
         if env.get("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "1").lower() in ("1", "true"):
             return False

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from common import cli, preflight
 from replica.api import RETRY_AFTER_S
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
-from replica.config import EngineConfig, ServeConfig, replica_env
+from replica.config import EngineConfig, ServeConfig, operator_env_wins, replica_env
 
 
 def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, Any]:
@@ -245,8 +244,7 @@ DEFAULT_INGRESS = "haproxy"
 def controller_env(ingress: str) -> dict[str, str]:
     """Env vars for Serve's controller, and through it its proxies and replicas; the same names
     set in this process's environment win."""
-    env = {**SERVE_CONTROLLER_ENV, **INGRESSES[ingress]}
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+    return operator_env_wins({**SERVE_CONTROLLER_ENV, **INGRESSES[ingress]})
 
 
 def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS) -> None:
@@ -256,17 +254,18 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
 
     from common import cluster
 
-    if cluster._serve_client() is not None:
-        running = cluster.serve_ingress()
-        if running is not None and running != ingress:
-            print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
-                  "applies only when Serve starts. `python stop_service.py --shutdown` and deploy "
-                  "again to change it.", file=sys.stderr)
-        if running == "proxy" and cluster.serve_spreads_load() is False:
-            print("note: Serve was already running, started without "
-                  "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
-                  "get every request. `python stop_service.py --shutdown` and deploy again to "
-                  "apply it (README: 故障排除).", file=sys.stderr)
+    with cluster.state_snapshot():
+        running = cluster.serve_ingress() if cluster._serve_client() is not None else None
+        spreads = cluster.serve_spreads_load() if running == "proxy" else None
+    if running is not None and running != ingress:
+        print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
+              "applies only when Serve starts. `python stop_service.py --shutdown` and deploy "
+              "again to change it.", file=sys.stderr)
+    if spreads is False:
+        print("note: Serve was already running, started without "
+              "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
+              "get every request. `python stop_service.py --shutdown` and deploy again to "
+              "apply it (README: 故障排除).", file=sys.stderr)
     serve.start(proxy_location=proxy_location,
                 http_options={"host": host, "port": port},
                 controller_options={"runtime_env": {"env_vars": controller_env(ingress)}})

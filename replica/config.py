@@ -141,14 +141,12 @@ def apply_cpu_defaults(config: EngineConfig) -> EngineConfig:
     return config
 
 
+def operator_env_wins(env: dict[str, str]) -> dict[str, str]:
+    """Our settings, each replaced by the value the operator set in this process's environment."""
+    return {key: os.environ.get(key, value) for key, value in env.items()}
+
+
 def replica_env(engine: EngineConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Env vars for the replica processes (passed through the runtime_env)."""
-    env = dict(SERVE_REPLICA_ENV)
-    if engine.device == "cpu":
-        env.update(CPU_ENGINE_ENV)
-    # The operator's own settings win over ours.
-    for key in list(env):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    env.update(extra or {})
-    return env
+    env = {**SERVE_REPLICA_ENV, **(CPU_ENGINE_ENV if engine.device == "cpu" else {})}
+    return {**operator_env_wins(env), **(extra or {})}
