@@ -8,8 +8,8 @@ from typing import Sequence
 
 from common import cluster
 from common.ray_connect import connect
-from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, add_address_flag, add_flag,
-                        exits_with_codes, make_parser, parse)
+from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, ScriptError, add_address_flag,
+                        add_flag, exits_with_codes, make_parser, parse)
 
 EPILOG = """\
 Each replica stops taking new requests and finishes the ones it has, for up to its deployment's
@@ -99,9 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in targets:
             serve.delete(name, _blocking=False)
     except Exception as exc:  # noqa: BLE001
-        print(f"error: could not ask Serve to delete {targets}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return EXIT_FAILURE
+        raise ScriptError(f"could not ask Serve to delete {targets}: {type(exc).__name__}: "
+                          f"{exc}", EXIT_FAILURE) from None
 
     waiting = list(targets)
     last_report = 0.0
@@ -112,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not waiting:
             break
         if elapsed >= args.timeout:
-            print(f"error: still stopping after {args.timeout:g} s: {_progress(current, waiting)}. "
-                  f"Replicas may be draining long requests (graceful_shutdown_timeout_s); rerun to "
-                  f"keep waiting, or check with check_cluster.py.", file=sys.stderr)
-            return EXIT_TIMEOUT
+            raise ScriptError(
+                f"still stopping after {args.timeout:g} s: {_progress(current, waiting)}. "
+                "Replicas may be draining long requests (graceful_shutdown_timeout_s); rerun to "
+                "keep waiting, or check with check_cluster.py.", EXIT_TIMEOUT)
         if elapsed - last_report >= PROGRESS_EVERY_S:
             print(f"  {elapsed:5.1f} s  {_progress(current, waiting)}", flush=True)
             last_report = elapsed

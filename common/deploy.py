@@ -284,10 +284,9 @@ def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode
                               route_prefix=serve_config.route_prefix)],
                    wait_for_ingress_deployment_creation=False,
                    wait_for_applications_running=False)
-    code = wait_ready(serve_config.app_name, serve_config.timeout_s)
-    if code == cli.EXIT_OK:
-        print_ready(serve_config)
-    return code
+    wait_ready(serve_config.app_name, serve_config.timeout_s)
+    print_ready(serve_config)
+    return cli.EXIT_OK
 
 
 def _replica_summary(app_status) -> str:
@@ -298,11 +297,10 @@ def _replica_summary(app_status) -> str:
     return "; ".join(parts)
 
 
-def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> int:
-    """Poll Serve until the app is RUNNING; on failure or timeout say why, with exit codes."""
+def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Poll Serve until the app is RUNNING, printing each change; raise a ScriptError saying why
+    when it fails (EXIT_FAILURE) or the wait runs out (EXIT_TIMEOUT)."""
     from ray import serve
-
-    from common import cluster
 
     started = time.monotonic()
     last_line = ""
@@ -316,30 +314,31 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> int:
                 print(line, flush=True)
                 last_line = line
             if state == "RUNNING":
-                return cli.EXIT_OK
+                return
             if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-                print(f"error: application {app_name!r} is {state}", file=sys.stderr)
-                for name, dep in status.deployments.items():
-                    if dep.message:
-                        print(f"  {name}: {dep.message}", file=sys.stderr)
-                return cli.EXIT_FAILURE
+                details = "".join(f"\n  {name}: {dep.message}"
+                                  for name, dep in status.deployments.items() if dep.message)
+                raise cli.ScriptError(f"application {app_name!r} is {state}{details}",
+                                      cli.EXIT_FAILURE)
         if elapsed > timeout_s:
             break
         time.sleep(poll_s)
-    print(f"error: application {app_name!r} not ready after {timeout_s:.0f}s "
-          f"(--timeout / DEPLOY_TIMEOUT)", file=sys.stderr)
+    raise cli.ScriptError(f"application {app_name!r} not ready after {timeout_s:.0f}s "
+                          f"(raise it with --timeout or DEPLOY_TIMEOUT){_pending_lines()}\n"
+                          "the application stays deployed and Serve keeps trying; inspect with "
+                          "`python check_cluster.py`, remove with `python stop_service.py`",
+                          cli.EXIT_TIMEOUT)
+
+
+def _pending_lines() -> str:
+    from common import cluster
+
     pending = cluster.pending_demands()
-    if pending:
-        print("the cluster cannot place these demands (as `ray status` lists them):",
-              file=sys.stderr)
-        for demand in pending:
-            print(f"  {demand.count} x {cluster.format_shape(demand.shape)} ({demand.kind}): "
-                  f"{demand.reason}",
-                  file=sys.stderr)
-    print("the application stays deployed and Serve keeps trying; "
-          "inspect with `python check_cluster.py`, remove with `python stop_service.py`",
-          file=sys.stderr)
-    return cli.EXIT_TIMEOUT
+    if not pending:
+        return ""
+    return "\nthe cluster cannot place these demands (as `ray status` lists them):" + "".join(
+        f"\n  {d.count} x {cluster.format_shape(d.shape)} ({d.kind}): {d.reason}"
+        for d in pending)
 
 
 def print_ready(serve_config: ServeConfig) -> None:
