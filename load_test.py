@@ -1,6 +1,7 @@
 """Load test for the completion service: concurrency/rate-controlled requests, latency and per-node report."""
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from typing import Sequence
@@ -125,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompts = load_prompts(args.prompt_file)
             except (OSError, ValueError) as exc:
                 parser.error(f"--prompt-file: {exc}")
+        if args.report_file:
+            try:  # before the run, not after it
+                importlib.import_module("loadgen.report_html")
+            except ImportError as exc:
+                parser.error(f"--report needs plotly (pip install plotly): {exc}")
     except SystemExit as exc:  # argparse exits 2 on bad flags and 0 for --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
