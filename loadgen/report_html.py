@@ -86,7 +86,8 @@ def _timeline_figure(data: ReportData):
                          xaxis_title="seconds since start", height=380,
                          margin={"t": 50, "b": 40, "l": 50, "r": 50})
     figure.update_yaxes(title_text="per second", secondary_y=False, rangemode="tozero")
-    figure.update_yaxes(title_text="in flight", secondary_y=True, rangemode="tozero")
+    figure.update_yaxes(title_text="in flight", secondary_y=True, rangemode="tozero",
+                        tickmode="auto", showgrid=False)
     return figure
 
 
