@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected_nodes=args.expected_nodes)
 
     try:
-        result = run_load_sync(config)
+        result = run_load_sync(config, describe_server=bool(args.report_file))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE

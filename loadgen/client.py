@@ -462,8 +462,10 @@ class ProgressBar:
             raise
 
 
-async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) -> LoadResult:
-    """Drive the service with `config` and return every request's result; failures are data."""
+async def run_load(config: LoadConfig, progress_stream: TextIO | None = None,
+                   describe_server: bool = False) -> LoadResult:
+    """Drive the service with `config` and return every request's result; failures are data.
+    `describe_server` also asks for GET /v1/models after the run (the HTML report shows it)."""
     validate_config(config)
     connector = aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=config.timeout,
@@ -489,7 +491,7 @@ async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) ->
                     await progress_task
                 except asyncio.CancelledError:
                     pass
-        server = await fetch_server_info(session, config)
+        server = await fetch_server_info(session, config, models=describe_server)
     run.results.sort(key=lambda result: result.index)
     replica_nodes = replica_nodes_of(server)
     return LoadResult(config=config, results=run.results, duration=duration,
@@ -511,17 +513,18 @@ async def _get_json(session: aiohttp.ClientSession, url: str, headers: dict[str,
         return None
 
 
-async def fetch_server_info(session: aiohttp.ClientSession, config: LoadConfig) -> dict[str, Any]:
+async def fetch_server_info(session: aiohttp.ClientSession, config: LoadConfig,
+                            models: bool = False) -> dict[str, Any]:
     """What the service says about itself over HTTP: its `GET /nodes` (the answering replica's
-    status and engine layout, and the nodes holding replicas) and `GET /v1/models`; a key is
-    None when the service does not answer that path. Asked after the run, so that replicas
-    added by autoscaling count."""
+    status and engine layout, and the nodes holding replicas) and, with `models`,
+    `GET /v1/models`; a key is None when the service does not answer (or was not asked).
+    Asked after the run, so that replicas added by autoscaling count."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     base = config.url.rstrip("/")
     nodes = await _get_json(session, base + NODES_ENDPOINT, headers)
-    models = await _get_json(session, base + MODELS_ENDPOINT, headers)
+    listed = await _get_json(session, base + MODELS_ENDPOINT, headers) if models else None
     return {"nodes": nodes if isinstance(nodes, dict) else None,
-            "models": models if isinstance(models, dict) else None}
+            "models": listed if isinstance(listed, dict) else None}
 
 
 def replica_nodes_of(server: dict[str, Any] | None) -> dict[str, int] | None:
@@ -546,10 +549,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_load_sync(config: LoadConfig, progress_stream: TextIO | None = None) -> LoadResult:
+def run_load_sync(config: LoadConfig, progress_stream: TextIO | None = None,
+                  describe_server: bool = False) -> LoadResult:
     """run_load from synchronous code, on uvloop when available."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run_load(config, progress_stream))
+        return runner.run(run_load(config, progress_stream, describe_server))
 
 
 def validate_config(config: LoadConfig) -> None:

@@ -92,6 +92,7 @@ class FakeService:
 
     # -- the API
     async def nodes_info(self, request: web.Request):
+        self.paths[request.path] += 1
         return web.json_response({
             "node": self.node_pattern[0], "model": "DeepSeek-R1", "engine_alive": True,
             "replica_nodes": self.replica_nodes,
@@ -99,6 +100,7 @@ class FakeService:
                               "pipeline_parallel_size": 1, "max_model_len": 512}})
 
     async def models_info(self, request: web.Request):
+        self.paths[request.path] += 1
         return web.json_response({"object": "list", "data": [
             {"id": "DeepSeek-R1", "object": "model", "root": "/models/DeepSeek-R1",
              "max_model_len": 512}]})
@@ -401,3 +403,14 @@ def test_programmatic_entry_point(service):
     assert summary.balance == pytest.approx(0.5)
     assert summary.latency.count == 30
     assert not summary.unreachable
+
+
+@pytest.mark.parametrize("service", [{"replica_nodes": {NODE_A: 1, NODE_B: 1}}], indirect=True)
+def test_only_a_report_asks_for_the_models(service, tmp_path):
+    # A plain run sends the service one request besides the load (GET /nodes), as before.
+    assert run_cli(service, "-c", "2", "-n", "4") == EXIT_OK
+    assert service.paths["/nodes"] == 1 and service.paths["/v1/models"] == 0
+    assert run_cli(service, "-c", "2", "-n", "4", "--report", str(tmp_path / "r.html")) == EXIT_OK
+    assert service.paths["/nodes"] == 2 and service.paths["/v1/models"] == 1
+    page = (tmp_path / "r.html").read_text()
+    assert "/models/DeepSeek-R1" in page and "tensor_parallel_size" in page
