@@ -8,17 +8,19 @@ from typing import Sequence
 from common import cluster
 from common.cluster_format import format_report
 from common.ray_connect import connect
-from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, add_address_flag, add_flag,
-                        exits_with_codes, make_parser, parse)
+from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, ScriptError,
+                        add_address_flag, add_flag, exits_with_codes, make_parser, parse)
 
 EPILOG = """\
 exit status: 0 healthy; 4 something is pending, unhealthy or dead; 3 Ray is not reachable.
+With --watch: 0 when stopped with Ctrl-C.
 
 Reading it when a replica stays PENDING: the PENDING section lists each resource request Ray
 cannot place and why (e.g. "needs 8 GPU on one node; largest free: 3 GPU"). "infeasible" means
 no node could ever hold it (lower tensor_parallel_size / num_gpus, or add bigger nodes);
 "waiting for resources" means other replicas or placement groups hold what it needs.
 """
+WATCH_DEFAULT_S = 2.0
 
 
 def build_parser():
@@ -31,7 +33,23 @@ def build_parser():
                   "replica per check; repeatable. Deployments with several replicas are always checked")
     add_flag(parser, "--json", type=bool, default=False,
              help="print the full report as JSON (for scripts) instead of tables")
+    add_flag(parser, "--watch", env="CHECK_CLUSTER_WATCH", type=_positive_seconds, nargs="?",
+             const=WATCH_DEFAULT_S, default=None, metavar="SECONDS",
+             help=f"keep refreshing a live view every SECONDS ({WATCH_DEFAULT_S:g} when given "
+                  "alone): nodes with GPUs used/total, replicas per node with their state and "
+                  "requests in flight, pending demands and why; in place on a terminal, plain "
+                  "frames otherwise; Ctrl-C exits 0")
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be positive")
+    return value
+
+
+_positive_seconds.__name__ = "positive number of seconds"
 
 
 def _engine_summary(app: str | None, as_json: bool):
@@ -53,7 +71,13 @@ def _engine_summary(app: str | None, as_json: bool):
 @exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
+    if args.watch is not None and args.json:
+        raise ScriptError("--watch shows tables; it does not combine with --json", EXIT_USAGE)
     connect(args.address)
+    if args.watch is not None:
+        from common.cluster_watch import watch
+
+        return watch(args.app, set(args.spread or ()), args.watch)
     with cluster.state_snapshot():  # the report and the engine summary see the same moment
         try:
             report = cluster.collect_report(app=args.app,

@@ -1,6 +1,7 @@
 """Load test for the completion service: concurrency/rate-controlled requests, latency and per-node report."""
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from typing import Sequence
@@ -13,7 +14,7 @@ from loadgen.client import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report
 EPILOG = """examples:
   python load_test.py                                  # 20 in flight, 100 requests
   python load_test.py -c 30 -n 150 -p "请简要解释相对论"
-  python load_test.py --stream -c 64 -n 1000 --json result.json
+  python load_test.py --stream -c 64 -n 1000 --json result.json --report result.html
   python load_test.py --request-rate 5 --duration 60 -n 0 --prompt-file prompts.jsonl
 
 exit codes: 0 all requests succeeded, 1 any request failed (or the service was unreachable),
@@ -94,10 +95,22 @@ def build_parser():
     output = parser.add_argument_group("output")
     add_flag(output, "--json", dest="json_file", default=None, metavar="FILE",
              help="write parameters, summary, per-node stats and error kinds to FILE")
+    add_flag(output, "--report", dest="report_file", env="LOAD_REPORT", default=None,
+             metavar="FILE.html",
+             help="also write a self-contained HTML report (charts of latency, throughput and "
+                  "requests in flight over time, answers per node, errors; opens offline)")
     output.add_argument("--json-requests", action="store_true",
                         help="also write every request's record into the --json file")
     output.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
+
+
+def write_html_report(path: str, result, summary, text_summary: str) -> None:
+    # plotly is only needed here: a plain load test runs without it.
+    from loadgen.report import build_report_data
+    from loadgen.report_html import write_report
+
+    write_report(path, build_report_data(result, summary), text_summary)
 
 
 @exits_with_codes
@@ -113,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompts = load_prompts(args.prompt_file)
             except (OSError, ValueError) as exc:
                 parser.error(f"--prompt-file: {exc}")
+        if args.report_file:
+            try:  # before the run, not after it
+                importlib.import_module("loadgen.report_html")
+            except ImportError as exc:
+                parser.error(f"--report needs plotly (pip install plotly): {exc}")
     except SystemExit as exc:  # argparse exits 2 on bad flags and 0 for --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
@@ -125,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected_nodes=args.expected_nodes)
 
     try:
-        result = run_load_sync(config)
+        result = run_load_sync(config, describe_server=bool(args.report_file))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
@@ -137,11 +155,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: cannot write {args.json_file}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
+    text = format_report(summary, config)
+    if args.report_file:
+        try:
+            write_html_report(args.report_file, result, summary, text)
+        except OSError as exc:
+            print(f"error: cannot write {args.report_file}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     if summary.unreachable:
         message = summary.sample_errors.get("connection_error", "")
         print(f"error: service unreachable at {config.target_url()}: {message}", file=sys.stderr)
         return EXIT_FAILURE
-    print(format_report(summary, config))
+    print(text)
     return EXIT_OK if summary.failures == 0 and summary.successes > 0 else EXIT_FAILURE
 
 

@@ -22,6 +22,7 @@ ROOT_ENDPOINT = "/"
 OPENAI_ENDPOINT = "/v1/completions"
 ENDPOINTS = (ROOT_ENDPOINT, OPENAI_ENDPOINT)
 NODES_ENDPOINT = "/nodes"         # the service's own list of nodes holding its replicas
+MODELS_ENDPOINT = "/v1/models"
 # The replica's node on every response (the guide's POST / also has it in the body; vLLM's own
 # /v1 answers only here).
 NODE_HEADER = "x-serve-node"
@@ -108,6 +109,8 @@ class LoadResult:
     # Nodes that hold the service's replicas, as the service reports them (GET /nodes); None when
     # it does not say. Nodes here that answered nothing show up in the summary with 0 answers.
     replica_nodes: list[str] | None = None
+    # What the service said about itself after the run (see fetch_server_info).
+    server: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -459,8 +462,10 @@ class ProgressBar:
             raise
 
 
-async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) -> LoadResult:
-    """Drive the service with `config` and return every request's result; failures are data."""
+async def run_load(config: LoadConfig, progress_stream: TextIO | None = None,
+                   describe_server: bool = False) -> LoadResult:
+    """Drive the service with `config` and return every request's result; failures are data.
+    `describe_server` also asks for GET /v1/models after the run (the HTML report shows it)."""
     validate_config(config)
     connector = aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=config.timeout,
@@ -486,27 +491,51 @@ async def run_load(config: LoadConfig, progress_stream: TextIO | None = None) ->
                     await progress_task
                 except asyncio.CancelledError:
                     pass
-        replica_nodes = await fetch_replica_nodes(session, config)
+        server = await fetch_server_info(session, config, models=describe_server)
     run.results.sort(key=lambda result: result.index)
+    replica_nodes = replica_nodes_of(server)
     return LoadResult(config=config, results=run.results, duration=duration,
                       started_at=started_at, aborted=run.aborted,
                       event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
-                      replica_nodes=replica_nodes)
+                      replica_nodes=None if replica_nodes is None else sorted(replica_nodes),
+                      server=server)
 
 
-async def fetch_replica_nodes(session: aiohttp.ClientSession, config: LoadConfig) -> list[str] | None:
-    """The nodes holding the service's replicas, from its own `GET /nodes` (after the run, so
-    that replicas added by autoscaling count); None when the service does not answer it."""
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+async def _get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> Any:
+    """A GET's JSON body, or None when the service does not answer it with 200 and JSON."""
     try:
-        async with session.get(config.url.rstrip("/") + NODES_ENDPOINT, headers=headers,
+        async with session.get(url, headers=headers,
                                timeout=aiohttp.ClientTimeout(total=10)) as response:
             if response.status != 200:
                 return None
-            nodes = (await response.json()).get("replica_nodes")
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+            return await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
-    return sorted(str(node) for node in nodes) if isinstance(nodes, (list, dict)) else None
+
+
+async def fetch_server_info(session: aiohttp.ClientSession, config: LoadConfig,
+                            models: bool = False) -> dict[str, Any]:
+    """What the service says about itself over HTTP: its `GET /nodes` (the answering replica's
+    status and engine layout, and the nodes holding replicas) and, with `models`,
+    `GET /v1/models`; a key is None when the service does not answer (or was not asked).
+    Asked after the run, so that replicas added by autoscaling count."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    base = config.url.rstrip("/")
+    nodes = await _get_json(session, base + NODES_ENDPOINT, headers)
+    listed = await _get_json(session, base + MODELS_ENDPOINT, headers) if models else None
+    return {"nodes": nodes if isinstance(nodes, dict) else None,
+            "models": listed if isinstance(listed, dict) else None}
+
+
+def replica_nodes_of(server: dict[str, Any] | None) -> dict[str, int] | None:
+    """Node ID -> replicas there, from the service's `GET /nodes`; None when it does not say."""
+    nodes = ((server or {}).get("nodes") or {}).get("replica_nodes")
+    if isinstance(nodes, dict):
+        return {str(node): int(count) if isinstance(count, (int, float)) else 0
+                for node, count in sorted(nodes.items())}
+    if isinstance(nodes, list):
+        return {str(node): 1 for node in sorted(nodes)}
+    return None
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -520,10 +549,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_load_sync(config: LoadConfig, progress_stream: TextIO | None = None) -> LoadResult:
+def run_load_sync(config: LoadConfig, progress_stream: TextIO | None = None,
+                  describe_server: bool = False) -> LoadResult:
     """run_load from synchronous code, on uvloop when available."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run_load(config, progress_stream))
+        return runner.run(run_load(config, progress_stream, describe_server))
 
 
 def validate_config(config: LoadConfig) -> None:

@@ -119,7 +119,11 @@ class LLMServer:
         return {"node": self.node_id, "model": self.model_name,
                 "engine_alive": not self.engine.errored,
                 "engine_unfinished_requests": unfinished_requests(self.engine),
-                "engine_aborted_requests": self.aborted}
+                "engine_aborted_requests": self.aborted,
+                "engine_layout": {"device": self.engine_config.device,
+                                  "tensor_parallel_size": self.engine_config.tensor_parallel_size,
+                                  "pipeline_parallel_size": self.engine_config.pipeline_parallel_size,
+                                  "max_model_len": self.engine.model_config.max_model_len}}
 
     async def call(self, raw: RawRequest) -> AsyncIterator[Any]:
         """For routers calling through a DeploymentHandle (stream=True): first the status and

@@ -1,10 +1,17 @@
 """Tests check_cluster.py and common/cluster.py against a real simulated 3-node Ray cluster."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 from _cluster_fixtures import ROOT, subprocess_env, wait_until
@@ -77,6 +84,60 @@ def test_healthy_cluster_shows_nodes_and_replica_placement(sim, capsys):
     for nid in worker_ids | {c.head_node.node_id}:
         assert cluster_mod.short_id(nid) in text
     assert "HEALTHY" in text and "placement/WhereAmI" in text
+
+
+def _read_terminal(fd: int, until, timeout: float) -> str:
+    """What a program wrote to its pseudo-terminal, ANSI codes stripped, until `until(text)`."""
+    raw = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the program exited and closed the terminal
+                break
+            if not chunk:
+                break
+            raw += chunk
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode("utf-8", "replace"))
+        if until(text):
+            return text
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode("utf-8", "replace"))
+
+
+def test_watch_refreshes_in_a_terminal_and_ctrl_c_exits_zero(sim):
+    c, workers = sim
+    pg = ray.util.placement_group([{"GPU": 5}, {"GPU": 5}], strategy="STRICT_PACK", name="watch10")
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "check_cluster.py"), "--address",
+                             c.address, "--watch", "1"], stdin=terminal, stdout=terminal,
+                            stderr=terminal, env={**subprocess_env(), "TERM": "xterm"}, cwd=ROOT)
+    os.close(terminal)
+    try:
+        # Two refreshes, the second one with the pending group's reason.
+        text = _read_terminal(controller, lambda t: re.search(
+            r"refresh [2-9].*10 GPU.*\n.*\n", t.split("refresh 1", 1)[-1], re.S), timeout=90)
+        assert "refresh 2" in text, text[-3000:]
+        proc.send_signal(signal.SIGINT)
+        text += _read_terminal(controller, lambda t: False, timeout=5)
+        assert proc.wait(30) == EXIT_OK, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(controller)
+        ray.util.remove_placement_group(pg)
+    print(text[-4000:])
+    assert "Traceback" not in text
+    assert "GPU USED/TOTAL" in text and "REPLICAS BY NODE" in text
+    for worker in workers:
+        row = next(line for line in text.splitlines()
+                   if line.startswith(cluster_mod.short_id(worker.node_id)) and "alive" in line)
+        assert "8/8" in row, row   # the placement app's replica holds all 8 GPUs
+    assert "placement/WhereAmI" in text and "RUNNING" in text
+    assert "STRICT_PACK" in text and "10 GPU" in text
 
 
 def test_one_run_reads_each_kind_of_ray_state_once(sim, capsys, monkeypatch):

@@ -1,7 +1,8 @@
 """`make demo`'s own program, as a newcomer meets it: a stale Ray address file on the machine, a
 token in HOME (so the head it starts turns token auth on), the service left running, every
 command it prints run as printed, a second run reusing the service, and the printed stop command
-ending what the demo started."""
+ending what the demo started; load_test.py --report's page against the demo, opened in headless
+Chromium."""
 from __future__ import annotations
 
 import re
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 
+from _browser import inspect_report
 from _serve_fixtures import clean_env, free_port
 from common.demo import end_processes_of_session
 
@@ -53,7 +56,7 @@ def run(cmd: list[str] | str, env: dict, timeout: float = 900) -> subprocess.Com
     return proc
 
 
-def test_demo_stays_up_and_every_printed_command_works(machine):
+def test_demo_stays_up_and_every_printed_command_works(machine, tmp_path):
     base, env = machine
     ray_port, http_port = free_port(), free_port()
     demo = [PY, "-m", "common.demo", "--ray-port", str(ray_port), "--port", str(http_port)]
@@ -72,6 +75,14 @@ def test_demo_stays_up_and_every_printed_command_works(machine):
         if command.startswith("curl") and "chat" in command:
             assert "Paris" in done.stdout, done.stdout       # a real model answers in words
 
+    # The HTML report of a streamed run, against the demo; opened in a browser at the end.
+    url = f"http://127.0.0.1:{http_port}"
+    report = tmp_path / "report.html"
+    reported = run([PY, "load_test.py", "-c", "4", "-n", "12", "--max-tokens", "8", "--stream",
+                    "--url", url, "--no-progress", "--report", str(report)], env)
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    replica_nodes = requests.get(f"{url}/nodes", timeout=30).json()["replica_nodes"]
+
     again = run(demo, env)
     assert again.returncode == 0 and "reusing it" in again.stdout
     assert "starting a local Ray head" not in again.stdout
@@ -81,3 +92,14 @@ def test_demo_stays_up_and_every_printed_command_works(machine):
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert "stopped the demo's Ray head" in stopped.stdout
     assert not processes_under(str(base))
+
+    page = report.read_text()
+    assert "engine layout (per replica)" in page and "max model length" in page
+    screenshot = tmp_path / "report.png"
+    seen = inspect_report(report, screenshot)
+    print(f"report {report}, screenshot {screenshot}: {seen}")
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["drawn"] and seen["external"] == []
+    assert {"latency-e2el", "latency-ttft", "latency-itl", "timeline", "per-node"} <= set(seen["plots"])
+    assert seen["node_bars"] == len(replica_nodes) == 1     # one bar per node holding replicas
+    assert seen["bar_texts"] == ["12 (100.0%)"]

@@ -26,7 +26,8 @@ class FakeService:
     """
 
     def __init__(self, node_pattern=(NODE_A, NODE_B), fail_every=0, slow_every=0, slow_s=3.0,
-                 hold_s=0.005, tokens=4, api_key=None, with_node=True, garbage_every=0):
+                 hold_s=0.005, tokens=4, api_key=None, with_node=True, garbage_every=0,
+                 replica_nodes=None):
         self.node_pattern = node_pattern
         self.fail_every = fail_every
         self.slow_every = slow_every
@@ -36,6 +37,7 @@ class FakeService:
         self.api_key = api_key
         self.with_node = with_node
         self.garbage_every = garbage_every
+        self.replica_nodes = replica_nodes  # node -> replicas, served on GET /nodes when set
         self.requests = 0
         self.answered = 0
         self.in_flight = 0
@@ -68,6 +70,9 @@ class FakeService:
         app = web.Application()
         app.router.add_post("/", self.handle)
         app.router.add_post("/v1/completions", self.handle)
+        if self.replica_nodes is not None:
+            app.router.add_get("/nodes", self.nodes_info)
+            app.router.add_get("/v1/models", self.models_info)
         # handler_cancellation: a request the client timed out on stops counting as in flight.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                    shutdown_timeout=0.5)
@@ -86,6 +91,20 @@ class FakeService:
         return f"http://127.0.0.1:{self.port}"
 
     # -- the API
+    async def nodes_info(self, request: web.Request):
+        self.paths[request.path] += 1
+        return web.json_response({
+            "node": self.node_pattern[0], "model": "DeepSeek-R1", "engine_alive": True,
+            "replica_nodes": self.replica_nodes,
+            "engine_layout": {"device": "cpu", "tensor_parallel_size": 1,
+                              "pipeline_parallel_size": 1, "max_model_len": 512}})
+
+    async def models_info(self, request: web.Request):
+        self.paths[request.path] += 1
+        return web.json_response({"object": "list", "data": [
+            {"id": "DeepSeek-R1", "object": "model", "root": "/models/DeepSeek-R1",
+             "max_model_len": 512}]})
+
     async def handle(self, request: web.Request):
         self.requests += 1
         number = self.requests
@@ -384,3 +403,14 @@ def test_programmatic_entry_point(service):
     assert summary.balance == pytest.approx(0.5)
     assert summary.latency.count == 30
     assert not summary.unreachable
+
+
+@pytest.mark.parametrize("service", [{"replica_nodes": {NODE_A: 1, NODE_B: 1}}], indirect=True)
+def test_only_a_report_asks_for_the_models(service, tmp_path):
+    # A plain run sends the service one request besides the load (GET /nodes), as before.
+    assert run_cli(service, "-c", "2", "-n", "4") == EXIT_OK
+    assert service.paths["/nodes"] == 1 and service.paths["/v1/models"] == 0
+    assert run_cli(service, "-c", "2", "-n", "4", "--report", str(tmp_path / "r.html")) == EXIT_OK
+    assert service.paths["/nodes"] == 2 and service.paths["/v1/models"] == 1
+    page = (tmp_path / "r.html").read_text()
+    assert "/models/DeepSeek-R1" in page and "tensor_parallel_size" in page

@@ -1,7 +1,8 @@
 """The README's operator flow with real processes: `ray start` head + `ray start --address` node
 (8 logical GPUs each, token auth on), the scripts run from a copy of the repo in a clean
 environment, the guide's curl, load_test.py on both nodes, a replica restarted after the copy is
-gone, check_cluster.py and stop_service.py.
+gone, check_cluster.py and stop_service.py, and load_test.py --report's page for a node that answers
+nothing.
 
 Every process gets its own HOME (the token) and RAY_TMPDIR (sessions, ray_current_cluster), so the
 machine's ~/.ray and /tmp/ray stay untouched; Ray is ended by the processes of this test's own
@@ -22,6 +23,7 @@ import psutil
 import pytest
 import requests
 
+from _browser import inspect_report
 from _serve_fixtures import clean_env, demo_model, free_port, wait_until
 from common.cli import EXIT_OK, EXIT_RAY_AUTH
 from common.demo import end_processes_of_session
@@ -242,3 +244,28 @@ def test_product_scales_out_to_the_second_node(operator):
         load.wait(30)
     assert_both_nodes(op, op.load_test(), nodes)
     op.script("stop_service.py", "--address", "auto", "--shutdown")
+
+
+def test_report_shows_a_replica_node_that_answers_nothing(operator, tmp_path):
+    """The README's "all requests answered by one node" case made on purpose: the Python proxy
+    ingress with node-local routing turned back on (the operator's environment wins) sends every
+    request to the head's replica. load_test.py --report shows the worker as a flagged zero bar."""
+    op = operator
+    op.script("stop_service.py", "--address", op.address, "--shutdown", check_code=None)
+    op.deploy("ray-force-multi.py", "idle", "--address", op.address, "--num-replicas", "2",
+              "--tensor-parallel-size", "1", "--ingress", "proxy",
+              env=op.env(RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING="1"))
+    nodes, head = cluster_nodes(op.report("--address", op.address))
+    (worker,) = nodes - {head}
+    report = tmp_path / "report.html"
+    result = op.load_test("--stream", "--report", str(report))
+    assert result["summary"]["node_counts"] == {head: 100, worker: 0}
+    op.script("stop_service.py", "--address", op.address, "--shutdown")
+
+    screenshot = tmp_path / "report.png"
+    seen = inspect_report(report, screenshot)
+    print(f"report {report}, screenshot {screenshot}: {json.dumps(seen, indent=1)}")
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["node_bars"] == 2                   # one bar per node, the idle one included
+    assert seen["bar_texts"] == ["100 (100.0%)", "0 — IDLE"]
+    assert any(worker in warning and "answered nothing" in warning for warning in seen["warnings"])
