@@ -329,8 +329,9 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> int:
         if elapsed > timeout_s:
             break
         time.sleep(poll_s)
-    print(f"error: application {app_name!r} not ready after {timeout_s:.0f}s "
-          f"(--timeout / DEPLOY_TIMEOUT)", file=sys.stderr)
+    print(f"error: application {app_name!r} not ready after {timeout_s:.0f}s; a replica still "
+          f"loading weights needs a longer wait: --timeout SECONDS (DEPLOY_TIMEOUT)",
+          file=sys.stderr)
     pending = cluster.pending_demands()
     if pending:
         print("the cluster cannot place these demands (as `ray status` lists them):",
