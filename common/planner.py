@@ -31,24 +31,28 @@ them), and with fp8 block quantization every sharded dimension must stay a multi
 The replicas the cluster holds count each node's free tp-GPU slots, stages on distinct nodes.
 
 RUNTIME_RESERVE_BYTES (4 GiB per GPU) stands for what vLLM's memory profile sees besides weights
-and KV cache: the activation peak of a max_num_batched_tokens prefill, the CUDA context, NCCL and
-custom all-reduce buffers, and the CUDA graphs captured after the KV cache is allocated. Each is
-1 GiB or less for a 7B model at vLLM's defaults; large hidden sizes and MoE dispatch buffers
-raise the activation peak, so 4 GiB keeps the rule on the safe side without hiding a real fit.
+and KV cache: the activation peak of a max_num_batched_tokens prefill (it grows with the hidden
+size, and MoE dispatch adds buffers), the CUDA context, NCCL and custom all-reduce buffers, and
+the CUDA graphs captured after the KV cache is allocated. Apart from the activation peak these
+are a few hundred MiB to about a GiB each; 4 GiB leaves room for DeepSeek-size activations while
+staying a small share of a data-center GPU (5% of 80 GiB), so it does not hide a layout that
+fits. It is an estimate, not a measurement: vLLM's log line "Available KV cache memory" on the
+target GPUs is the number to compare with the planner's KV room.
 
 Weights come from the checkpoint when it has them (the safetensors index's metadata.total_size,
 or the safetensors headers), else they are estimated from config.json: llama/qwen2/mistral-style
 dense models and DeepSeek V2/V3 (MoE + MLA). An fp8 `quantization_config` stores each linear
 weight in 1 byte plus one float32 scale per 128 x 128 block. DeepSeek's multi-token-prediction
 layer (num_nextn_predict_layers) is not counted: vLLM skips it unless speculative decoding asks
-for it, and the model card's 671B total leaves it out too.
+for it, and the model card's 671B total leaves it out too. Weights measured from the files count
+at their size on disk (a float32 checkpoint that vLLM runs in 16 bits is counted twice too big).
 """
 from __future__ import annotations
 
 import json
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -116,13 +120,21 @@ class ModelFootprint:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def valid_tp(self, tp: int) -> bool:
+    def tp_problem(self, tp: int) -> str | None:
+        """Why vLLM cannot split this model over `tp` ranks; None when it can."""
         if tp < 1 or self.num_attention_heads % tp:
-            return False
+            return f"it does not divide the model's {self.num_attention_heads} attention heads"
         if self.num_kv_heads and self.num_kv_heads % tp and tp % self.num_kv_heads:
-            return False
-        return all(dim % tp == 0 and (dim // tp) % self.tp_block == 0
-                   for dim in self.tp_multiples)
+            return (f"it neither divides the model's {self.num_kv_heads} KV heads nor is a "
+                    "multiple of them")
+        for dim in self.tp_multiples:
+            if dim % tp or (dim // tp) % self.tp_block:
+                return (f"a {dim}-wide layer split {tp} ways is not a multiple of the fp8 "
+                        f"quantization block ({self.tp_block})")
+        return None
+
+    def valid_tp(self, tp: int) -> bool:
+        return self.tp_problem(tp) is None
 
     def kv_bytes_per_token_layer(self, tp: int, kv_dtype_bytes: int) -> float:
         if self.mla:
@@ -354,7 +366,6 @@ def _scaled_to(estimate: ModelFootprint, measured: float, source: str) -> ModelF
     factor = max(measured - edges, 0.0) / layer_total if layer_total else 1.0
     layers = tuple(LayerBytes(l.sharded * factor, l.replicated * factor, l.kv_proj * factor)
                    for l in estimate.layers)
-    from dataclasses import replace
     return replace(estimate, layers=layers, weight_bytes=measured, weights_source=source)
 
 
@@ -515,11 +526,6 @@ def _cluster_words(nodes: Sequence[GpuNode], memory: float) -> str:
     return f"{len(nodes)} node(s) x {per_node} GPU(s) of {memory / GIB:.0f} GiB"
 
 
-def _settings_words(settings: Settings, plan: Plan) -> str:
-    return (f"--gpu-memory-utilization {settings.gpu_memory_utilization:g}, "
-            f"--max-model-len {plan.max_model_len}")
-
-
 def _numbers(plan: Plan, settings: Settings) -> str:
     need = settings.min_sequences * plan.max_model_len * plan.kv_bytes_per_token
     return (f"{gib(plan.weights_per_gpu)} of weights per GPU + {gib(settings.reserve_bytes)} "
@@ -537,15 +543,15 @@ def _suggestions(model: ModelFootprint, nodes: Sequence[GpuNode], memory: float,
     gpn = max(n.gpus for n in nodes)
     layouts = candidate_layouts(model, gpn, len(nodes))
     out = []
-    largest = [evaluate(model, tp, pp, memory, settings) for tp, pp in layouts]
-    with_room = [p for p in largest if p.kv_room_per_gpu > 0]
+    plans = [evaluate(model, tp, pp, memory, settings) for tp, pp in layouts]
+    with_room = [p for p in plans if p.kv_room_per_gpu > 0]
     if with_room:
         best = max(with_room, key=lambda p: p.kv_room_per_gpu / p.kv_bytes_per_token)
         tokens = int(best.kv_room_per_gpu / best.kv_bytes_per_token / settings.min_sequences)
         tokens = tokens // 1024 * 1024
         if tokens >= 1024:
             # The smallest layout that reaches that context.
-            for plan in largest:
+            for plan in plans:
                 if plan.kv_room_per_gpu / plan.kv_bytes_per_token / settings.min_sequences >= tokens:
                     best = plan
                     break
@@ -574,8 +580,6 @@ def _suggestions(model: ModelFootprint, nodes: Sequence[GpuNode], memory: float,
 
 
 def _fp8_weights(model: ModelFootprint) -> ModelFootprint:
-    from dataclasses import replace
-
     layers = tuple(LayerBytes(l.sharded / model.dtype_bytes, l.replicated, l.kv_proj / model.dtype_bytes)
                    for l in model.layers)
     return replace(model, layers=layers, quantization="fp8")
@@ -589,6 +593,9 @@ def plan_layout(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Setti
     memory = _memory(nodes)
     gpn = max(n.gpus for n in nodes)
     given_tp, given_pp = tp != "auto", pp != "auto"
+    if given_tp and model.tp_problem(int(tp)):
+        raise PlanningError(f"--tensor-parallel-size {tp} cannot split {model.name}: "
+                            f"{model.tp_problem(int(tp))}")
     if given_tp and given_pp:
         plan = evaluate(model, int(tp), int(pp), memory, settings)
         plan.chosen = "given"
@@ -600,6 +607,7 @@ def plan_layout(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Setti
     layouts = [(t, p) for t, p in candidate_layouts(model, gpn, len(nodes))
                if (not given_tp or t == int(tp)) and (not given_pp or p == int(pp))]
     if given_tp and not layouts:
+        # A tp beyond one node's GPUs: still say what memory it would leave.
         layouts = [(int(tp), p) for p in range(1, len(nodes) + 1)]
     if given_pp and not layouts:
         layouts = [(t, int(pp)) for t in range(1, gpn + 1) if model.valid_tp(t)]

@@ -205,3 +205,10 @@ def test_unquantized_model_too_big_suggests_fp8():
     llama = planner.read_checkpoint(LLAMA70B)
     with pytest.raises(PlanningError, match="fp8 checkpoint"):
         planner.plan_layout(llama, cluster(1, 2, 80), Settings(max_model_len=8192))
+
+
+def test_explicit_tp_vllm_cannot_split_is_refused(r1):
+    with pytest.raises(PlanningError, match="does not divide the model's 128 attention heads"):
+        planner.plan_layout(r1, cluster(2, 8, 80), Settings(), tp=6, pp=2)
+    with pytest.raises(PlanningError, match="fp8 quantization block"):
+        planner.plan_layout(r1, cluster(8, 32, 80), Settings(), tp=32, pp=1)
