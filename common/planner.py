@@ -101,6 +101,7 @@ class ModelFootprint:
     name: str
     model_type: str
     params: int                  # parameters vLLM loads (no MTP layer)
+    active_params: int           # of which one token uses (MoE: the routed top-k experts)
     weight_bytes: float          # all of them once, in GPU memory
     weights_source: str          # where weight_bytes comes from
     quantization: str | None
@@ -231,7 +232,8 @@ def _dense_layers(config: dict, quant: _Quant, dtype_bytes: int
 def _deepseek_layers(config: dict, quant: _Quant, dtype_bytes: int
                      ) -> tuple[list[LayerBytes], list[int], int]:
     """DeepSeek V2/V3 decoder layers (MLA attention; dense MLP in the first
-    first_k_dense_replace layers, MoE after): (layers, params per layer, kv elems per token)."""
+    first_k_dense_replace layers, MoE after): (layers, params per layer, active params per layer,
+    kv elems per token)."""
     hidden, layers, heads, inter, kv_lora, rope, nope, v_dim = _need(
         config, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
         "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -261,17 +263,20 @@ def _deepseek_layers(config: dict, quant: _Quant, dtype_bytes: int
         (experts * 4 if config.get("topk_method") == "noaux_tc" else 0)
     router_params = experts * hidden + (experts if config.get("topk_method") == "noaux_tc" else 0)
 
-    out, params = [], []
+    top_k = int(config.get("num_experts_per_tok") or 0)
+    out, params, active = [], [], []
     for index in range(layers):
         moe = experts > 0 and index >= first_dense and index % freq == 0
         if moe:
             out.append(LayerBytes(sharded=attn_sharded + (experts + shared) * expert_mlp,
                                   replicated=attn_replicated + router))
             params.append(attn_params + (experts + shared) * 3 * hidden * moe_inter + router_params)
+            active.append(attn_params + (top_k + shared) * 3 * hidden * moe_inter + router_params)
         else:
             out.append(LayerBytes(sharded=attn_sharded + dense_mlp, replicated=attn_replicated))
             params.append(attn_params + 3 * hidden * inter)
-    return out, params, kv_lora + rope
+            active.append(params[-1])
+    return out, params, active, kv_lora + rope
 
 
 def footprint_from_config(config: dict, name: str = "model", dtype: str = "auto"
@@ -287,7 +292,8 @@ def footprint_from_config(config: dict, name: str = "model", dtype: str = "auto"
     final_norm = hidden * dtype_bytes
     multiples: tuple[int, ...] = ()
     if model_type in ("deepseek_v2", "deepseek_v3"):
-        layers, layer_params, kv_elems = _deepseek_layers(config, quant, dtype_bytes)
+        layers, layer_params, layer_active, kv_elems = _deepseek_layers(config, quant,
+                                                                         dtype_bytes)
         kv_heads, heads, mla = None, int(config["num_attention_heads"]), True
         if quant.block:
             multiples = tuple(d for d in (config.get("intermediate_size"),
@@ -299,15 +305,18 @@ def footprint_from_config(config: dict, name: str = "model", dtype: str = "auto"
                                "(or model.safetensors.index.json) can be sized")
     else:
         layers, layer_params, kv_heads, kv_elems, heads = _dense_layers(config, quant, dtype_bytes)
+        layer_active = layer_params
         mla = False
         if quant.block:
             multiples = (int(config["intermediate_size"]),)
-    params = sum(layer_params) + vocab * hidden * (1 if tied else 2) + hidden
+    edge_params = vocab * hidden * (1 if tied else 2) + hidden
+    params = sum(layer_params) + edge_params
     weight_bytes = sum(l.sharded + l.replicated + l.kv_proj for l in layers) + embed + head + \
         final_norm
     max_pos = int(config.get("max_position_embeddings") or 0) or 4096
     return ModelFootprint(
-        name=name, model_type=model_type, params=params, weight_bytes=weight_bytes,
+        name=name, model_type=model_type, params=params,
+        active_params=sum(layer_active) + edge_params, weight_bytes=weight_bytes,
         weights_source="estimated from config.json", quantization=quant.method,
         dtype_bytes=dtype_bytes, layers=tuple(layers), embed_bytes=embed + final_norm,
         head_bytes=head, num_attention_heads=heads, num_kv_heads=kv_heads,

@@ -33,6 +33,7 @@ def test_r1_config_is_the_model_cards_architecture(r1):
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     # 671B without the MTP layer (vLLM skips it; the model card's total leaves it out).
     assert r1.params == pytest.approx(671e9, rel=0.01)
+    assert r1.active_params == pytest.approx(37e9, rel=0.03)
     assert r1.quantization == "fp8" and r1.mla
     # fp8: about one byte per parameter, the 16-bit embedding and head on top.
     assert 660e9 < r1.weight_bytes < 690e9
