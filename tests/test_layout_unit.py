@@ -2,6 +2,7 @@
 resolution before deploying (Ray's per-node probe replaced by made-up nodes)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,11 @@ def test_derived_timeout_never_below_the_default():
                         10, 1, True)
     assert layout.derived_timeout_s(plan, 8) == 900
     assert LayoutRequest(1, "auto").auto
+
+
+def test_probe_reads_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 143771\necho 143771\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert layout._probe_this_node(None)["gpu_memory_bytes"] == 143771 * 2**20
