@@ -39,6 +39,16 @@ def build_parser():
                   "alone): nodes with GPUs used/total, replicas per node with their state and "
                   "requests in flight, pending demands and why; in place on a terminal, plain "
                   "frames otherwise; Ctrl-C exits 0")
+    layout = parser.add_argument_group(
+        "layout (with --model: the tensor/pipeline layout `auto` would choose on this cluster)")
+    add_flag(layout, "--model", env="MODEL_PATH", default=None,
+             help="local checkpoint folder to plan for (config.json, weights when present)")
+    add_flag(layout, "--max-model-len", env="MAX_MODEL_LEN", type=int, default=None,
+             help="context length to plan for; default: the model's")
+    add_flag(layout, "--gpu-memory-utilization", env="GPU_MEMORY_UTILIZATION", type=float,
+             default=0.9, help="fraction of each GPU's memory vLLM may use")
+    add_flag(layout, "--gpu-memory-gib", env="GPU_MEMORY_GIB", type=float, default=None,
+             help="memory of one GPU in GiB (default: asked of nvidia-smi on each GPU node)")
     return parser
 
 
@@ -87,14 +97,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_FAILURE
         engine = _engine_summary(args.app, as_json=args.json)
+    planned = None
+    if args.model:
+        from common.layout import plan_for_report
+
+        planned = plan_for_report(args.model, args.gpu_memory_gib, args.max_model_len,
+                                  args.gpu_memory_utilization)
     if args.json:
         data = cluster.report_to_dict(report)
         data["engine_metrics"] = engine
+        if planned is not None:
+            data["layout"] = planned
         print(json.dumps(data, indent=2, default=str))
     else:
         print(format_report(report))
         if engine:
             print("\n" + engine)
+        if planned is not None:
+            from common.layout import format_plan
+
+            print("\n" + format_plan(planned))
     return EXIT_OK if report.healthy else EXIT_UNHEALTHY
 
 

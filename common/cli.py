@@ -10,9 +10,10 @@ from typing import Any, Callable, Sequence
 # Exit codes shared by all scripts, so operators' automation can tell failures apart.
 EXIT_OK = 0
 EXIT_FAILURE = 1          # the thing asked for failed (deploy failed, requests failed, ...)
-EXIT_USAGE = 2            # bad flags (argparse's own code)
+EXIT_USAGE = 2            # bad flags (argparse's own code), incl. a layout the GPUs cannot hold
 EXIT_RAY_UNREACHABLE = 3  # no Ray cluster at --address
-EXIT_UNHEALTHY = 4        # the cluster answered but something is pending/unhealthy/dead
+EXIT_UNHEALTHY = 4        # the cluster answered but something is pending/unhealthy/dead,
+                          # or its GPU nodes lack the model folder / differ in versions
 EXIT_TIMEOUT = 5          # a wait ran out (e.g. replicas still PENDING)
 EXIT_RAY_AUTH = 6         # the cluster refused this process's Ray auth token (or it has none)
 

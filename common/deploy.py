@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import cli, preflight
+from common import cli, layout, preflight
 from replica.api import RETRY_AFTER_S
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
@@ -181,9 +181,11 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         add_topology_args(parser.add_argument_group("topology"))
     add_engine_args(parser, engine_defaults)
     add_serve_args(parser, serve_defaults)
+    layout.add_layout_flags(parser)
     args, vllm_args = parser.parse_known_args(argv)
     engine = engine_config_from_args(args)
     serve_config = serve_config_from_args(args)
+    requested_layout = layout.set_aside_auto(engine)
     problems = engine.validate()
     if vllm_args:
         problems += check_vllm_args(engine, vllm_args)
@@ -198,6 +200,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
                               "demo run `make demo`, or add --device cpu --model "
                               ".cache/demo-model")
+    layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv)
     app = build(args, engine, serve_config)
     return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress)
 
@@ -323,8 +326,9 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
         if elapsed > timeout_s:
             break
         time.sleep(poll_s)
-    raise cli.ScriptError(f"application {app_name!r} not ready after {timeout_s:.0f}s "
-                          f"(raise it with --timeout or DEPLOY_TIMEOUT){_pending_lines()}\n"
+    raise cli.ScriptError(f"application {app_name!r} not ready after {timeout_s:.0f}s; a "
+                          "replica still loading weights needs a longer wait: --timeout SECONDS "
+                          f"(DEPLOY_TIMEOUT){_pending_lines()}\n"
                           "the application stays deployed and Serve keeps trying; inspect with "
                           "`python check_cluster.py`, remove with `python stop_service.py`",
                           cli.EXIT_TIMEOUT)

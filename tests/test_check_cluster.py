@@ -273,3 +273,14 @@ def test_unreachable_address_exits_3_fast_without_traceback():
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "127.0.0.1:1" in proc.stderr and "ray start --head" in proc.stderr
     assert elapsed < 20
+
+
+def test_model_flag_adds_the_planned_layout(sim, capsys):
+    r1 = os.path.join(ROOT, "tests", "fixtures", "deepseek-r1")
+    code, data = run_json(capsys, "--model", r1, "--gpu-memory-gib", "80")
+    layout = data["layout"]
+    assert (layout["tensor_parallel_size"], layout["pipeline_parallel_size"]) == (8, 2)
+    assert layout["replicas"] == 1 and layout["sequences"] >= 4 and layout["node_problems"] == []
+    check_cluster.main(["--model", r1, "--gpu-memory-gib", "64"])
+    out = capsys.readouterr().out
+    assert "LAYOUT: no layout on 2 node(s) x 8 GPU(s) of 64 GiB" in out and "3 nodes" in out

@@ -6,6 +6,7 @@ the same scripts run the real engine on a simulated cluster in tests/test_topolo
 from __future__ import annotations
 
 import collections
+import os
 
 from _cluster_fixtures import LOCAL_IP
 
@@ -119,3 +120,31 @@ def test_product_scales_out_to_the_other_node_and_back(sim):
     wait_until(lambda: len(cluster.list_replicas("product")) == 1, timeout=120,
                what="scale back to one replica")
     serve.delete("product")
+
+
+R1_CONFIG = os.path.join(os.path.dirname(__file__), "fixtures", "deepseek-r1")
+LLAMA70B_CONFIG = os.path.join(os.path.dirname(__file__), "fixtures", "llama-3.3-70b-instruct")
+
+
+def test_single_gpu_refuses_r1_on_80gb_gpus_before_deploying(sim, capsys):
+    code = deploy_script("ray-single-gpu.py", *gpu_args("r1single"), "--model", R1_CONFIG,
+                         "--gpu-memory-gib", "80")
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE
+    assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 cannot serve" in err
+    assert "A layout that fits: --tensor-parallel-size 8 --pipeline-parallel-size 2" in err
+    print(err)  # the refusal, for the record
+    assert "r1single" not in serve.status().applications
+
+
+def test_force_multi_auto_tensor_parallel_from_the_checkpoint(sim, capsys):
+    code = deploy_script("ray-force-multi.py", *gpu_args("auto70b"), "--model", LLAMA70B_CONFIG,
+                         "--tensor-parallel-size", "auto", "--gpu-memory-gib", "80",
+                         "--max-model-len", "8192")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "layout: --tensor-parallel-size 4 --pipeline-parallel-size 1 (auto)" in out
+    assert "the cluster holds 4 such replica(s)" in out
+    info = describe("auto70b")
+    assert len(info["worker_nodes"]) == 4 and info["own_gpus"] == []
+    serve.delete("auto70b")

