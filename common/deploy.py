@@ -159,13 +159,13 @@ def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
 BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
 
 
-@cli.exits_with_codes
-def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
-                add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
-                engine_defaults: EngineConfig | None = None,
-                serve_defaults: ServeConfig | None = None) -> int:
-    """Parse flags, connect to Ray, build the app, deploy it; a ScriptError anywhere on the way
-    becomes its message and exit code."""
+def script_parser(description: str,
+                  add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                  engine_defaults: EngineConfig | None = None,
+                  serve_defaults: ServeConfig | None = None) -> argparse.ArgumentParser:
+    """A deployment script's flags (also what its application builder parses: common/builders.py)."""
+    from common.serve_config import add_config_flags
+
     parser = cli.make_parser(description, VLLM_EPILOG)
     cli.add_address_flag(parser)
     cli.add_flag(parser, "--proxy-location", env="SERVE_PROXY_LOCATION", default="EveryNode",
@@ -182,6 +182,14 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     add_engine_args(parser, engine_defaults)
     add_serve_args(parser, serve_defaults)
     layout.add_layout_flags(parser)
+    add_config_flags(parser)
+    return parser
+
+
+def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
+                      ) -> tuple[argparse.Namespace, EngineConfig, ServeConfig,
+                                 layout.LayoutRequest]:
+    """Flags -> configs, checked; unknown flags are vLLM's (checked by vLLM's own parser)."""
     args, vllm_args = parser.parse_known_args(argv)
     engine = engine_config_from_args(args)
     serve_config = serve_config_from_args(args)
@@ -192,6 +200,27 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         engine.vllm_args = list(vllm_args)
     if problems:
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_USAGE)
+    return args, engine, serve_config, requested_layout
+
+
+@cli.exits_with_codes
+def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
+                add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                engine_defaults: EngineConfig | None = None,
+                serve_defaults: ServeConfig | None = None) -> int:
+    """Parse flags, connect to Ray, build the app, deploy it (or, with --print-config, print its
+    Serve config); a ScriptError anywhere on the way becomes its message and exit code."""
+    parser = script_parser(description, add_topology_args, engine_defaults, serve_defaults)
+    args, engine, serve_config, requested_layout = parse_script_args(parser, argv)
+    if args.print_config:
+        from common.serve_config import print_config
+
+        # The layout as given: `auto` is refused there with the explicit flag to use.
+        if engine.device == "cuda":
+            engine.tensor_parallel_size = requested_layout.tp
+            engine.pipeline_parallel_size = requested_layout.pp
+        return print_config(sys.modules[build.__module__].__file__, parser, args, engine,
+                            serve_config)
 
     from common.ray_connect import connect
 

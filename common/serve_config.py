@@ -1,0 +1,357 @@
+"""Declarative deployment: the Serve config file (and a KubeRay RayService around it) for a script's flags."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from common import cli
+from replica.config import EngineConfig, ServeConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILDERS_MODULE = "common.builders"
+# Script file -> builder function in common/builders.py (Serve imports `module:function`).
+BUILDERS = {
+    "ray-single-gpu.py": "single_gpu",
+    "ray-force-multi.py": "force_multi",
+    "ray-product": "product",
+    "ray-placement-group.py": "placement_group",
+}
+
+# Flags that say how to reach or start Serve, or what to print: no part of the application.
+_NOT_APP_ARGS = {"help", "address", "proxy_location", "ingress", "print_config", "kuberay",
+                 "working_dir", "gpu_memory_gib", "timeout_s", "image", "image_workdir",
+                 "gpus_per_node", "auth_secret"}
+# Set at the config file's top level (http_options) or on the application (name, route_prefix).
+_CONFIG_LEVEL_ARGS = {"host", "port", "app_name", "route_prefix"}
+# Deployment options Serve updates on running replicas without restarting them: they go into the
+# config's `deployments:` section and stay out of `args`, whose every change is a new code version
+# (Serve restarts the replicas).
+LIGHTWEIGHT_ARGS = {"max_ongoing_requests", "max_queued_requests", "max_surge_percent",
+                    "num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
+                    "upscale_delay", "downscale_delay"}
+# Topology flags that are also lightweight only in some scripts (the others pass them as args).
+_ARGS_IN = {"ray-single-gpu.py": {"max_replicas"}}
+VLLM_ARGS_KEY = "vllm_args"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("declarative deployment (serve deploy / KubeRay)")
+    cli.add_flag(group, "--print-config", type=bool, default=False,
+                 help="print the Serve config YAML for these flags (for `serve deploy`) and exit; "
+                      "deploys nothing and needs no cluster")
+    cli.add_flag(group, "--kuberay", type=bool, default=False,
+                 help="with --print-config: print a KubeRay RayService manifest around it")
+    cli.add_flag(group, "--working-dir", env="SERVE_WORKING_DIR", default=None,
+                 help="runtime_env working_dir of the config: where the cluster finds this "
+                      "project (a zip URI, or local:///PATH of a checkout present at that path "
+                      "on every node); default: local:// of this checkout, or of --image-workdir "
+                      "with --kuberay")
+    cli.add_flag(group, "--image", env="KUBERAY_IMAGE", default="rayproject/ray:2.60.0-py311-gpu",
+                 help="with --kuberay: container image with Ray, vLLM and this project")
+    cli.add_flag(group, "--image-workdir", env="KUBERAY_IMAGE_WORKDIR", default="/app",
+                 help="with --kuberay: where this project sits in the image")
+    cli.add_flag(group, "--gpus-per-node", env="GPUS_PER_NODE", type=int, default=8,
+                 help="with --kuberay: GPUs of one worker pod (one Kubernetes node)")
+    cli.add_flag(group, "--auth-secret", env="RAY_AUTH_SECRET", default="ray-auth-token",
+                 help="with --kuberay: Kubernetes secret whose key `token` holds the Ray auth token")
+
+
+def script_name(script_file: str) -> str:
+    name = Path(script_file).name
+    if name not in BUILDERS:
+        raise cli.ScriptError(f"{name} has no application builder (known: "
+                              f"{', '.join(BUILDERS)})", cli.EXIT_USAGE)
+    return name
+
+
+def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings}
+
+
+def builder_args(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 engine: EngineConfig) -> dict[str, Any]:
+    """The builder's `args`: every application flag with its value (explicit, so the file alone
+    says what runs), but not the lightweight options nor what the config sets elsewhere."""
+    keep = _ARGS_IN.get(script, set())
+    values: dict[str, Any] = {}
+    for dest in _flag_actions(parser):
+        if dest in _NOT_APP_ARGS or dest in _CONFIG_LEVEL_ARGS:
+            continue
+        if dest in LIGHTWEIGHT_ARGS and dest not in keep:
+            continue
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[dest] = value
+    if "model" in values:
+        values["model"] = engine.model
+    if engine.vllm_args:
+        values[VLLM_ARGS_KEY] = list(engine.vllm_args)
+    return values
+
+
+def builder_argv(parser: argparse.ArgumentParser, args: dict[str, Any]) -> list[str]:
+    """The command line the script would get for a builder's `args` (so that the builder parses
+    and validates them with the script's own parser and messages)."""
+    actions = _flag_actions(parser)
+    argv: list[str] = []
+    for key, value in args.items():
+        if key == VLLM_ARGS_KEY:
+            continue
+        action = actions.get(key) or actions.get(key.replace("-", "_"))
+        if action is None or key in _NOT_APP_ARGS:
+            known = sorted(d for d in actions if d not in _NOT_APP_ARGS)
+            raise cli.ScriptError(f"unknown builder argument {key!r}; known: {', '.join(known)}",
+                                  cli.EXIT_USAGE)
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        argv += [action.option_strings[0], text]
+    vllm_args = args.get(VLLM_ARGS_KEY) or []
+    if isinstance(vllm_args, str):
+        vllm_args = vllm_args.split()
+    return argv + [str(a) for a in vllm_args]
+
+
+def _check_no_auto(script: str, args: argparse.Namespace, engine: EngineConfig) -> None:
+    """`auto` needs the cluster; a config file holds the value it resolved to."""
+    missing = []
+    if engine.device == "cuda":
+        for flag, value in (("--tensor-parallel-size", engine.tensor_parallel_size),
+                            ("--pipeline-parallel-size", engine.pipeline_parallel_size)):
+            if str(value).lower() == "auto":
+                missing.append(f"{flag} N")
+        if str(getattr(args, "num_replicas", "")).lower() == "auto":
+            missing.append("--num-replicas N")
+    if missing:
+        raise cli.ScriptError(
+            "--print-config writes explicit values and `auto` is resolved against the cluster: "
+            f"give {', '.join(missing)} (`python check_cluster.py --model PATH` plans them)",
+            cli.EXIT_USAGE)
+
+
+def _lightweight_options(script: str, args: argparse.Namespace,
+                         serve_config: ServeConfig) -> dict[str, Any]:
+    from common.placement import autoscaling_config
+
+    options: dict[str, Any] = {"max_ongoing_requests": serve_config.max_ongoing_requests,
+                               "max_queued_requests": serve_config.max_queued_requests}
+    if serve_config.max_surge_percent > 0:
+        options["max_surge_percent"] = serve_config.max_surge_percent
+    if script == "ray-product":
+        if serve_config.max_ongoing_requests <= args.target_ongoing_requests:
+            raise cli.ScriptError(
+                f"--max-ongoing-requests ({serve_config.max_ongoing_requests}) must be above "
+                f"--target-ongoing-requests ({args.target_ongoing_requests:g})", cli.EXIT_USAGE)
+        options["autoscaling_config"] = autoscaling_config(
+            args.min_replicas, args.max_replicas, args.target_ongoing_requests,
+            args.upscale_delay, args.downscale_delay)
+    elif script == "ray-single-gpu.py":
+        count = 1 if str(args.num_replicas).lower() == "auto" else int(args.num_replicas)
+        if not 1 <= count <= args.max_replicas:
+            raise cli.ScriptError(f"--num-replicas must be in 1..--max-replicas "
+                                  f"({args.max_replicas})", cli.EXIT_USAGE)
+        options["num_replicas"] = count
+    elif script == "ray-force-multi.py":
+        if args.num_replicas < 1:
+            raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
+        options["num_replicas"] = args.num_replicas
+    return options
+
+
+def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConfig,
+                       serve_config: ServeConfig) -> list[dict[str, Any]]:
+    """The config's `deployments:` section: per deployment the options Serve applies from the
+    file. The LLM deployment of the three one-deployment topologies carries its resources too;
+    placement-group backends carry only lightweight options (their node pin is chosen when the
+    application is built, and a ray_actor_options here would replace it)."""
+    from common.deploy import one_replica_per_node, replica_resources
+
+    lightweight = _lightweight_options(script, args, serve_config)
+    if script == "ray-placement-group.py":
+        if args.num_backends < 1:
+            raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
+        per_backend = {k: v for k, v in lightweight.items()}
+        return [{"name": f"LLMBackend{i}", "num_replicas": 1, **per_backend}
+                for i in range(args.num_backends)]
+    entry: dict[str, Any] = {"name": "LLMDeployment", **lightweight}
+    entry.update(replica_resources(engine, serve_config))
+    if script == "ray-single-gpu.py":
+        entry["max_replicas_per_node"] = args.replicas_per_node
+    else:
+        entry.update(one_replica_per_node(engine))
+    return [entry]
+
+
+def _runtime_env_of_deployment(entry: dict[str, Any]) -> None:
+    """Serve's config schema wants plain data: tuples and the like as lists."""
+    options = entry.get("ray_actor_options")
+    if options and "runtime_env" in options:
+        options["runtime_env"] = dict(options["runtime_env"])
+
+
+def serve_config_document(script_file: str, parser: argparse.ArgumentParser,
+                          args: argparse.Namespace, engine: EngineConfig,
+                          serve_config: ServeConfig, working_dir: str | None = None
+                          ) -> dict[str, Any]:
+    """The Serve config (`serve deploy` / `serveConfigV2`) for a script's parsed flags."""
+    script = script_name(script_file)
+    _check_no_auto(script, args, engine)
+    deployments = deployment_entries(script, args, engine, serve_config)
+    for entry in deployments:
+        _runtime_env_of_deployment(entry)
+    app = {
+        "name": serve_config.app_name,
+        "route_prefix": serve_config.route_prefix,
+        "import_path": f"{BUILDERS_MODULE}:{BUILDERS[script]}",
+        "args": builder_args(script, parser, args, engine),
+        "runtime_env": {"working_dir": working_dir or f"local://{PROJECT_ROOT}"},
+        "deployments": deployments,
+    }
+    return {
+        "proxy_location": args.proxy_location,
+        "http_options": {"host": serve_config.host, "port": serve_config.port},
+        "applications": [app],
+    }
+
+
+def validate_document(document: dict[str, Any]) -> None:
+    """Serve's own schema check of a config (what `serve deploy` runs)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(document)
+    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, shown as is
+        raise cli.ScriptError(f"the generated Serve config is invalid: {exc}",
+                              cli.EXIT_FAILURE) from None
+
+
+def to_yaml(document: dict[str, Any]) -> str:
+    """Block YAML without anchors (repeated bundles written out), multi-line strings as `|`."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    def text(dumper: yaml.SafeDumper, value: str):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(document, Dumper=Dumper, sort_keys=False, default_flow_style=False,
+                     width=100, allow_unicode=True)
+
+
+# ---- KubeRay ------------------------------------------------------------------------------------
+
+def _env_list(env: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"name": k, "value": str(v)} for k, v in env.items()]
+
+
+def _ray_container(name: str, image: str, env: list[dict[str, Any]], resources: dict[str, Any],
+                   ports: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": image, "env": env,
+                                 "resources": {"limits": resources, "requests": resources}}
+    if ports:
+        container["ports"] = [{"name": n, "containerPort": p} for n, p in ports]
+    return container
+
+
+def worker_groups(engine: EngineConfig, deployments: list[dict[str, Any]],
+                  gpus_per_node: int) -> tuple[int, int]:
+    """(worker pods, GPUs per pod) for the topology: enough nodes for the most replicas the
+    application can run, each pod one whole node of `gpus_per_node` GPUs (CPU: one pod per
+    replica, no GPU)."""
+    replicas = 0
+    for entry in deployments:
+        autoscaling = entry.get("autoscaling_config")
+        replicas += autoscaling["max_replicas"] if autoscaling else entry.get("num_replicas", 1)
+    if engine.device == "cpu":
+        return max(replicas, 1), 0
+    per_replica = engine.gpus_per_replica
+    if per_replica > gpus_per_node:
+        raise cli.ScriptError(f"a replica needs {per_replica} GPUs on one node, a pod has "
+                              f"--gpus-per-node {gpus_per_node}", cli.EXIT_USAGE)
+    per_node = gpus_per_node // per_replica
+    cap = min((e.get("max_replicas_per_node") for e in deployments
+               if e.get("max_replicas_per_node")), default=None)
+    if cap:
+        per_node = min(per_node, cap)
+    pods = -(-replicas // per_node)
+    return pods, gpus_per_node
+
+
+def rayservice_manifest(document: dict[str, Any], engine: EngineConfig, controller_env: dict[str, str],
+                        image: str, gpus_per_node: int, auth_secret: str,
+                        name: str = "deepseek") -> dict[str, Any]:
+    """A KubeRay RayService: `serveConfigV2` is the config file itself, the head (no GPUs: it
+    schedules nothing) and one worker group sized from the topology; every Ray container gets
+    Serve's controller settings and token auth from a Kubernetes secret."""
+    deployments = [d for app in document["applications"] for d in app.get("deployments", [])]
+    pods, gpus = worker_groups(engine, deployments, gpus_per_node)
+    token = {"name": "RAY_AUTH_TOKEN",
+             "valueFrom": {"secretKeyRef": {"name": auth_secret, "key": "token"}}}
+    env = _env_list({"RAY_AUTH_MODE": "token", **controller_env}) + [token]
+    port = document["http_options"]["port"]
+    head_resources = {"cpu": "8", "memory": "32Gi"}
+    worker_resources: dict[str, Any] = {"cpu": "32", "memory": "256Gi"}
+    if gpus:
+        worker_resources["nvidia.com/gpu"] = gpus
+    head = {
+        # num-gpus 0 on the head: replicas go to the GPU workers.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0",
+                           "metrics-export-port": "8080"},
+        "template": {"spec": {"containers": [_ray_container(
+            "ray-head", image, env, head_resources,
+            [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", port)])]}},
+    }
+    worker = {
+        "groupName": "gpu-workers" if gpus else "cpu-workers",
+        "replicas": pods, "minReplicas": pods, "maxReplicas": pods,
+        "rayStartParams": {"metrics-export-port": "8080"},
+        "template": {"spec": {"containers": [_ray_container("ray-worker", image, env,
+                                                            worker_resources)]}},
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name},
+        "spec": {
+            "serveConfigV2": to_yaml(document),
+            "rayClusterConfig": {
+                "rayVersion": _ray_version(),
+                "headGroupSpec": head,
+                "workerGroupSpecs": [worker],
+            },
+        },
+    }
+
+
+def _ray_version() -> str:
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("ray")
+    except Exception:  # noqa: BLE001 - the manifest still works without it
+        return "2.60.0"
+
+
+def print_config(script_file: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 engine: EngineConfig, serve_config: ServeConfig) -> int:
+    """--print-config: the config (or, with --kuberay, the RayService) on stdout."""
+    from common.deploy import controller_env
+
+    working_dir = args.working_dir
+    if working_dir is None and args.kuberay:
+        working_dir = f"local://{args.image_workdir}"
+    document = serve_config_document(script_file, parser, args, engine, serve_config, working_dir)
+    validate_document(document)
+    if args.kuberay:
+        manifest = rayservice_manifest(document, engine, controller_env(args.ingress),
+                                       args.image, args.gpus_per_node, args.auth_secret,
+                                       name=serve_config.app_name)
+        print(to_yaml(manifest), end="")
+    else:
+        print(to_yaml(document), end="")
+    return cli.EXIT_OK

@@ -1,0 +1,160 @@
+"""--print-config: the Serve config and RayService a script writes, and the builders its import_path names."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from common import builders, cli, preflight, serve_config
+from common.deploy import parse_script_args
+
+TWO_GPU_NODES = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
+CPU_ARGS = ["--device", "cpu", "--model", "/models/demo", "--tensor-parallel-size", "1"]
+
+
+def printed(script: str, argv: list[str], capsys) -> str:
+    module = builders.load_script(script)
+    assert module.main(argv) == cli.EXIT_OK
+    return capsys.readouterr().out
+
+
+def config_of(script: str, argv: list[str], capsys) -> dict:
+    return yaml.safe_load(printed(script, ["--print-config", *argv], capsys))
+
+
+@pytest.fixture
+def two_gpu_nodes(monkeypatch):
+    """preflight's view of the cluster: the guide's 2 x 8 GPUs, without Ray."""
+    monkeypatch.setattr(preflight, "alive_node_resources", lambda: [dict(n) for n in TWO_GPU_NODES])
+    monkeypatch.setattr(builders.load_script("ray-placement-group.py"), "pick_distinct_nodes",
+                        lambda demand, count, timeout_s, name: [f"node{i}" for i in range(count)])
+
+
+def test_config_holds_the_flags(capsys):
+    config = config_of("ray-force-multi.py", [
+        *CPU_ARGS, "--num-replicas", "3", "--max-ongoing-requests", "64", "--port", "9000",
+        "--app-name", "llm", "--route-prefix", "/v1x", "--max-model-len", "4096",
+        "--enable-auto-tool-choice"], capsys)
+    serve_config.validate_document(config)
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
+    [app] = config["applications"]
+    assert (app["name"], app["route_prefix"]) == ("llm", "/v1x")
+    assert app["import_path"] == "common.builders:force_multi"
+    assert app["args"]["max_model_len"] == 4096 and app["args"]["device"] == "cpu"
+    assert app["args"]["vllm_args"] == ["--enable-auto-tool-choice"]
+    assert app["runtime_env"]["working_dir"].startswith("local://")
+    # Lightweight options only in the deployment section: changing them is no new code version.
+    assert not {"max_ongoing_requests", "num_replicas", "port", "address"} & set(app["args"])
+    [deployment] = app["deployments"]
+    assert deployment["name"] == "LLMDeployment"
+    assert (deployment["num_replicas"], deployment["max_ongoing_requests"]) == (3, 64)
+    assert deployment["max_replicas_per_node"] == 1
+
+
+def test_auto_needs_an_explicit_value(capsys):
+    module = builders.load_script("ray-force-multi.py")
+    assert module.main(["--print-config", "--tensor-parallel-size", "auto"]) == cli.EXIT_USAGE
+    assert "--tensor-parallel-size N" in capsys.readouterr().err
+
+
+def test_bad_flags_keep_the_scripts_messages(capsys):
+    module = builders.load_script("ray-product")
+    code = module.main(["--print-config", *CPU_ARGS, "--max-ongoing-requests", "8"])
+    assert code == cli.EXIT_USAGE
+    assert "--target-ongoing-requests" in capsys.readouterr().err
+    with pytest.raises(cli.ScriptError, match="unknown builder argument 'num_gpus'"):
+        builders.force_multi({"num_gpus": 3})
+
+
+def _deployments(app) -> dict:
+    from ray.serve._private.build_app import build_app
+    from ray.serve.deployment import deployment_to_schema
+
+    built = build_app(app, name="test")
+    return {d.name: deployment_to_schema(d).model_dump(exclude_unset=True)
+            for d in built.deployments}
+
+
+def _script_app(script: str, argv: list[str]):
+    module = builders.load_script(script)
+    parser = builders.script_parser_of(module)
+    args, engine, serve_cfg, _ = parse_script_args(parser, argv)
+    return module.build(args, engine, serve_cfg)
+
+
+def _comparable(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in serve_config.LIGHTWEIGHT_ARGS
+            and k not in ("autoscaling_config", "version")}
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("ray-force-multi.py", ["--tensor-parallel-size", "8", "--num-replicas", "2"]),
+    ("ray-force-multi.py", [*CPU_ARGS, "--num-replicas", "2", "--max-ongoing-requests", "64"]),
+    ("ray-single-gpu.py", ["--num-replicas", "4", "--model", "/models/x", "--load-format",
+                           "dummy"]),
+    ("ray-product", ["--tensor-parallel-size", "8", "--max-replicas", "2"]),
+    ("ray-placement-group.py", [*CPU_ARGS, "--num-backends", "2"]),
+])
+def test_builder_builds_what_the_script_deploys(script, argv, capsys, two_gpu_nodes):
+    config = config_of(script, argv, capsys)
+    [app] = config["applications"]
+    module_name, function = app["import_path"].split(":")
+    assert module_name == "common.builders"
+    from_builder = _deployments(getattr(builders, function)(app["args"]))
+    from_script = _deployments(_script_app(script, argv))
+    assert set(from_builder) == set(from_script)
+    for name, options in from_script.items():
+        assert _comparable(from_builder[name]) == _comparable(options), name
+    # What the config's deployments section says is what the script deploys.
+    for entry in app["deployments"]:
+        options = from_script[entry["name"]]
+        for key, value in entry.items():
+            if key == "name":
+                continue
+            if key == "ray_actor_options":
+                assert {k: options[key][k] for k in value} == value
+            else:
+                assert options[key] == value, key
+
+
+def test_rayservice_holds_the_config(capsys):
+    argv = ["--tensor-parallel-size", "8", "--model", "/models/DeepSeek-R1"]
+    config_text = printed("ray-force-multi.py", ["--print-config", *argv,
+                                                 "--working-dir", "local:///app"], capsys)
+    manifest = yaml.safe_load(printed("ray-force-multi.py",
+                                      ["--print-config", "--kuberay", *argv], capsys))
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    assert manifest["metadata"]["name"]
+    spec = manifest["spec"]
+    assert spec["serveConfigV2"] == config_text
+    assert yaml.safe_load(spec["serveConfigV2"]) == yaml.safe_load(config_text)
+    cluster = spec["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert "rayStartParams" in head and head["template"]["spec"]["containers"]
+    [workers] = cluster["workerGroupSpecs"]
+    assert workers["groupName"] and workers["rayStartParams"] is not None
+    # The guide's cluster: two 8-GPU workers, one TP=8 replica each.
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
+    for group in (head, workers):
+        [container] = group["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+    [worker] = workers["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_worker_groups_from_the_topology():
+    from replica.config import EngineConfig
+
+    tp8 = EngineConfig(tensor_parallel_size=8)
+    assert serve_config.worker_groups(tp8, [{"num_replicas": 2}], 8) == (2, 8)
+    assert serve_config.worker_groups(tp8, [{"autoscaling_config": {"max_replicas": 3}}],
+                                      8) == (3, 8)
+    one = EngineConfig()
+    assert serve_config.worker_groups(one, [{"num_replicas": 16, "max_replicas_per_node": 8}],
+                                      8) == (2, 8)
+    assert serve_config.worker_groups(EngineConfig(device="cpu"), [{"num_replicas": 2}],
+                                      8) == (2, 0)
+    with pytest.raises(cli.ScriptError, match="GPUs on one node"):
+        serve_config.worker_groups(EngineConfig(tensor_parallel_size=16), [{}], 8)
