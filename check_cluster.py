@@ -39,6 +39,11 @@ def build_parser():
                   "alone): nodes with GPUs used/total, replicas per node with their state and "
                   "requests in flight, pending demands and why; in place on a terminal, plain "
                   "frames otherwise; Ctrl-C exits 0")
+    add_flag(parser, "--plan", env="SERVE_CONFIG", default=None, metavar="CONFIG",
+             help="check a Serve config file (from a script's --print-config, or its RayService) "
+                  "the way the scripts check before deploying: its builder args, the layout "
+                  "against the GPUs, every GPU node's model folder and versions, the replicas "
+                  "the nodes can hold; exit 0 when `serve deploy` can run it")
     layout = parser.add_argument_group(
         "layout (with --model: the tensor/pipeline layout `auto` would choose on this cluster)")
     add_flag(layout, "--model", env="MODEL_PATH", default=None,
@@ -84,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.watch is not None and args.json:
         raise ScriptError("--watch shows tables; it does not combine with --json", EXIT_USAGE)
     connect(args.address)
+    if args.plan:
+        from common.config_check import plan_config
+
+        return plan_config(args.plan, args.gpu_memory_gib)
     if args.watch is not None:
         from common.cluster_watch import watch
 

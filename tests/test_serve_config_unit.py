@@ -158,3 +158,23 @@ def test_worker_groups_from_the_topology():
                                       8) == (2, 0)
     with pytest.raises(cli.ScriptError, match="GPUs on one node"):
         serve_config.worker_groups(EngineConfig(tensor_parallel_size=16), [{}], 8)
+
+
+def test_plan_reads_a_config_or_its_rayservice(capsys, tmp_path):
+    from common import config_check
+
+    argv = ["--print-config", "--tensor-parallel-size", "8", "--model", "/models/R1"]
+    config = tmp_path / "config.yaml"
+    config.write_text(printed("ray-product", argv, capsys))
+    manifest = tmp_path / "rayservice.yaml"
+    manifest.write_text(printed("ray-product", [*argv, "--kuberay"], capsys))
+    document = config_check.read_config(str(config))
+    [app] = document["applications"]
+    assert config_check.script_of(app) == "ray-product"
+    assert config_check.planned_replicas(app) == 2          # autoscaling's maximum
+    assert config_check.read_config(str(manifest))["applications"][0]["args"] == app["args"]
+    config.write_text("applications: [{name: x, import_path: 3}]")
+    with pytest.raises(cli.ScriptError, match="invalid"):
+        config_check.read_config(str(config))
+    assert config_check.local_dir_of("local:///app") == "/app"
+    assert config_check.local_dir_of("https://x/y.zip") is None
