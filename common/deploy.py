@@ -215,12 +215,11 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     if args.print_config:
         from common.serve_config import print_config
 
-        # The layout as given: `auto` is refused there with the explicit flag to use.
         if engine.device == "cuda":
             engine.tensor_parallel_size = requested_layout.tp
             engine.pipeline_parallel_size = requested_layout.pp
         return print_config(sys.modules[build.__module__].__file__, parser, args, engine,
-                            serve_config)
+                            serve_config, requested_layout, argv)
 
     from common.ray_connect import connect
 

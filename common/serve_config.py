@@ -113,8 +113,9 @@ def builder_argv(parser: argparse.ArgumentParser, args: dict[str, Any]) -> list[
     return argv + [str(a) for a in vllm_args]
 
 
-def _check_no_auto(script: str, args: argparse.Namespace, engine: EngineConfig) -> None:
-    """`auto` needs the cluster; a config file holds the value it resolved to."""
+def _autos(script: str, args: argparse.Namespace, engine: EngineConfig) -> list[str]:
+    """The `auto` options a config cannot hold (they are resolved against the cluster), as the
+    explicit flags to give instead."""
     missing = []
     if engine.device == "cuda":
         for flag, value in (("--tensor-parallel-size", engine.tensor_parallel_size),
@@ -123,11 +124,49 @@ def _check_no_auto(script: str, args: argparse.Namespace, engine: EngineConfig) 
                 missing.append(f"{flag} N")
         if str(getattr(args, "num_replicas", "")).lower() == "auto":
             missing.append("--num-replicas N")
+    return missing
+
+
+def _check_no_auto(script: str, args: argparse.Namespace, engine: EngineConfig,
+                   why: str = "") -> None:
+    missing = _autos(script, args, engine)
     if missing:
         raise cli.ScriptError(
-            "--print-config writes explicit values and `auto` is resolved against the cluster: "
-            f"give {', '.join(missing)} (`python check_cluster.py --model PATH` plans them)",
-            cli.EXIT_USAGE)
+            "--print-config writes explicit values and `auto` is resolved against the cluster"
+            f"{why}: give {', '.join(missing)} (`python check_cluster.py --model PATH` plans "
+            "them)", cli.EXIT_USAGE)
+
+
+def resolve_autos(script: str, args: argparse.Namespace, engine: EngineConfig,
+                  serve_config: ServeConfig, request: Any, argv: Sequence[str] | None) -> None:
+    """`auto` options resolved as the script would, when a cluster is reachable (its notes go to
+    stderr: stdout is the config); otherwise a ScriptError naming the explicit flags."""
+    import contextlib
+    import sys
+
+    from common import layout, preflight
+    from common.deploy import replica_code_runtime_env, replica_demand
+    from common.ray_connect import connect
+
+    if not _autos(script, args, engine):
+        return
+    try:
+        connect(args.address, runtime_env=replica_code_runtime_env())
+    except cli.ScriptError as err:
+        if err.code != cli.EXIT_RAY_UNREACHABLE:
+            raise
+        _check_no_auto(script, args, engine, f" and no cluster is reachable ({err})")
+    with contextlib.redirect_stdout(sys.stderr):
+        engine.tensor_parallel_size = 1 if request.tp == "auto" else request.tp
+        engine.pipeline_parallel_size = 1 if request.pp == "auto" else request.pp
+        layout.resolve_layout(request, engine, serve_config, args.gpu_memory_gib, argv)
+        args.tensor_parallel_size = engine.tensor_parallel_size
+        args.pipeline_parallel_size = engine.pipeline_parallel_size
+        if str(getattr(args, "num_replicas", "")).lower() == "auto":
+            slots = preflight.replica_slots(replica_demand(engine, serve_config),
+                                            args.replicas_per_node)
+            args.num_replicas = preflight.resolve_replicas("auto", slots, args.max_replicas)
+            print(f"--num-replicas auto: {args.num_replicas}")
 
 
 def _lightweight_options(script: str, args: argparse.Namespace,
@@ -338,9 +377,14 @@ def _ray_version() -> str:
 
 
 def print_config(script_file: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
-                 engine: EngineConfig, serve_config: ServeConfig) -> int:
-    """--print-config: the config (or, with --kuberay, the RayService) on stdout."""
+                 engine: EngineConfig, serve_config: ServeConfig, request: Any = None,
+                 argv: Sequence[str] | None = None) -> int:
+    """--print-config: the config (or, with --kuberay, the RayService) on stdout; `request` is
+    the layout as given (common/layout.py), resolved here when it says `auto`."""
     from common.deploy import controller_env
+
+    if request is not None:
+        resolve_autos(script_name(script_file), args, engine, serve_config, request, argv)
 
     working_dir = args.working_dir
     if working_dir is None and args.kuberay:

@@ -50,10 +50,36 @@ def test_config_holds_the_flags(capsys):
     assert deployment["max_replicas_per_node"] == 1
 
 
-def test_auto_needs_an_explicit_value(capsys):
+def test_auto_without_a_cluster_needs_an_explicit_value(capsys, monkeypatch):
+    from common import ray_connect
+
+    def unreachable(*args, **kwargs):
+        raise cli.ScriptError("cannot reach a Ray cluster", cli.EXIT_RAY_UNREACHABLE)
+
+    monkeypatch.setattr(ray_connect, "connect", unreachable)
     module = builders.load_script("ray-force-multi.py")
     assert module.main(["--print-config", "--tensor-parallel-size", "auto"]) == cli.EXIT_USAGE
     assert "--tensor-parallel-size N" in capsys.readouterr().err
+    module = builders.load_script("ray-single-gpu.py")
+    assert module.main(["--print-config"]) == cli.EXIT_USAGE
+    assert "--num-replicas N" in capsys.readouterr().err
+
+
+def test_auto_resolved_on_a_reachable_cluster(capsys, monkeypatch, two_gpu_nodes):
+    from common import layout, ray_connect
+
+    def plan(request, engine, serve_config, memory_gib, argv):
+        if request.tp == "auto":
+            engine.tensor_parallel_size = 8
+        print("layout: planned")
+
+    monkeypatch.setattr(ray_connect, "connect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(layout, "resolve_layout", plan)
+    [app] = config_of("ray-force-multi.py", ["--tensor-parallel-size", "auto"],
+                      capsys)["applications"]
+    assert app["args"]["tensor_parallel_size"] == 8
+    [app] = config_of("ray-single-gpu.py", ["--num-replicas", "auto"], capsys)["applications"]
+    assert app["deployments"][0]["num_replicas"] == 16
 
 
 def test_bad_flags_keep_the_scripts_messages(capsys):
