@@ -39,7 +39,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("declarative deployment (serve deploy / KubeRay)")
     cli.add_flag(group, "--print-config", type=bool, default=False,
                  help="print the Serve config YAML for these flags (for `serve deploy`) and exit; "
-                      "deploys nothing and needs no cluster")
+                      "deploys nothing and needs no cluster (an `auto` value is resolved on a "
+                      "reachable cluster, else named as the flag to give)")
     cli.add_flag(group, "--kuberay", type=bool, default=False,
                  help="with --print-config: print a KubeRay RayService manifest around it")
     cli.add_flag(group, "--working-dir", env="SERVE_WORKING_DIR", default=None,
@@ -47,8 +48,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                       "project (a zip URI, or local:///PATH of a checkout present at that path "
                       "on every node); default: local:// of this checkout, or of --image-workdir "
                       "with --kuberay")
-    cli.add_flag(group, "--image", env="KUBERAY_IMAGE", default="rayproject/ray:2.60.0-py311-gpu",
-                 help="with --kuberay: container image with Ray, vLLM and this project")
+    cli.add_flag(group, "--image", env="KUBERAY_IMAGE", default="deepseek-ray-serve:latest",
+                 help="with --kuberay: container image with Ray, vLLM and this project at "
+                      "--image-workdir (e.g. built FROM rayproject/ray:2.60.0-py311-gpu)")
     cli.add_flag(group, "--image-workdir", env="KUBERAY_IMAGE_WORKDIR", default="/app",
                  help="with --kuberay: where this project sits in the image")
     cli.add_flag(group, "--gpus-per-node", env="GPUS_PER_NODE", type=int, default=8,
