@@ -53,9 +53,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                       "--image-workdir (e.g. built FROM rayproject/ray:2.60.0-py311-gpu)")
     cli.add_flag(group, "--image-workdir", env="KUBERAY_IMAGE_WORKDIR", default="/app",
                  help="with --kuberay: where this project sits in the image")
-    cli.add_flag(group, "--gpus-per-node", env="GPUS_PER_NODE", type=int, default=8,
+    cli.add_flag(group, "--gpus-per-node", env="KUBERAY_GPUS_PER_NODE", type=int, default=8,
                  help="with --kuberay: GPUs of one worker pod (one Kubernetes node)")
-    cli.add_flag(group, "--auth-secret", env="RAY_AUTH_SECRET", default="ray-auth-token",
+    cli.add_flag(group, "--auth-secret", env="KUBERAY_AUTH_SECRET", default="ray-auth-token",
                  help="with --kuberay: Kubernetes secret whose key `token` holds the Ray auth token")
 
 

@@ -1,0 +1,124 @@
+"""The declarative path on a real `ray start` cluster (two raylets, token auth): a script's
+--print-config applied with `serve deploy` runs what the script runs, a second apply changes
+nothing, a lightweight change keeps the replicas and an engine change replaces them."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _serve_fixtures import clean_env, free_port, wait_until
+from common.deploy import controller_env
+from test_operator import (PY, RAY, Operator, assert_both_nodes, cluster_nodes,
+                           running_replicas)
+
+SERVE = str(Path(PY).parent / "serve")
+
+
+class DeclarativeOperator(Operator):
+    """An operator whose `ray start` carries Serve's controller settings (the README's cluster
+    section for `serve deploy`), with the dashboard address `serve deploy` talks to."""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(self.home, self.base, **{**controller_env("haproxy"), **extra})
+
+    def start_cluster(self) -> None:
+        home = {"cwd": self.home}
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
+        self.run(RAY, "get-auth-token", "--generate", **home)
+        (self.home / ".ray" / "auth_token").chmod(0o600)
+        common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=8",
+                  "--object-store-memory=300000000", "--disable-usage-stats"]
+        self.run(RAY, "start", "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", *common, **home)
+        self.run(RAY, "start", f"--address={self.address}",
+                 f"--dashboard-agent-listen-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", *common,
+                 env=self.env(RAY_AUTH_MODE="token"), **home)
+
+    def config(self, *args: str) -> Path:
+        out = self.script("ray-force-multi.py", "--print-config", "--device", "cpu",
+                          "--model", self.model, "--max-model-len", "512",
+                          "--host", "127.0.0.1", "--port", str(self.http_port),
+                          "--proxy-location", "HeadOnly", "--app-name", "decl",
+                          "--num-replicas", "2", "--tensor-parallel-size", "1", *args).stdout
+        path = self.base / f"config-{len(list(self.base.glob('config-*')))}.yaml"
+        path.write_text(out)
+        return path
+
+    def serve(self, *args: str):
+        """The `serve` CLI against the dashboard (it sends the token only when told auth is on)."""
+        return self.run(SERVE, *args, "-a", self.dashboard, env=self.env(RAY_AUTH_MODE="token"))
+
+    def serve_deploy(self, config: Path) -> None:
+        self.serve("deploy", str(config))
+
+    def app_status(self) -> dict:
+        out = self.serve("status").stdout
+        return (yaml.safe_load(out) or {}).get("applications", {}).get("decl", {})
+
+    def wait_running(self, replicas: int = 2) -> list[dict]:
+        def running() -> bool:
+            status = self.app_status()
+            deployments = status.get("deployments", {})
+            return status.get("status") == "RUNNING" and all(
+                d.get("status") == "HEALTHY" for d in deployments.values()) and len(
+                running_replicas(self, "decl")) == replicas
+
+        try:
+            wait_until(running, timeout=600, interval=3, what="the applied config RUNNING")
+        except AssertionError:
+            self.print_serve_logs()
+            raise
+        return running_replicas(self, "decl")
+
+
+@pytest.fixture(scope="module")
+def declarative():
+    base = Path(tempfile.mkdtemp(prefix="decl-", dir="/tmp"))
+    op = DeclarativeOperator(base)
+    try:
+        op.start_cluster()
+        yield op
+    finally:
+        op.stop_cluster()
+        if not os.environ.get("KEEP_OPERATOR_DIR"):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_serve_deploy_of_the_printed_config(declarative):
+    op = declarative
+    first = op.config()
+    applied = yaml.safe_load(first.read_text())
+    assert applied["applications"][0]["import_path"] == "common.builders:force_multi"
+    op.serve_deploy(first)
+    replicas = op.wait_running()
+    nodes, head = cluster_nodes(op.report("--address", op.address))
+    assert {r["node_id"] for r in replicas} == nodes and len(nodes) == 2
+    assert head in {r["node_id"] for r in replicas}
+    answer = op.curl()
+    assert answer["object"] == "text_completion" and answer["node"] in nodes
+    assert_both_nodes(op, op.load_test(), nodes)
+    ids = {r["replica_id"] for r in replicas}
+
+    # The same file again: Serve sees no change.
+    op.serve_deploy(first)
+    assert {r["replica_id"] for r in op.wait_running()} == ids
+
+    # A lightweight option: updated on the running replicas.
+    lighter = op.config("--max-ongoing-requests", "100")
+    op.serve_deploy(lighter)
+    wait_until(lambda: "max_ongoing_requests: 100" in op.serve("config").stdout, timeout=60,
+               interval=2, what="the new config stored")
+    assert {r["replica_id"] for r in op.wait_running()} == ids
+
+    # An engine setting (on GPUs: --tensor-parallel-size; CPU engines run TP=1): replaced.
+    changed = op.config("--max-ongoing-requests", "100", "--max-model-len", "384")
+    op.serve_deploy(changed)
+    wait_until(lambda: not ids & {r["replica_id"] for r in op.wait_running()}, timeout=600,
+               interval=3, what="replicas replaced")
+    assert_both_nodes(op, op.load_test(), nodes)
