@@ -212,8 +212,7 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
     if script == "ray-placement-group.py":
         if args.num_backends < 1:
             raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
-        per_backend = {k: v for k, v in lightweight.items()}
-        return [{"name": f"LLMBackend{i}", "num_replicas": 1, **per_backend}
+        return [{"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}
                 for i in range(args.num_backends)]
     entry: dict[str, Any] = {"name": "LLMDeployment", **lightweight}
     entry.update(replica_resources(engine, serve_config))
@@ -224,13 +223,6 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
     return [entry]
 
 
-def _runtime_env_of_deployment(entry: dict[str, Any]) -> None:
-    """Serve's config schema wants plain data: tuples and the like as lists."""
-    options = entry.get("ray_actor_options")
-    if options and "runtime_env" in options:
-        options["runtime_env"] = dict(options["runtime_env"])
-
-
 def serve_config_document(script_file: str, parser: argparse.ArgumentParser,
                           args: argparse.Namespace, engine: EngineConfig,
                           serve_config: ServeConfig, working_dir: str | None = None
@@ -239,8 +231,6 @@ def serve_config_document(script_file: str, parser: argparse.ArgumentParser,
     script = script_name(script_file)
     _check_no_auto(script, args, engine)
     deployments = deployment_entries(script, args, engine, serve_config)
-    for entry in deployments:
-        _runtime_env_of_deployment(entry)
     app = {
         "name": serve_config.app_name,
         "route_prefix": serve_config.route_prefix,

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from _serve_fixtures import clean_env, free_port, wait_until
+from common.cli import EXIT_UNHEALTHY
 from common.deploy import controller_env
 from test_operator import (PY, RAY, Operator, assert_both_nodes, cluster_nodes,
                            running_replicas)
@@ -95,6 +96,12 @@ def test_serve_deploy_of_the_printed_config(declarative):
     first = op.config()
     applied = yaml.safe_load(first.read_text())
     assert applied["applications"][0]["import_path"] == "common.builders:force_multi"
+    # The scripts' pre-deploy checks, for the file: it fits; three one-per-node replicas do not.
+    plan = op.script("check_cluster.py", "--address", op.address, "--plan", str(first))
+    assert "ready for `serve deploy`" in plan.stdout
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in plan.stderr
+    op.script("check_cluster.py", "--address", op.address, "--plan",
+              str(op.config("--num-replicas", "3")), check_code=EXIT_UNHEALTHY)
     op.serve_deploy(first)
     replicas = op.wait_running()
     nodes, head = cluster_nodes(op.report("--address", op.address))
