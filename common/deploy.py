@@ -7,24 +7,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import cli, preflight
+from common import cli, preflight, replica_layout
+from common.replica_layout import MultiNodeLayout
 from replica.api import RETRY_AFTER_S
+from replica.parallel_layout import TP_ENV
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
 from replica.config import EngineConfig, ServeConfig, operator_env_wins, replica_env
 
 
-def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, Any]:
+def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
+                      layout: MultiNodeLayout | None = None) -> dict[str, Any]:
     """Ray resources of one replica, reserved exactly once.
 
     - cpu: the replica reserves CPUs only (the demo and the simulated-cluster tests).
     - cuda, one GPU per replica: the replica actor holds the GPU and vLLM runs in it.
     - cuda, tensor/pipeline parallel: the replica gets its own placement group, one bundle per
-      GPU, STRICT_PACK (all on one node); the replica actor itself takes only CPU from bundle 0
-      and vLLM's Ray workers take the GPUs of the bundles (replica/engine.py points vLLM at the
-      group). Ray Serve's own ray.serve.llm does the same. Asking `num_gpus=8` for the replica
-      and letting vLLM reserve 8 more for its workers books 16 GPUs per replica: the guide's
-      "never reaches the second machine".
+      GPU; the replica actor itself takes only CPU from bundle 0 and vLLM's Ray workers take the
+      GPUs of the bundles (replica/engine.py points vLLM at the group). Ray Serve's own
+      ray.serve.llm does the same. Asking `num_gpus=8` for the replica and letting vLLM reserve
+      8 more for its workers books 16 GPUs per replica: the guide's "never reaches the second
+      machine". A replica that fits one node is STRICT_PACK (all on one node); one that does
+      not (`layout`, from multi_node_layout) is PACK over several nodes with each pipeline
+      stage's bundles held on one node by label selectors (common/replica_layout.py).
     """
     cpus = serve_config.cpus_per_replica
     env = {"env_vars": replica_env(engine, serve_config.env_vars)}
@@ -32,12 +37,51 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[s
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
     if not engine.uses_ray_workers:
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
-    return {
+    env["env_vars"][TP_ENV] = str(engine.tensor_parallel_size)
+    options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
-        "placement_group_bundles": [{"CPU": cpus, "GPU": 1}] +
-                                   [{"GPU": 1}] * (engine.gpus_per_replica - 1),
+        "placement_group_bundles": replica_layout.bundles(engine.tensor_parallel_size,
+                                                          engine.pipeline_parallel_size, cpus),
         "placement_group_strategy": "STRICT_PACK",
     }
+    if layout is not None:
+        options["placement_group_strategy"] = "PACK"
+        options["placement_group_bundle_label_selector"] = layout.bundle_label_selectors()
+    return options
+
+
+def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
+                      replicas: int) -> MultiNodeLayout | None:
+    """None when a replica fits one node of the cluster (STRICT_PACK); else the nodes of each
+    pipeline stage for up to `replicas` replicas, chosen from the GPUs free now (or, when none
+    fit now, from the nodes' totals: the replica then waits for what others hold)."""
+    if not engine.uses_ray_workers:
+        return None
+    from common import cluster
+
+    nodes = [n for n in cluster.list_nodes() if n.alive]
+    largest = max((n.gpus_total for n in nodes), default=0.0)
+    if engine.gpus_per_replica <= largest:
+        return None
+    tp, pp = engine.tensor_parallel_size, engine.pipeline_parallel_size
+    if tp > largest:
+        raise cli.ScriptError(
+            f"--tensor-parallel-size {tp} is more GPUs than any node has (largest: "
+            f"{largest:g}); a tensor-parallel group must sit on one node. Span nodes with "
+            f"--pipeline-parallel-size (e.g. --tensor-parallel-size {int(largest)} "
+            f"--pipeline-parallel-size {-(-engine.gpus_per_replica // max(int(largest), 1))})",
+            cli.EXIT_USAGE)
+    cpus = serve_config.cpus_per_replica
+    for amounts in ({n.node_id: {"GPU": n.gpus_available, "CPU": n.cpus_available}
+                     for n in nodes},
+                    {n.node_id: {"GPU": n.gpus_total, "CPU": n.cpus_total} for n in nodes}):
+        plans = replica_layout.plan_stages(tp, pp, amounts, replicas, cpus)
+        if plans:
+            return MultiNodeLayout(tp, pp, plans)
+    raise cli.ScriptError(
+        f"a replica of tensor parallel {tp} x pipeline parallel {pp} needs {pp} stage(s) of "
+        f"{tp} GPUs, each stage on one node; the cluster's nodes cannot hold them (see "
+        f"`python check_cluster.py`)", cli.EXIT_USAGE)
 
 
 def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
@@ -50,17 +94,21 @@ def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
     return {} if engine.uses_ray_workers else {"max_replicas_per_node": 1}
 
 
-def replica_demand(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, float]:
-    """What one replica needs on a single node, for preflight checks."""
+def replica_demand(engine: EngineConfig, serve_config: ServeConfig,
+                   layout: MultiNodeLayout | None = None) -> dict[str, float]:
+    """What one replica needs on a single node, for preflight checks; for a multi-node replica
+    (`layout`), what its first pipeline stage needs on its node (each other stage: the GPUs)."""
     if engine.device == "cpu":
         return {"CPU": serve_config.cpus_per_replica}
+    if layout is not None:
+        return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.tensor_parallel_size)}
     return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.gpus_per_replica)}
 
 
 def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
-                       **topology: Any) -> dict[str, Any]:
+                       layout: MultiNodeLayout | None = None, **topology: Any) -> dict[str, Any]:
     """All options of an LLM deployment: resources + request limits + health + topology."""
-    options = replica_resources(engine, serve_config)
+    options = replica_resources(engine, serve_config, layout)
     options.update(
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,
@@ -129,11 +177,11 @@ def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: Se
 
 
 def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMDeployment",
-            **topology: Any):
+            layout: MultiNodeLayout | None = None, **topology: Any):
     """The Serve application of one LLM deployment answering HTTP itself."""
     from replica.ingress import LLMDeployment
 
-    options = deployment_options(engine, serve_config, **topology)
+    options = deployment_options(engine, serve_config, layout, **topology)
     return configure(LLMDeployment, name, engine, serve_config, options).bind(engine,
                                                                              serve_config)
 
