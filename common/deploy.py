@@ -188,21 +188,67 @@ def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMDep
 
 # ---- the scripts' shared main --------------------------------------------------------------------
 
-VLLM_EPILOG = ("Any other `vllm serve` flag (see `vllm serve --help`) is passed to every replica's "
-               "engine and OpenAI server, e.g. --enable-auto-tool-choice --tool-call-parser "
-               "hermes; the flags above win where both name the same setting.")
+VLLM_EPILOG = ("Any other `vllm serve` flag is passed to every replica's engine and OpenAI "
+               "server, e.g. --quantization fp8 --kv-cache-dtype fp8 --enable-expert-parallel "
+               "--enable-prefix-caching --speculative-config JSON, or --enable-auto-tool-choice "
+               "--tool-call-parser hermes; --help-vllm lists them, in vLLM's own groups. The "
+               "flags above win where both name the same setting. Every flag is checked with "
+               "vLLM's own parser before anything is deployed.")
 
 
 def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
-    """Problems with the flags this script does not know, as vLLM's own `vllm serve` parser sees
-    them, before anything is deployed (vLLM is imported only then: it takes seconds)."""
+    """Problems with the flags this script does not know and with --engine-kwargs, as vLLM's
+    own `vllm serve` parser and AsyncEngineArgs fields see them, before anything is deployed
+    (vLLM is imported only then: it takes seconds)."""
     from replica.vllm_app import serve_args
 
+    problems = check_engine_kwargs(engine)
+    if problems:
+        return problems
     try:
-        serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False)
+        args = serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False,
+                          extra=engine.extra_engine_kwargs)
     except Exception as exc:  # noqa: BLE001 - argparse and vLLM both raise their own types
         return [f"{' '.join(vllm_args)}: {exc}"]
-    return []
+    if int(getattr(args, "data_parallel_size", 1) or 1) > 1:
+        problems.append(
+            f"--data-parallel-size {args.data_parallel_size}: vLLM's data parallelism inside "
+            "one Serve replica is not supported here; Serve replicas are the data parallelism: "
+            "use --num-replicas (or --min/--max-replicas), each replica one engine")
+    return problems
+
+
+def check_engine_kwargs(engine: EngineConfig) -> list[str]:
+    """--engine-kwargs keys that are no AsyncEngineArgs field of the installed vLLM (with the
+    close matches), or that a flag of ours sets (the flag must be used: one place per
+    setting, so --help and the deployed replica cannot disagree)."""
+    import dataclasses
+    import difflib
+
+    extra = engine.extra_engine_kwargs
+    if not extra:
+        return []
+    from vllm import AsyncEngineArgs
+
+    from common.options import flag_of_engine_field
+    from replica.vllm_app import vllm_version
+
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    ours = set(engine.engine_kwargs())
+    problems = []
+    for key in extra:
+        flag = flag_of_engine_field(key)
+        if flag or key in ours:
+            problems.append(f"--engine-kwargs {key!r}: set by "
+                            f"{flag or 'this script itself'}; use "
+                            f"{'the flag' if flag else 'the script flags'} instead")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"--engine-kwargs {key!r}: vLLM {vllm_version()} has no engine "
+                            f"argument of that name{hint}")
+    return problems
+
 
 BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
 
@@ -225,15 +271,23 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
                       "that serve HTTP themselves (direct ingress: no Python proxy hop; replicas "
                       "listen on ports 30000-31000, which must be open between nodes); proxy = "
                       "Serve's Python proxy actors. Applies when this script starts Serve")
+    parser.add_argument("--help-vllm", action="store_true",
+                        help="show vLLM's own `vllm serve` options (any of them may be added "
+                             "to this script's flags) and exit")
     if add_topology_args:
         add_topology_args(parser.add_argument_group("topology"))
     add_engine_args(parser, engine_defaults)
     add_serve_args(parser, serve_defaults)
     args, vllm_args = parser.parse_known_args(argv)
+    if args.help_vllm:
+        from replica.vllm_app import serve_help
+
+        print(serve_help())
+        return cli.EXIT_OK
     engine = engine_config_from_args(args)
     serve_config = serve_config_from_args(args)
     problems = engine.validate()
-    if vllm_args:
+    if vllm_args or engine.extra_engine_kwargs:
         problems += check_vllm_args(engine, vllm_args)
         engine.vllm_args = list(vllm_args)
     if problems:

@@ -51,6 +51,9 @@ class EngineConfig:
     engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
     # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
     vllm_args: list[str] = field(default_factory=list)
+    # Any vLLM engine argument by its AsyncEngineArgs field name (--engine-kwargs JSON, as
+    # ray.serve.llm's engine_kwargs); checked against vLLM's fields before deploying.
+    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gpus_per_replica(self) -> int:
