@@ -102,6 +102,8 @@ def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
         extra: dict[str, Any] = {}
         if name == "device":
             extra["choices"] = ["cuda", "cpu"]
+        if type_ is json_object:
+            extra["metavar"] = "JSON"
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,
                  help=help_, **extra)
 
