@@ -3,7 +3,9 @@
 
 Each replica reserves its GPUs once, as its own placement group (one GPU per bundle, STRICT_PACK,
 so all on one node), and vLLM's tensor-parallel workers run in that group. On the reference
-cluster (2 nodes x 8 GPUs) the two replicas therefore land on the two nodes.
+cluster (2 nodes x 8 GPUs) the two replicas therefore land on the two nodes. A replica larger
+than one node (e.g. --num-replicas 1 --tensor-parallel-size 8 --pipeline-parallel-size 2) spans
+nodes, one pipeline stage per node.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import sys
 
 from common import cli, preflight
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import llm_app, one_replica_per_node, replica_demand, script_main
+from common.deploy import (llm_app, multi_node_layout, one_replica_per_node, replica_demand,
+                           script_main)
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 
@@ -25,10 +28,15 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     if args.num_replicas < 1:
         raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
     spread = one_replica_per_node(engine)
-    demand = replica_demand(engine, serve_config)
-    slots = preflight.replica_slots(demand, spread.get("max_replicas_per_node"))
-    preflight.report_capacity(args.num_replicas, demand, slots, serve_config.timeout_s)
-    return llm_app(engine, serve_config, num_replicas=args.num_replicas, **spread)
+    layout = multi_node_layout(engine, serve_config, args.num_replicas)
+    demand = replica_demand(engine, serve_config, layout)
+    stages = engine.pipeline_parallel_size if layout else 1
+    slots = preflight.replica_slots(demand, spread.get("max_replicas_per_node"), stages=stages)
+    preflight.report_capacity(args.num_replicas, demand, slots, serve_config.timeout_s, stages)
+    if layout:
+        print("each replica spans nodes, one pipeline stage per node:\n" + layout.describe())
+    return llm_app(engine, serve_config, layout=layout, num_replicas=args.num_replicas,
+                   **spread)
 
 
 def main(argv: list[str] | None = None) -> int:

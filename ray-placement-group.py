@@ -13,7 +13,8 @@ import sys
 
 from common import cli
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import configure, deployment_options, replica_demand, script_main
+from common.deploy import (configure, deployment_options, multi_node_layout, replica_demand,
+                           script_main)
 from common.placement import pick_distinct_nodes, pin_to_node
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
@@ -29,6 +30,11 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
 
     if args.num_backends < 1:
         raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
+    if multi_node_layout(engine, serve_config, 1) is not None:
+        raise cli.ScriptError(
+            f"a backend of {engine.gpus_per_replica} GPUs is larger than any node, and this "
+            "script pins each backend to one node: use ray-force-multi.py, which spreads a "
+            "replica's pipeline stages over nodes", cli.EXIT_USAGE)
     demand = replica_demand(engine, serve_config)
     nodes = pick_distinct_nodes(demand, args.num_backends, serve_config.timeout_s,
                                 name=f"{serve_config.app_name}-node-picker")

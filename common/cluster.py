@@ -48,6 +48,10 @@ class ReplicaInfo:
     actor_id: str | None
     pid: int | None
     resources: dict = field(default_factory=dict)
+    # The node of each bundle of the replica's own placement group (none without one), and the
+    # tensor-parallel size that makes consecutive ranks a pipeline stage.
+    bundle_nodes: list = field(default_factory=list)
+    tensor_parallel_size: int | None = None
 
 
 @dataclass
@@ -328,6 +332,18 @@ def _replica_resources(dep: dict) -> dict:
     return _capacity(required)
 
 
+def _replica_tensor_parallel_size(dep: dict) -> int | None:
+    """The tensor-parallel size common/deploy.py puts in a multi-GPU replica's env vars."""
+    from replica.parallel_layout import TP_ENV
+
+    options = (dep.get("deployment_config") or {}).get("ray_actor_options") or {}
+    value = ((options.get("runtime_env") or {}).get("env_vars") or {}).get(TP_ENV)
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
 def _actor_table() -> dict[str, dict]:
     """Actor id -> {state, node_id, ip, pid, class_name, name}, from the state API or the GCS."""
     try:
@@ -360,7 +376,9 @@ def _replica_group_bundles() -> dict[str, dict]:
         return {}
     return {g.get("name"): {"placement_group_bundles": [dict(b) for b in
                                                           (g.get("bundles") or {}).values()],
-                            "deployment_config": {"placement_group_strategy": g.get("strategy")}}
+                            "deployment_config": {"placement_group_strategy": g.get("strategy")},
+                            "bundle_nodes": [(g.get("bundles_to_node_id") or {}).get(k) or None
+                                             for k in (g.get("bundles") or {})]}
             for g in table.values()
             if str(g.get("name", "")).startswith(_REPLICA_NAME_PREFIX) and g.get("state") != "REMOVED"}
 
@@ -375,6 +393,7 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
             continue
         for dname, dep in (app_details.get("deployments") or {}).items():
             resources = _replica_resources(dep)
+            tp = _replica_tensor_parallel_size(dep)
             for rep in dep.get("replicas") or []:
                 actor = actors.get(rep.get("actor_id") or "") or next(
                     (a for a in actors.values() if a["name"] and a["name"] == rep.get("actor_name")
@@ -390,7 +409,9 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
                     node_ip=rep.get("node_ip") or ((actor or {}).get("ip") or None if node_id else None),
                     actor_id=rep.get("actor_id") or None, pid=rep.get("pid") or (actor or {}).get("pid") or None,
                     resources=_replica_resources(group)
-                    if (group := group_bundles.get(rep.get("actor_name"))) else resources))
+                    if (group := group_bundles.get(rep.get("actor_name"))) else resources,
+                    bundle_nodes=list((group or {}).get("bundle_nodes") or []),
+                    tensor_parallel_size=tp))
     if details:
         return replicas
     # No controller answer: replica actors still tell where they are.

@@ -25,13 +25,43 @@ def _fmt_resources(res: dict) -> str:
     return format_shape(res)
 
 
+def bundles_per_node(replica: ReplicaInfo) -> str:
+    """'node A: 8 GPU (stage 0), node B: 8 GPU (stage 1)': where a replica's placement group
+    holds its GPUs, and which pipeline stage each node runs (vLLM's rank order:
+    replica/parallel_layout.py); empty for a replica without GPU bundles."""
+    from replica.parallel_layout import stages_per_node
+
+    bundles = (replica.resources or {}).get("placement_group_bundles") or []
+    if not bundles or len(replica.bundle_nodes) != len(bundles):
+        return ""
+    gpus: dict[str, float] = {}
+    for bundle, node in zip(bundles, replica.bundle_nodes):
+        if float(bundle.get("GPU", 0) or 0) > 0:
+            key = node or "(unplaced)"
+            gpus[key] = gpus.get(key, 0.0) + float(bundle["GPU"])
+    if not gpus:
+        return ""
+    stages = (stages_per_node(bundles, replica.bundle_nodes, replica.node_id,
+                              replica.tensor_parallel_size)
+              if replica.tensor_parallel_size else {})
+    parts = []
+    for node, count in sorted(gpus.items(), key=lambda item: item[0] != replica.node_id):
+        label = "(unplaced)" if node == "(unplaced)" else f"node {short_id(node)}"
+        which = stages.get(node) or []
+        stage = (f" (stage{'s' if len(which) > 1 else ''} {', '.join(map(str, which))})"
+                 if which and node != "(unplaced)" else "")
+        parts.append(f"{label}: {_fmt_num(count)} GPU{stage}")
+    return ", ".join(parts)
+
+
 def format_placement(replicas: list[ReplicaInfo]) -> str:
     if not replicas:
         return "(no replicas)"
     rows = [(f"{r.app}/{r.deployment}", r.replica_id, r.state, short_id(r.node_id), r.node_ip,
-             _fmt_resources(r.resources))
+             _fmt_resources(r.resources), bundles_per_node(r) or "-")
             for r in sorted(replicas, key=lambda r: (r.app, r.deployment, r.node_id or "~", r.replica_id))]
-    return _table(["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE IP", "RESOURCES"], rows)
+    return _table(["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE IP", "RESOURCES",
+                   "GPUS PER NODE"], rows)
 
 
 def format_report(report: ClusterReport) -> str:

@@ -7,24 +7,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import cli, layout, preflight
+from common import cli, layout, preflight, replica_layout
+from common.replica_layout import MultiNodeLayout
 from replica.api import RETRY_AFTER_S
+from replica.parallel_layout import TP_ENV
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
 from replica.config import EngineConfig, ServeConfig, operator_env_wins, replica_env
 
 
-def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, Any]:
+def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
+                      layout: MultiNodeLayout | None = None) -> dict[str, Any]:
     """Ray resources of one replica, reserved exactly once.
 
     - cpu: the replica reserves CPUs only (the demo and the simulated-cluster tests).
     - cuda, one GPU per replica: the replica actor holds the GPU and vLLM runs in it.
     - cuda, tensor/pipeline parallel: the replica gets its own placement group, one bundle per
-      GPU, STRICT_PACK (all on one node); the replica actor itself takes only CPU from bundle 0
-      and vLLM's Ray workers take the GPUs of the bundles (replica/engine.py points vLLM at the
-      group). Ray Serve's own ray.serve.llm does the same. Asking `num_gpus=8` for the replica
-      and letting vLLM reserve 8 more for its workers books 16 GPUs per replica: the guide's
-      "never reaches the second machine".
+      GPU; the replica actor itself takes only CPU from bundle 0 and vLLM's Ray workers take the
+      GPUs of the bundles (replica/engine.py points vLLM at the group). Ray Serve's own
+      ray.serve.llm does the same. Asking `num_gpus=8` for the replica and letting vLLM reserve
+      8 more for its workers books 16 GPUs per replica: the guide's "never reaches the second
+      machine". A replica that fits one node is STRICT_PACK (all on one node); one that does
+      not (`layout`, from multi_node_layout) is PACK over several nodes with each pipeline
+      stage's bundles held on one node by label selectors (common/replica_layout.py).
     """
     cpus = serve_config.cpus_per_replica
     env = {"env_vars": replica_env(engine, serve_config.env_vars)}
@@ -32,12 +37,51 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig) -> dict[s
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
     if not engine.uses_ray_workers:
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
-    return {
+    env["env_vars"][TP_ENV] = str(engine.tensor_parallel_size)
+    options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
-        "placement_group_bundles": [{"CPU": cpus, "GPU": 1}] +
-                                   [{"GPU": 1}] * (engine.gpus_per_replica - 1),
+        "placement_group_bundles": replica_layout.bundles(engine.tensor_parallel_size,
+                                                          engine.pipeline_parallel_size, cpus),
         "placement_group_strategy": "STRICT_PACK",
     }
+    if layout is not None:
+        options["placement_group_strategy"] = "PACK"
+        options["placement_group_bundle_label_selector"] = layout.bundle_label_selectors()
+    return options
+
+
+def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
+                      replicas: int) -> MultiNodeLayout | None:
+    """None when a replica fits one node of the cluster (STRICT_PACK); else the nodes of each
+    pipeline stage for up to `replicas` replicas, chosen from the GPUs free now (or, when none
+    fit now, from the nodes' totals: the replica then waits for what others hold)."""
+    if not engine.uses_ray_workers:
+        return None
+    from common import cluster
+
+    nodes = [n for n in cluster.list_nodes() if n.alive]
+    largest = max((n.gpus_total for n in nodes), default=0.0)
+    if engine.gpus_per_replica <= largest:
+        return None
+    tp, pp = engine.tensor_parallel_size, engine.pipeline_parallel_size
+    if tp > largest:
+        raise cli.ScriptError(
+            f"--tensor-parallel-size {tp} is more GPUs than any node has (largest: "
+            f"{largest:g}); a tensor-parallel group must sit on one node. Span nodes with "
+            f"--pipeline-parallel-size (e.g. --tensor-parallel-size {int(largest)} "
+            f"--pipeline-parallel-size {-(-engine.gpus_per_replica // max(int(largest), 1))})",
+            cli.EXIT_USAGE)
+    cpus = serve_config.cpus_per_replica
+    for amounts in ({n.node_id: {"GPU": n.gpus_available, "CPU": n.cpus_available}
+                     for n in nodes},
+                    {n.node_id: {"GPU": n.gpus_total, "CPU": n.cpus_total} for n in nodes}):
+        plans = replica_layout.plan_stages(tp, pp, amounts, replicas, cpus)
+        if plans:
+            return MultiNodeLayout(tp, pp, plans)
+    raise cli.ScriptError(
+        f"a replica of tensor parallel {tp} x pipeline parallel {pp} needs {pp} stage(s) of "
+        f"{tp} GPUs, each stage on one node; the cluster's nodes cannot hold them (see "
+        f"`python check_cluster.py`)", cli.EXIT_USAGE)
 
 
 def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
@@ -50,17 +94,21 @@ def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
     return {} if engine.uses_ray_workers else {"max_replicas_per_node": 1}
 
 
-def replica_demand(engine: EngineConfig, serve_config: ServeConfig) -> dict[str, float]:
-    """What one replica needs on a single node, for preflight checks."""
+def replica_demand(engine: EngineConfig, serve_config: ServeConfig,
+                   layout: MultiNodeLayout | None = None) -> dict[str, float]:
+    """What one replica needs on a single node, for preflight checks; for a multi-node replica
+    (`layout`), what its first pipeline stage needs on its node (each other stage: the GPUs)."""
     if engine.device == "cpu":
         return {"CPU": serve_config.cpus_per_replica}
+    if layout is not None:
+        return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.tensor_parallel_size)}
     return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.gpus_per_replica)}
 
 
 def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
-                       **topology: Any) -> dict[str, Any]:
+                       layout: MultiNodeLayout | None = None, **topology: Any) -> dict[str, Any]:
     """All options of an LLM deployment: resources + request limits + health + topology."""
-    options = replica_resources(engine, serve_config)
+    options = replica_resources(engine, serve_config, layout)
     options.update(
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,
@@ -129,34 +177,93 @@ def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: Se
 
 
 def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMDeployment",
-            **topology: Any):
+            layout: MultiNodeLayout | None = None, **topology: Any):
     """The Serve application of one LLM deployment answering HTTP itself."""
     from replica.ingress import LLMDeployment
 
-    options = deployment_options(engine, serve_config, **topology)
+    options = deployment_options(engine, serve_config, layout, **topology)
     return configure(LLMDeployment, name, engine, serve_config, options).bind(engine,
                                                                              serve_config)
 
 
 # ---- the scripts' shared main --------------------------------------------------------------------
 
-VLLM_EPILOG = ("Any other `vllm serve` flag (see `vllm serve --help`) is passed to every replica's "
-               "engine and OpenAI server, e.g. --enable-auto-tool-choice --tool-call-parser "
-               "hermes; the flags above win where both name the same setting.")
+VLLM_EPILOG = ("Any other `vllm serve` flag is passed to every replica's engine and OpenAI "
+               "server, e.g. --quantization fp8 --kv-cache-dtype fp8 --enable-expert-parallel "
+               "--enable-prefix-caching --speculative-config JSON, or --enable-auto-tool-choice "
+               "--tool-call-parser hermes; --help-vllm lists them, in vLLM's own groups. The "
+               "flags above win where both name the same setting. Every flag is checked with "
+               "vLLM's own parser before anything is deployed.")
 
 
 def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
-    """Problems with the flags this script does not know, as vLLM's own `vllm serve` parser sees
-    them, before anything is deployed (vLLM is imported only then: it takes seconds)."""
+    """Problems with the flags this script does not know and with --engine-kwargs, as vLLM's
+    own `vllm serve` parser and AsyncEngineArgs fields see them, before anything is deployed
+    (vLLM is imported only then: it takes seconds)."""
     from replica.vllm_app import serve_args
 
+    problems = check_engine_kwargs(engine)
+    if problems:
+        return problems
     try:
-        serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False)
+        args = serve_args(engine.engine_kwargs(), vllm_args, exit_on_error=False,
+                          extra=engine.extra_engine_kwargs)
     except Exception as exc:  # noqa: BLE001 - argparse and vLLM both raise their own types
         return [f"{' '.join(vllm_args)}: {exc}"]
-    return []
+    if int(getattr(args, "data_parallel_size", 1) or 1) > 1:
+        problems.append(
+            f"--data-parallel-size {args.data_parallel_size}: vLLM's data parallelism inside "
+            "one Serve replica is not supported here; Serve replicas are the data parallelism: "
+            "use --num-replicas (or --min/--max-replicas), each replica one engine")
+    return problems
+
+
+def check_engine_kwargs(engine: EngineConfig) -> list[str]:
+    """--engine-kwargs keys that are no AsyncEngineArgs field of the installed vLLM (with the
+    close matches), or that a flag of ours sets (the flag must be used: one place per
+    setting, so --help and the deployed replica cannot disagree)."""
+    import dataclasses
+    import difflib
+
+    extra = engine.extra_engine_kwargs
+    if not extra:
+        return []
+    from vllm import AsyncEngineArgs
+
+    from common.options import flag_of_engine_field
+    from replica.vllm_app import vllm_version
+
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    ours = set(engine.engine_kwargs())
+    problems = []
+    for key in extra:
+        flag = flag_of_engine_field(key)
+        if flag or key in ours:
+            problems.append(f"--engine-kwargs {key!r}: set by "
+                            f"{flag or 'this script itself'}; use "
+                            f"{'the flag' if flag else 'the script flags'} instead")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"--engine-kwargs {key!r}: vLLM {vllm_version()} has no engine "
+                            f"argument of that name{hint}")
+    return problems
+
 
 BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
+
+
+class VllmHelpAction(argparse.Action):
+    """--help-vllm: like --help, for vLLM's own serve options (imported only then: seconds)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from replica.vllm_app import serve_help
+
+        print(serve_help())
+        parser.exit()
 
 
 def script_parser(description: str,
@@ -177,6 +284,9 @@ def script_parser(description: str,
                       "that serve HTTP themselves (direct ingress: no Python proxy hop; replicas "
                       "listen on ports 30000-31000, which must be open between nodes); proxy = "
                       "Serve's Python proxy actors. Applies when this script starts Serve")
+    parser.add_argument("--help-vllm", action=VllmHelpAction,
+                        help="show vLLM's own `vllm serve` options (any of them may be added "
+                             "to this script's flags) and exit")
     if add_topology_args:
         add_topology_args(parser.add_argument_group("topology"))
     add_engine_args(parser, engine_defaults)
@@ -195,7 +305,7 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
     serve_config = serve_config_from_args(args)
     requested_layout = layout.set_aside_auto(engine)
     problems = engine.validate()
-    if vllm_args:
+    if vllm_args or engine.extra_engine_kwargs:
         problems += check_vllm_args(engine, vllm_args)
         engine.vllm_args = list(vllm_args)
     if problems:

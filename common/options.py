@@ -3,12 +3,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from typing import Any
 
 from common.cli import add_flag
 from common.layout import parallel_size
 from replica.config import EngineConfig, ServeConfig, apply_cpu_defaults
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object from the command line (argparse type)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def flag_of_engine_field(name: str) -> str | None:
+    """The flag of an EngineConfig field, or None."""
+    return next((flag for flag, field_name, *_ in _ENGINE_FLAGS if field_name == name), None)
+
 
 # Flag table: (flag, field, env var, type, help). Defaults come from the dataclasses so that the
 # code and --help cannot disagree.
@@ -44,6 +61,11 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
     ("--engine-metrics", "engine_metrics", "ENGINE_METRICS", bool,
      "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint; see "
      "docs/operations.md"),
+    ("--engine-kwargs", "extra_engine_kwargs", "ENGINE_KWARGS", json_object,
+     "any other vLLM engine argument, as a JSON object of AsyncEngineArgs field names (as "
+     "ray.serve.llm's engine_kwargs), e.g. '{\"kv_cache_dtype\": \"fp8\"}'; checked against "
+     "the installed vLLM before deploying. A key that one of the flags above sets is refused: "
+     "use the flag"),
 ]
 
 _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
@@ -82,6 +104,8 @@ def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
         extra: dict[str, Any] = {}
         if name == "device":
             extra["choices"] = ["cuda", "cpu"]
+        if type_ is json_object:
+            extra["metavar"] = "JSON"
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,
                  help=help_, **extra)
 

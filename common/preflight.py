@@ -32,10 +32,20 @@ def slots_on_node(node: dict[str, float], demand: dict[str, float]) -> int:
 
 
 def replica_slots(demand: dict[str, float], replicas_per_node: int | None = None,
-                  nodes: list[dict[str, float]] | None = None) -> int:
-    """Replicas the whole cluster can hold, each node capped at `replicas_per_node`."""
+                  nodes: list[dict[str, float]] | None = None, stages: int = 1) -> int:
+    """Replicas the whole cluster can hold, each node capped at `replicas_per_node`. With
+    `stages` > 1 a replica is that many pipeline stages of `demand` (its GPUs on one node
+    each, a node taking as many whole stages as it has room for; the CPUs on the first)."""
+    nodes = nodes if nodes is not None else alive_node_resources()
+    if stages > 1:
+        from common.replica_layout import plan_stages
+
+        tp = max(int(demand.get("GPU", 0)), 1)
+        amounts = {str(i): node for i, node in enumerate(nodes)}
+        most = int(sum(node.get("GPU", 0.0) for node in nodes) // (tp * stages))
+        return len(plan_stages(tp, stages, amounts, most, demand.get("CPU", 0.0)))
     total = 0
-    for node in nodes if nodes is not None else alive_node_resources():
+    for node in nodes:
         fit = slots_on_node(node, demand)
         total += min(fit, replicas_per_node) if replicas_per_node else fit
     return total
@@ -111,12 +121,17 @@ def check_single_gpu_fit(engine: EngineConfig) -> None:
         f"Use tensor parallelism: python ray-force-multi.py --tensor-parallel-size 8")
 
 
-def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float) -> None:
+def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float,
+                    stages: int = 1) -> None:
     """Say up front how many replicas the cluster can hold, and warn when some cannot fit."""
     from common.cluster import format_shape
 
-    print(f"{replicas} replica(s), each needing {format_shape(demand)} on one node; "
-          f"the cluster's nodes can hold {slots}")
+    if stages > 1:
+        needs = (f"{stages} pipeline stages of {demand.get('GPU', 0):g} GPUs, each stage on one "
+                 f"node (e.g. {stages} nodes with {demand.get('GPU', 0):g} free GPUs each)")
+    else:
+        needs = f"{format_shape(demand)} on one node"
+    print(f"{replicas} replica(s), each needing {needs}; the cluster's nodes can hold {slots}")
     if slots < replicas:
         print(f"warning: only {slots} of {replicas} replica(s) fit the cluster's nodes; the rest "
               f"will stay pending, and the wait ends with an error after --timeout "

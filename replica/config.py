@@ -51,6 +51,9 @@ class EngineConfig:
     engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
     # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
     vllm_args: list[str] = field(default_factory=list)
+    # Any vLLM engine argument by its AsyncEngineArgs field name (--engine-kwargs JSON, as
+    # ray.serve.llm's engine_kwargs); checked against vLLM's fields before deploying.
+    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -146,7 +149,26 @@ def operator_env_wins(env: dict[str, str]) -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
+# Network settings of the collective libraries (NCCL between GPUs, Gloo for vLLM's CPU-side
+# groups, UCX, torch's tensorpipe). Ray starts a replica's workers with the environment of the
+# raylet on their own node, not the deploy shell's, so a pipeline stage on another node would
+# otherwise pick its own interface (often the wrong one). The replica's runtime_env reaches its
+# vLLM workers: vLLM's Ray executor hands the replica's runtime_env to the workers it starts
+# (`parallel_config.ray_runtime_env`), and Ray's children inherit their parent's env_vars.
+NETWORK_ENV_PREFIXES = ("NCCL_", "GLOO_", "UCX_")
+NETWORK_ENV_NAMES = ("TP_SOCKET_IFNAME",)
+
+
+def network_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The collective libraries' network variables set in `environ` (default: this process)."""
+    environ = dict(os.environ if environ is None else environ)
+    return {key: value for key, value in sorted(environ.items())
+            if key.startswith(NETWORK_ENV_PREFIXES) or key in NETWORK_ENV_NAMES}
+
+
 def replica_env(engine: EngineConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Env vars for the replica processes (passed through the runtime_env)."""
+    """Env vars for the replica processes (passed through the runtime_env); a replica with
+    Ray workers also carries the deploy shell's NCCL/Gloo network settings to every node."""
     env = {**SERVE_REPLICA_ENV, **(CPU_ENGINE_ENV if engine.device == "cpu" else {})}
-    return {**operator_env_wins(env), **(extra or {})}
+    carried = network_env() if engine.uses_ray_workers else {}
+    return {**operator_env_wins(env), **carried, **(extra or {})}

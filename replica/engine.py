@@ -16,8 +16,9 @@ def build_engine(config: EngineConfig, args: Any):
     the current (replica) process.
 
     For tensor/pipeline parallelism on GPUs the replica was scheduled in its own placement group
-    (one bundle per GPU, STRICT_PACK; see common/deploy.py). vLLM's Ray executor is pointed at that
-    group, so its workers take exactly those GPUs. Without this, the replica would reserve GPUs
+    (one bundle per GPU: STRICT_PACK on one node, or one node per pipeline stage; see
+    common/deploy.py). vLLM's Ray executor is pointed at that group, so its workers take exactly
+    those GPUs; a group whose tensor-parallel ranks would span nodes is refused first. Without this, the replica would reserve GPUs
     for itself and vLLM would create a second placement group for its workers: the same GPUs
     booked twice, which is why a second TP=8 replica could never be placed on a 2 x 8 GPU cluster.
     """
@@ -36,6 +37,7 @@ def build_engine(config: EngineConfig, args: Any):
             raise RuntimeError(
                 "tensor/pipeline parallelism needs the replica to run in its own placement group "
                 "(placement_group_bundles); deploy it through common.deploy")
+        check_stage_placement(placement_group, config)
         vllm_config.parallel_config.placement_group = placement_group
     logger.info("starting vLLM engine: model=%s tp=%d pp=%d device=%s pid=%d",
                 config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
@@ -45,6 +47,28 @@ def build_engine(config: EngineConfig, args: Any):
         enable_log_requests=engine_args.enable_log_requests,
         disable_log_stats=engine_args.disable_log_stats,
         stat_loggers=engine_stat_loggers(config))
+
+
+def check_stage_placement(placement_group: Any, config: EngineConfig) -> None:
+    """Log which node holds which pipeline stage, and refuse (RuntimeError: Serve then retries
+    the replica in a new group) a group where a tensor-parallel group would span nodes."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from replica.parallel_layout import split_groups, stages_per_node
+
+    bundles = placement_group.bundle_specs
+    table = placement_group_table(placement_group).get("bundles_to_node_id") or {}
+    nodes = [table.get(i) for i in range(len(bundles))]
+    driver = ray.get_runtime_context().get_node_id()
+    layout = stages_per_node(bundles, nodes, driver, config.tensor_parallel_size)
+    logger.info("pipeline stages per node: %s",
+                ", ".join(f"{node[:12]}: {stages}" for node, stages in layout.items()))
+    problems = split_groups(bundles, nodes, config.tensor_parallel_size)
+    if problems:
+        raise RuntimeError("a tensor-parallel group of this replica would span nodes ("
+                           + "; ".join(problems) + "); redeploy so that each pipeline stage "
+                           "sits on one node (common/replica_layout.py)")
 
 
 def engine_stat_loggers(config: EngineConfig) -> list | None:

@@ -83,7 +83,8 @@ class LLMServer:
         self.model_name = engine_config.served_model_name
         self.node_id = ray.get_runtime_context().get_node_id()
         with serve_log_handlers_kept():
-            args = vllm_app.serve_args(engine_config.engine_kwargs(), engine_config.vllm_args)
+            args = vllm_app.serve_args(engine_config.engine_kwargs(), engine_config.vllm_args,
+                                       extra=engine_config.extra_engine_kwargs)
             # vLLM's own request log carries the prompt text: only when the operator asks.
             args.enable_log_requests = serve_config.log_prompts
             parser = reasoning_parser_for(serve_config.reasoning_parser, engine_config.model)

@@ -38,9 +38,11 @@ def vllm_entrypoints() -> tuple[Callable, Callable, Callable]:
 
 
 def serve_args(engine_kwargs: dict[str, Any], vllm_cli: list[str] | None = None,
-               exit_on_error: bool = True) -> Namespace:
+               exit_on_error: bool = True, extra: dict[str, Any] | None = None) -> Namespace:
     """The Namespace `vllm serve` would build: vLLM's own parser over the operator's extra vLLM
-    flags, then the settings the project's flags chose (ours win, so --help tells the truth)."""
+    flags, then the settings the project's flags chose (ours win, so --help tells the truth),
+    then `extra` (--engine-kwargs: AsyncEngineArgs field names, checked before deploying;
+    AsyncEngineArgs.from_cli_args reads every field from the Namespace, flag or not)."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     make_arg_parser, _, _ = vllm_entrypoints()
@@ -57,7 +59,17 @@ def serve_args(engine_kwargs: dict[str, Any], vllm_cli: list[str] | None = None,
         if not hasattr(args, name):
             raise ValueError(f"vLLM {vllm_version()} has no serve argument {name!r}")
         setattr(args, name, value)
+    for name, value in (extra or {}).items():
+        setattr(args, name, value)
     return args
+
+
+def serve_help() -> str:
+    """`vllm serve --help` of the installed vLLM: its own option groups."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    make_arg_parser, _, _ = vllm_entrypoints()
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).format_help()
 
 
 def vllm_version() -> str:

@@ -8,6 +8,7 @@ engine elsewhere (tests/test_api_http.py, tests/test_topology_cpu.py).
 from __future__ import annotations
 
 import asyncio
+import os
 
 import ray
 from fastapi import FastAPI, Request
@@ -21,8 +22,9 @@ probe_app = FastAPI()
 class GpuWorker:
     """What vLLM's Ray executor starts per tensor-parallel rank."""
 
-    def where(self) -> tuple[str, list]:
-        return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+    def where(self) -> tuple[str, list, str | None]:
+        return (ray.get_runtime_context().get_node_id(), ray.get_gpu_ids(),
+                os.environ.get("NCCL_SOCKET_IFNAME"))
 
 
 class PlacementProbe:
@@ -31,6 +33,9 @@ class PlacementProbe:
         self.workers = []
         group = ray.util.get_current_placement_group()
         if group is not None and engine_config.device == "cuda":
+            from replica.engine import check_stage_placement
+
+            check_stage_placement(group, engine_config)  # as the real engine does first
             for index, bundle in enumerate(group.bundle_specs):
                 if bundle.get("GPU", 0) > 0:
                     self.workers.append(GpuWorker.options(
@@ -38,12 +43,14 @@ class PlacementProbe:
                             group, placement_group_bundle_index=index)).remote())
         worker_places = ray.get([w.where.remote() for w in self.workers])
         self.own_gpus = ray.get_gpu_ids()
-        self.worker_nodes = [node for node, _ in worker_places]
-        self.worker_gpus = [gpus for _, gpus in worker_places]
+        self.worker_nodes = [node for node, _, _ in worker_places]
+        self.worker_gpus = [gpus for _, gpus, _ in worker_places]
+        self.worker_nccl_ifname = [ifname for _, _, ifname in worker_places]
 
     def describe(self, delay_s: float = 0.0) -> dict:
         return {"node": self.node_id, "own_gpus": self.own_gpus,
-                "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus}
+                "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus,
+                "worker_nccl_ifname": self.worker_nccl_ifname}
 
     async def healthy(self) -> bool:
         return True

@@ -259,7 +259,8 @@ def test_format_placement_table(sim):
                                         {"GPU": 8.0})]
     text = format_placement(replicas)
     lines = text.splitlines()
-    assert lines[0].split() == ["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE", "IP", "RESOURCES"]
+    assert lines[0].split() == ["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE", "IP", "RESOURCES",
+                                "GPUS", "PER", "NODE"]
     assert "aaaaaaaaaaaa" in lines[1] and "10.0.0.1" in lines[1] and "GPU: 8" in lines[1]
     assert "PENDING_CREATION" in lines[2]
 

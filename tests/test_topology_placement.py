@@ -19,6 +19,7 @@ import _placement_probe
 from _serve_fixtures import (background_load, deploy_script, wait_for_replicas,
                              wait_until)
 from common import cli, cluster
+from common.cluster_format import format_placement
 
 URL = f"http://{LOCAL_IP}:8000"
 
@@ -76,6 +77,32 @@ def test_force_multi_two_tp8_replicas_on_two_nodes_16_gpus_not_32(sim, capsys):
     assert "RUNNING with 2 replica(s)" in out
     print(out)  # the replica-to-node table, for the record
     serve.delete("force")
+
+
+def test_force_multi_tp8_pp2_spans_both_nodes_one_stage_per_node(sim, capsys, monkeypatch):
+    # The deploy shell's network settings reach every worker, on every node.
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+    assert deploy_script("ray-force-multi.py", *gpu_args(
+        "pp", "--num-replicas", "1", "--pipeline-parallel-size", "2")) == 0
+    replicas = running("pp")
+    assert len(replicas) == 1
+    info = describe("pp")
+    workers = info["worker_nodes"]  # in bundle (= stage) order
+    assert len(workers) == 16 and len({g for gpus in info["worker_gpus"] for g in gpus}) == 8
+    stage0, stage1 = set(workers[:8]), set(workers[8:])
+    assert len(stage0) == 1 and len(stage1) == 1 and stage0 != stage1
+    assert stage0 | stage1 == gpu_nodes()
+    # The replica actor (bundle 0's CPU) is on stage 0's node: vLLM's driver ranks come first.
+    assert info["node"] in stage0 and info["own_gpus"] == []
+    assert info["worker_nccl_ifname"] == ["lo"] * 16
+    assert ray.available_resources().get("GPU", 0) == 0 and cluster.pending_demands() == []
+    table = format_placement(cluster.list_replicas("pp"))
+    node0, node1 = cluster.short_id(next(iter(stage0))), cluster.short_id(next(iter(stage1)))
+    assert f"node {node0}: 8 GPU (stage 0), node {node1}: 8 GPU (stage 1)" in table
+    out = capsys.readouterr().out
+    assert "2 pipeline stages of 8 GPUs" in out and "RUNNING with 1 replica(s)" in out
+    print(out)  # the deploy output with the placement table, for the record
+    serve.delete("pp")
 
 
 def test_force_multi_that_cannot_fit_exits_with_the_pending_demand(sim, capsys):

@@ -1,0 +1,81 @@
+"""R1 operators' vLLM engine options pass the pre-deploy check (vLLM's own parser and AsyncEngineArgs fields); mistakes are refused with a clear message. Imports vLLM (seconds), starts no engine or Ray."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.deploy import check_vllm_args
+from replica.config import EngineConfig
+from replica.vllm_app import serve_args
+
+R1_ENGINE = EngineConfig(tensor_parallel_size=8, pipeline_parallel_size=2)
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+
+
+def test_r1_operators_flags_pass_as_vllm_serve_flags():
+    flags = ["--quantization", "fp8", "--kv-cache-dtype", "fp8", "--enable-expert-parallel",
+             "--enable-prefix-caching", "--speculative-config", json.dumps(SPECULATIVE)]
+    assert check_vllm_args(R1_ENGINE, flags) == []
+    args = serve_args(R1_ENGINE.engine_kwargs(), flags)
+    assert args.quantization == "fp8" and args.kv_cache_dtype == "fp8"
+    assert args.enable_expert_parallel is True and args.enable_prefix_caching is True
+    assert args.speculative_config["num_speculative_tokens"] == 3
+
+
+def test_the_same_options_pass_as_engine_kwargs_and_reach_the_engine_args():
+    from vllm import AsyncEngineArgs
+
+    extra = {"quantization": "fp8", "kv_cache_dtype": "fp8", "enable_expert_parallel": True,
+             "enable_prefix_caching": True, "speculative_config": SPECULATIVE}
+    engine = EngineConfig(tensor_parallel_size=8, pipeline_parallel_size=2,
+                          extra_engine_kwargs=extra)
+    assert check_vllm_args(engine, []) == []
+    engine_args = AsyncEngineArgs.from_cli_args(
+        serve_args(engine.engine_kwargs(), [], extra=engine.extra_engine_kwargs))
+    assert engine_args.quantization == "fp8" and engine_args.enable_expert_parallel is True
+    assert engine_args.speculative_config == SPECULATIVE
+    assert engine_args.tensor_parallel_size == 8 and engine_args.pipeline_parallel_size == 2
+
+
+def test_unknown_engine_kwarg_names_close_matches():
+    engine = EngineConfig(extra_engine_kwargs={"enable_expert_paralel": True})
+    [problem] = check_vllm_args(engine, [])
+    assert "'enable_expert_paralel'" in problem and "did you mean enable_expert_parallel" in problem
+
+
+def test_engine_kwarg_that_a_flag_sets_is_refused_naming_the_flag():
+    engine = EngineConfig(extra_engine_kwargs={"max_num_seqs": 8, "enable_log_requests": True})
+    problems = check_vllm_args(engine, [])
+    assert any("set by --max-num-seqs" in p for p in problems)
+    assert any("'enable_log_requests'" in p and "this script itself" in p for p in problems)
+
+
+def test_data_parallel_is_refused_pointing_to_replicas():
+    for engine, flags in ((R1_ENGINE, ["--data-parallel-size", "2"]),
+                          (EngineConfig(extra_engine_kwargs={"data_parallel_size": 2}), [])):
+        [problem] = check_vllm_args(engine, flags)
+        assert "--num-replicas" in problem
+
+
+def test_help_vllm_prints_vllms_own_option_groups(capsys):
+    from common.deploy import script_main
+
+    def build(*_):
+        raise AssertionError("--help-vllm must not deploy")
+
+    with pytest.raises(SystemExit) as exited:  # like --help
+        script_main(["--help-vllm"], description="test", build=build)
+    assert exited.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert "--kv-cache-dtype" in text and "--speculative-config" in text
+    assert "ParallelConfig" in text or "parallel" in text.lower()
+
+
+def test_script_help_points_to_help_vllm(capsys):
+    from common.deploy import script_main
+
+    with pytest.raises(SystemExit):
+        script_main(["--help"], description="test", build=lambda *_: None)
+    text = capsys.readouterr().out
+    assert "--help-vllm" in text and "--engine-kwargs" in text and "[env: ENGINE_KWARGS]" in text

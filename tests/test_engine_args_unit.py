@@ -1,0 +1,39 @@
+"""Unit tests: --engine-kwargs (ENGINE_KWARGS) parsing into EngineConfig, without importing vLLM."""
+from __future__ import annotations
+
+import pytest
+
+from common import cli
+from common.options import add_engine_args, engine_config_from_args, flag_of_engine_field
+
+
+def parse(argv):
+    parser = cli.make_parser("test")
+    add_engine_args(parser)
+    return engine_config_from_args(parser.parse_args(argv))
+
+
+def test_engine_kwargs_flag_and_env_fallback(monkeypatch):
+    assert parse([]).extra_engine_kwargs == {}
+    engine = parse(["--engine-kwargs", '{"kv_cache_dtype": "fp8", "max_num_partial_prefills": 2}'])
+    assert engine.extra_engine_kwargs == {"kv_cache_dtype": "fp8", "max_num_partial_prefills": 2}
+    monkeypatch.setenv("ENGINE_KWARGS", '{"quantization": "fp8"}')
+    assert parse([]).extra_engine_kwargs == {"quantization": "fp8"}
+    # The engine's own kwargs stay ours; the extras travel apart (replica/vllm_app.serve_args).
+    assert "quantization" not in parse([]).engine_kwargs()
+
+
+def test_engine_kwargs_must_be_a_json_object(monkeypatch, capsys):
+    for text in ("[1, 2]", "{not json"):
+        with pytest.raises(SystemExit):
+            parse(["--engine-kwargs", text])
+        assert "--engine-kwargs" in capsys.readouterr().err
+    monkeypatch.setenv("ENGINE_KWARGS", "fp8")
+    with pytest.raises(cli.ScriptError) as refused:
+        parse([])
+    assert "ENGINE_KWARGS" in str(refused.value) and refused.value.code == cli.EXIT_USAGE
+
+
+def test_flag_of_engine_field():
+    assert flag_of_engine_field("max_num_seqs") == "--max-num-seqs"
+    assert flag_of_engine_field("kv_cache_dtype") is None
