@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from common import builders, cli, preflight, serve_config
+from common import builders, cli, cluster, preflight, serve_config
 from common.deploy import parse_script_args
 
 TWO_GPU_NODES = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
@@ -25,6 +25,10 @@ def config_of(script: str, argv: list[str], capsys) -> dict:
 def two_gpu_nodes(monkeypatch):
     """preflight's view of the cluster: the guide's 2 x 8 GPUs, without Ray."""
     monkeypatch.setattr(preflight, "alive_node_resources", lambda: [dict(n) for n in TWO_GPU_NODES])
+    monkeypatch.setattr(cluster, "list_nodes", lambda: [
+        cluster.NodeInfo(node_id=f"node{i}", ip="127.0.0.1", alive=True, is_head=i == 0,
+                         cpus_total=n["CPU"], cpus_available=n["CPU"], gpus_total=n["GPU"],
+                         gpus_available=n["GPU"]) for i, n in enumerate(TWO_GPU_NODES)])
     monkeypatch.setattr(builders.load_script("ray-placement-group.py"), "pick_distinct_nodes",
                         lambda demand, count, timeout_s, name: [f"node{i}" for i in range(count)])
 
