@@ -31,8 +31,6 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         raise cli.ScriptError("ray-single-gpu.py runs one GPU per replica; for tensor "
                               "parallelism use ray-force-multi.py", cli.EXIT_USAGE)
     demand = replica_demand(engine, serve_config)
-    if engine.device == "cuda":
-        preflight.check_single_gpu_fit(engine)
     slots = preflight.replica_slots(demand, args.replicas_per_node)
     num_replicas = preflight.resolve_replicas(args.num_replicas, slots, args.max_replicas,
                                               auto_default=None if engine.device == "cuda" else 1)

@@ -110,18 +110,19 @@ def format_report(report: ClusterReport) -> str:
 
     out.append("")
     out.append("PENDING (what `ray status` lists as pending, and why it is not placed)")
-    if report.pending:
-        out.append(_table(["KIND", "SHAPE", "COUNT", "STRATEGY", "WHY"],
-                          [(p.kind + (f" {short_id(p.pg_id)}" if p.pg_id else ""), format_shape(p.shape),
-                            p.count, p.strategy or "-", p.reason) for p in report.pending]))
-    else:
-        out.append("(nothing pending)")
-
-    if report.warnings:
-        out.append("")
-        out.append("WARNINGS")
-        out.extend(f"  ! {w}" for w in report.warnings)
+    out.extend(pending_and_warning_lines(report))
     out.append("")
     out.append("HEALTHY" if report.healthy else
                "UNHEALTHY: something is pending, unhealthy or dead (see above)")
     return "\n".join(out)
+
+
+def pending_and_warning_lines(report: ClusterReport) -> list[str]:
+    """The pending demands with their reasons, then the warnings (check_cluster and --watch)."""
+    out = [_table(["KIND", "SHAPE", "COUNT", "STRATEGY", "WHY"],
+                  [(p.kind + (f" {short_id(p.pg_id)}" if p.pg_id else ""), format_shape(p.shape),
+                    p.count, p.strategy or "-", p.reason) for p in report.pending])
+           if report.pending else "(nothing pending)"]
+    if report.warnings:
+        out += ["", "WARNINGS", *(f"  ! {w}" for w in report.warnings)]
+    return out

@@ -7,8 +7,8 @@ from typing import Callable, TextIO
 
 from common import cluster
 from common.cli import EXIT_OK
-from common.cluster import ClusterReport, _fmt_num, format_shape, short_id
-from common.cluster_format import _table
+from common.cluster import ClusterReport, _fmt_num, short_id
+from common.cluster_format import _table, pending_and_warning_lines
 
 # Serve's own gauge of the requests a replica is processing (labels: application, deployment,
 # replica); exported through each node's metrics agent like vLLM's.
@@ -67,16 +67,7 @@ def watch_frame(report: ClusterReport, in_flight: dict[str, float] | None,
 
     out.append("")
     out.append("PENDING")
-    if report.pending:
-        out.append(_table(["KIND", "SHAPE", "COUNT", "WHY"],
-                          [(p.kind, format_shape(p.shape), p.count, p.reason)
-                           for p in report.pending]))
-    else:
-        out.append("(nothing pending)")
-    if report.warnings:
-        out.append("")
-        out.append("WARNINGS")
-        out.extend(f"  ! {w}" for w in report.warnings)
+    out.extend(pending_and_warning_lines(report))
     return "\n".join(out)
 
 

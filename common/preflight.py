@@ -1,15 +1,11 @@
-"""Checks before deploying: how many replicas the cluster can hold, and whether a model fits a GPU."""
+"""Checks before deploying: how many replicas the cluster can hold (whether the model fits its
+GPUs: common/layout.py)."""
 from __future__ import annotations
 
 import math
-import os
 import sys
-from pathlib import Path
 
 from common import cli
-from replica.config import EngineConfig
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def alive_node_resources() -> list[dict[str, float]]:
@@ -71,54 +67,6 @@ def resolve_replicas(requested: str | int, slots: int, max_replicas: int,
         raise cli.ScriptError(f"--num-replicas {count} is above --max-replicas {max_replicas}",
                               cli.EXIT_USAGE)
     return count
-
-
-def local_weights_bytes(model: str) -> int | None:
-    """Size of the weight files of a local model folder; None when not a local folder."""
-    path = Path(model)
-    if not path.is_dir():
-        return None
-    files = [f for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
-    if any(f.suffix == ".safetensors" for f in files):
-        files = [f for f in files if f.suffix == ".safetensors"]
-    return sum(f.stat().st_size for f in files) or None
-
-
-def gpu_memory_bytes() -> int | None:
-    """Total memory of one GPU in the cluster (GPU_MEMORY_GB overrides; None if unknown)."""
-    override = os.environ.get("GPU_MEMORY_GB")
-    if override:
-        return int(float(override) * 2**30)
-    import ray
-
-    @ray.remote(num_gpus=1, num_cpus=0)
-    def probe() -> int:
-        import torch
-
-        return int(torch.cuda.get_device_properties(0).total_memory)
-
-    try:
-        return ray.get(probe.remote(), timeout=120)
-    except Exception:  # busy GPUs, no torch on the node, timeout: skip the check
-        return None
-
-
-def check_single_gpu_fit(engine: EngineConfig) -> None:
-    """A ScriptError when the weights alone exceed one GPU's share at --gpu-memory-utilization."""
-    weights = local_weights_bytes(engine.model)
-    if weights is None or engine.load_format == "dummy":
-        return
-    memory = gpu_memory_bytes()
-    if memory is None:
-        return
-    budget = memory * engine.gpu_memory_utilization
-    if weights < budget:
-        return
-    raise cli.ScriptError(
-        f"the model's weights ({weights / 2**30:.1f} GiB) do not fit one GPU "
-        f"({memory / 2**30:.1f} GiB x gpu_memory_utilization "
-        f"{engine.gpu_memory_utilization} = {budget / 2**30:.1f} GiB), before any KV cache. "
-        f"Use tensor parallelism: python ray-force-multi.py --tensor-parallel-size 8")
 
 
 def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float,

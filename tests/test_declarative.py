@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _serve_fixtures import clean_env, free_port, wait_until
+from _serve_fixtures import clean_env, wait_until
 from common.cli import EXIT_UNHEALTHY
 from common.deploy import controller_env
-from test_operator import (PY, RAY, Operator, assert_both_nodes, cluster_nodes,
+from test_operator import (PY, Operator, assert_both_nodes, cluster_nodes,
                            running_replicas)
 
 SERVE = str(Path(PY).parent / "serve")
@@ -26,20 +26,6 @@ class DeclarativeOperator(Operator):
 
     def env(self, **extra: str) -> dict[str, str]:
         return clean_env(self.home, self.base, **{**controller_env("haproxy"), **extra})
-
-    def start_cluster(self) -> None:
-        home = {"cwd": self.home}
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
-        self.run(RAY, "get-auth-token", "--generate", **home)
-        (self.home / ".ray" / "auth_token").chmod(0o600)
-        common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=8",
-                  "--object-store-memory=300000000", "--disable-usage-stats"]
-        self.run(RAY, "start", "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", *common, **home)
-        self.run(RAY, "start", f"--address={self.address}",
-                 f"--dashboard-agent-listen-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", *common,
-                 env=self.env(RAY_AUTH_MODE="token"), **home)
 
     def config(self, *args: str) -> Path:
         out = self.script("ray-force-multi.py", "--print-config", "--device", "cpu",

@@ -48,6 +48,7 @@ class Operator:
         self.http_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
         self.copy = base / "checkout"
         shutil.copytree(ROOT, self.copy, ignore=COPY_IGNORE)
         self.model = demo_model()
@@ -78,7 +79,7 @@ class Operator:
                   "--object-store-memory=300000000", "--disable-usage-stats"]
         # The head turns token auth on by itself (a token exists); node 2 must be told.
         self.run(RAY, "start", "--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={free_port()}", *common, **home)
+                 f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", *common, **home)
         self.run(RAY, "start", f"--address={self.address}",
                  f"--dashboard-agent-listen-port={free_port()}",
                  f"--metrics-export-port={free_port()}", *common,
