@@ -53,6 +53,12 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
   serve-llm-direct  the same with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 and
               RAY_SERVE_ENABLE_HA_PROXY=1 (its replica serves vLLM's app directly)
 
+streaming rows also get the engine's own stage means (vLLM's TTFT, queue and prefill
+histograms, scraped before and after the run) beside the client's TTFT: client minus engine is
+the serving path's share of a first token. They come from the server's /metrics (vllm serve; a
+Ray replica's app only with --ray-args "--engine-metrics false", else vLLM's metrics go through
+Ray's endpoint, whose histogram sums are bucket midpoints: coarse).
+
 examples:
   python bench/serving_benchmark.py                       # GPU: 7B-shaped dummy model, 3 reps
   scripts/loopback.sh .venv/bin/python bench/serving_benchmark.py --device cpu   # CPU demo model
@@ -263,6 +269,9 @@ def own_ray_head(body: Callable[[], int]) -> int:
         code = 1
         print(f"FAILED {exc}", flush=True)
     else:
+        port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+        if port:
+            print(f"METRICS http://{HOST}:{port}/metrics", flush=True)
         print("READY" if code == 0 else f"FAILED {code}", flush=True)
     if code == 0:
         while not stop["now"]:
@@ -319,24 +328,81 @@ def serve_llm_main(spec_json: str) -> int:
 @contextlib.contextmanager
 def ready_helper(helper_args: list[str], env: dict[str, str], logpath: Path, name: str):
     """Run this file's `_ray` / `_serve_llm` helper, wait for its READY line (its stderr and
-    earlier stdout go to `logpath`), and stop its process group when the block ends."""
+    earlier stdout go to `logpath`), yield its Ray metrics URL (None if it printed none), and
+    stop its process group when the block ends."""
     command = [sys.executable, str(Path(__file__).resolve()), *helper_args]
     with open(logpath, "w") as logf:
         process = subprocess.Popen(command, env=clean_env(env), cwd=REPO_ROOT,
                                    stdout=subprocess.PIPE, stderr=logf, text=True,
                                    start_new_session=True)
         try:
-            line = ""
+            line, metrics_url = "", None
             while process.poll() is None:
                 line = process.stdout.readline()  # type: ignore[union-attr]
                 if not line or line.strip() == "READY" or line.startswith("FAILED"):
                     break
+                if line.startswith("METRICS "):
+                    metrics_url = line.split(None, 1)[1].strip()
                 logf.write(line)
             if line.strip() != "READY":
                 raise RuntimeError(f"{name} did not come up ({line.strip()}); see {logpath}")
-            yield
+            yield metrics_url
         finally:
             stop_group(process, grace_s=60)
+
+
+# vLLM's own per-request histograms, as `vllm serve` names them on /metrics. A Serve replica's
+# engine also exports them through Ray's metrics endpoint (ray_vllm_*), but Ray rebuilds a
+# histogram's sum from bucket midpoints, too coarse for means: the app's own /metrics comes first.
+ENGINE_STAGES = {"engine_ttft": "time_to_first_token_seconds",
+                 "engine_queue": "request_queue_time_seconds",
+                 "engine_prefill": "request_prefill_time_seconds"}
+
+
+def engine_stage_totals(text: str) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of each of vLLM's stage histograms in one Prometheus scrape,
+    summed over label sets, whatever the exporter's prefix (vllm: or ray_vllm_)."""
+    from common.metrics_scrape import parse
+
+    totals: dict[str, tuple[float, float]] = {}
+    for sample in parse(text):
+        for stage, metric in ENGINE_STAGES.items():
+            for part, index in (("_sum", 0), ("_count", 1)):
+                if sample.name.endswith(metric + part) and "vllm" in sample.name:
+                    value = list(totals.get(stage, (0.0, 0.0)))
+                    value[index] += sample.value
+                    totals[stage] = (value[0], value[1])
+    return totals
+
+
+def stage_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+                   ) -> dict[str, float]:
+    """Mean milliseconds per request of each stage between two scrapes ({stage}_mean_ms)."""
+    means = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        if count > count0:
+            means[f"{stage}_mean_ms"] = round((total - total0) / (count - count0) * 1000.0, 3)
+    return means
+
+
+def scrape_when_counted(url: str, requests: int, timeout_s: float = 45.0
+                        ) -> dict[str, tuple[float, float]]:
+    """Stage totals once the engine's first-token histogram has counted `requests` (Ray exports
+    a replica's metrics every few seconds, so the last requests' records arrive after the run);
+    what is there at the timeout, or {} when the endpoint does not answer."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, no proxy
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with opener.open(url, timeout=10) as answer:
+                totals = engine_stage_totals(answer.read().decode("utf-8", "replace"))
+        except OSError:
+            return {}
+        if not totals or totals.get("engine_ttft", (0.0, 0.0))[1] >= requests or \
+                time.monotonic() > deadline:
+            return totals
+        time.sleep(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +493,8 @@ class Bench:
             if stats:
                 row[f"{key}_p50_ms"] = _ms(stats.get("p50"))
                 row[f"{key}_p99_ms"] = _ms(stats.get("p99"))
+                if key == "ttft":
+                    row["ttft_mean_ms"] = _ms(stats.get("mean"))
         if summary["failures"]:
             row["errors"] = summary.get("error_kinds") or summary.get("sample_errors")
         self.command_lines.setdefault(f"load_test {name}", "python " + " ".join(
@@ -480,7 +548,8 @@ class Bench:
                 started = time.monotonic()
                 wait_http(f"http://{HOST}:{port}/health", process, self.args.start_timeout)
                 log(f"vllm serve ready in {time.monotonic() - started:.0f}s")
-                return self._drive("vllm-serve", port, "/v1/completions")
+                return self._drive("vllm-serve", port, "/v1/completions",
+                                   f"http://{HOST}:{port}/metrics")
             except Exception:
                 raise RuntimeError(f"vllm serve failed; see {logpath}") from None
             finally:
@@ -518,23 +587,40 @@ class Bench:
         logpath = self.workdir / f"{target}-{rep}.log"
         started = time.monotonic()
         try:
-            with ready_helper(helper_args, {**self.engine_env(), **(env or {})}, logpath, target):
+            with ready_helper(helper_args, {**self.engine_env(), **(env or {})}, logpath,
+                              target) as metrics_url:
                 log(f"{target} ready in {time.monotonic() - started:.0f}s")
-                return self._drive(target, port, endpoint)
+                return self._drive(target, port, endpoint, metrics_url)
         except Exception as exc:
             raise RuntimeError(f"{target} target failed: {exc}; see {logpath}") from None
 
-    def _drive(self, name: str, port: int, endpoint: str) -> dict[str, dict[str, Any]]:
+    def _drive(self, name: str, port: int, endpoint: str, metrics_url: str | None
+               ) -> dict[str, dict[str, Any]]:
+        """The main run, then the streaming run with the engine's own stage means beside the
+        client's: client TTFT minus the engine's is the serving path's share of a first token."""
         rows = {}
         if self.args.warmup_requests:
             self.load_test(name, port, endpoint, stream=False, warmup=True)
         rows[name] = self.load_test(name, port, endpoint, stream=False)
         log(f"  {name}: {rows[name]['output_tok_s']:.0f} output tok/s")
         if self.args.stream_requests:
-            rows[f"{name}-stream"] = self.load_test(f"{name}-stream", port, endpoint,
-                                                    stream=True)
-            log(f"  {name}-stream: TTFT p50 {rows[name + '-stream'].get('ttft_p50_ms')} ms, "
-                f"ITL p50 {rows[name + '-stream'].get('itl_p50_ms')} ms")
+            counted = self.args.warmup_requests + rows[name]["requests"]
+            urls = [f"http://{HOST}:{port}/metrics"] + ([metrics_url] if metrics_url else [])
+            source, before = next(((url, totals) for url in urls
+                                   if (totals := scrape_when_counted(url, counted, 20.0))),
+                                  (None, {}))
+            row = self.load_test(f"{name}-stream", port, endpoint, stream=True)
+            if before:
+                after = scrape_when_counted(source, counted + row["requests"])
+                row.update(stage_means_ms(before, after))
+                row["engine_metrics_source"] = "app" if source == urls[0] else "ray"
+                if "engine_ttft_mean_ms" in row and row.get("ttft_mean_ms") is not None:
+                    row["serving_ttft_mean_ms"] = round(
+                        row["ttft_mean_ms"] - row["engine_ttft_mean_ms"], 3)
+            rows[f"{name}-stream"] = row
+            log(f"  {name}-stream: TTFT p50 {row.get('ttft_p50_ms')} ms, ITL p50 "
+                f"{row.get('itl_p50_ms')} ms; TTFT mean {row.get('ttft_mean_ms')} ms of which "
+                f"engine {row.get('engine_ttft_mean_ms')} ms")
         return rows
 
     # -- the run --------------------------------------------------------------------------------
@@ -617,8 +703,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
+STAGE_METRICS = ("ttft_mean_ms", "engine_ttft_mean_ms", "engine_queue_mean_ms",
+                 "engine_prefill_mean_ms", "serving_ttft_mean_ms")
 METRICS = ("output_tok_s", "req_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms",
-           "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms")
+           "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms",
+           *STAGE_METRICS)
 
 
 def aggregate(runs: list[dict[str, Any]], targets: list[str], streaming: bool
@@ -723,6 +812,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_cell(e, 'ttft_p99_ms', 1)} | {_cell(e, 'tpot_p50_ms', 2)} / "
             f"{_cell(e, 'tpot_p99_ms', 2)} | {_cell(e, 'itl_p50_ms', 2, True)} / "
             f"{_cell(e, 'itl_p99_ms', 2)} |")
+    staged = [e for e in result["table"] if "engine_ttft_mean_ms" in e]
+    if staged:
+        lines += ["", "Where a streaming first token's time goes (means per request; the engine's "
+                  "figures are vLLM's own histograms, from its arrival stamp; serving path = "
+                  "client minus engine):", "",
+                  "| row | client TTFT | engine TTFT | of which queued | of which prefill | "
+                  "serving path |", "|---|---|---|---|---|---|"]
+        lines += [f"| {e['row']} | " + " | ".join(_cell(e, m, 1, True) for m in STAGE_METRICS) +
+                  " |" for e in staged]
+        if any(r.get("engine_metrics_source") == "ray" for r in result["runs"]):
+            lines += ["", "(Rows from Ray's metrics endpoint: its histogram sums are bucket "
+                      "midpoints, so their engine means are coarse.)"]
     if result["ratios"]:
         lines += ["", "| ratio | of medians | per repetition |", "|---|---|---|"]
         for name, r in result["ratios"].items():
