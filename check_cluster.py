@@ -5,8 +5,8 @@ import json
 import sys
 from typing import Sequence
 
-from common import cluster
-from common.cluster_format import format_report
+from ops import cluster
+from ops.cluster_format import format_report
 from common.ray_connect import connect
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, ScriptError,
                         add_address_flag, add_flag, exits_with_codes, make_parser, parse)
@@ -70,7 +70,7 @@ _positive_seconds.__name__ = "positive number of seconds"
 def _engine_summary(app: str | None, as_json: bool):
     """Live per-replica engine load from the nodes' metrics endpoints; informational only, so
     any failure to read them leaves the rest of the report (and the exit status) alone."""
-    from common import metrics_scrape
+    from ops import metrics_scrape
 
     try:
         if as_json:
@@ -90,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ScriptError("--watch shows tables; it does not combine with --json", EXIT_USAGE)
     connect(args.address)
     if args.plan:
-        from common.config_check import plan_config
+        from ops.config_check import plan_config
 
         return plan_config(args.plan, args.gpu_memory_gib)
     if args.watch is not None:
-        from common.cluster_watch import watch
+        from ops.cluster_watch import watch
 
         return watch(args.app, set(args.spread or ()), args.watch)
     with cluster.state_snapshot():  # the report and the engine summary see the same moment

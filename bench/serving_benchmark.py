@@ -362,7 +362,7 @@ ENGINE_STAGES = {"engine_ttft": "time_to_first_token_seconds",
 def engine_stage_totals(text: str) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of each of vLLM's stage histograms in one Prometheus scrape,
     summed over label sets, whatever the exporter's prefix (vllm: or ray_vllm_)."""
-    from common.metrics_scrape import parse
+    from ops.metrics_scrape import parse
 
     totals: dict[str, tuple[float, float]] = {}
     for sample in parse(text):

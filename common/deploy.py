@@ -57,7 +57,7 @@ def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
     fit now, from the nodes' totals: the replica then waits for what others hold)."""
     if not engine.uses_ray_workers:
         return None
-    from common import cluster
+    from ops import cluster
 
     nodes = [n for n in cluster.list_nodes() if n.alive]
     largest = max((n.gpus_total for n in nodes), default=0.0)
@@ -393,7 +393,7 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     its own (they apply only when the controller is created), so say what that means."""
     from ray import serve
 
-    from common import cluster
+    from ops import cluster
 
     with cluster.state_snapshot():
         running = cluster.serve_ingress() if cluster._serve_client() is not None else None
@@ -473,7 +473,7 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
 
 
 def _pending_lines() -> str:
-    from common import cluster
+    from ops import cluster
 
     pending = cluster.pending_demands()
     if not pending:
@@ -484,8 +484,8 @@ def _pending_lines() -> str:
 
 
 def print_ready(serve_config: ServeConfig) -> None:
-    from common import cluster
-    from common.cluster_format import format_placement
+    from ops import cluster
+    from ops.cluster_format import format_placement
 
     replicas = cluster.list_replicas(serve_config.app_name)
     print(f"\napplication {serve_config.app_name!r} is RUNNING with {len(replicas)} replica(s):")

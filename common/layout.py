@@ -128,7 +128,7 @@ def probe_gpu_nodes(model_path: str | None) -> list[NodeReport]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from common import cluster
+    from ops import cluster
 
     reports, pending = [], {}
     with cluster.state_snapshot():

@@ -34,7 +34,7 @@ def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
     from ray.util.placement_group import (placement_group, placement_group_table,
                                           remove_placement_group)
 
-    from common import cluster
+    from ops import cluster
 
     bundles = [dict(bundle) for _ in range(count)]
     group = placement_group(bundles, strategy="STRICT_SPREAD", name=name)

@@ -1,12 +1,12 @@
-"""Tests check_cluster.py --watch's frame (common/cluster_watch.py) on a made-up cluster report, and its loop off a TTY."""
+"""Tests check_cluster.py --watch's frame (ops/cluster_watch.py) on a made-up cluster report, and its loop off a TTY."""
 from __future__ import annotations
 
 import io
 
 from common.cli import EXIT_OK
-from common.cluster import ClusterReport, NodeInfo, PendingDemand, ReplicaInfo
-from common.cluster_watch import in_flight_per_replica, watch, watch_frame
-from common.metrics_scrape import ReplicaEngineStats, parse
+from ops.cluster import ClusterReport, NodeInfo, PendingDemand, ReplicaInfo
+from ops.cluster_watch import in_flight_per_replica, watch, watch_frame
+from ops.metrics_scrape import ReplicaEngineStats, parse
 
 HEAD, WORKER = "h" * 56, "w" * 56
 

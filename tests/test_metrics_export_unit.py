@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from common import metrics_scrape
-from common.cluster import ReplicaInfo
+from ops import metrics_scrape
+from ops.cluster import ReplicaInfo
 from replica.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
 
 TEXT = """\

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from common import builders, cli, cluster, preflight, serve_config
+from common import builders, cli, preflight, serve_config
+from ops import cluster
 from common.deploy import parse_script_args
 
 TWO_GPU_NODES = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
@@ -191,7 +192,7 @@ def test_worker_groups_from_the_topology():
 
 
 def test_plan_reads_a_config_or_its_rayservice(capsys, tmp_path):
-    from common import config_check
+    from ops import config_check
 
     argv = ["--print-config", "--tensor-parallel-size", "8", "--model", "/models/R1"]
     config = tmp_path / "config.yaml"

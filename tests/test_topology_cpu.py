@@ -21,7 +21,7 @@ import load_test
 import stop_service
 from _serve_fixtures import (background_load, cpu_args, deploy_script,
                              wait_for_replicas, wait_until)
-from common import cluster
+from ops import cluster
 from replica.api import RawRequest
 
 URL = f"http://{LOCAL_IP}:8000"

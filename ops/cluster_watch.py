@@ -5,10 +5,10 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from common import cluster
+from ops import cluster
 from common.cli import EXIT_OK
-from common.cluster import ClusterReport, _fmt_num, short_id
-from common.cluster_format import _table, pending_and_warning_lines
+from ops.cluster import ClusterReport, _fmt_num, short_id
+from ops.cluster_format import _table, pending_and_warning_lines
 
 # Serve's own gauge of the requests a replica is processing (labels: application, deployment,
 # replica); exported through each node's metrics agent like vLLM's.
@@ -30,7 +30,7 @@ def watch_frame(report: ClusterReport, in_flight: dict[str, float] | None,
                 engine: dict | None, header: str) -> str:
     """One screen: nodes (GPUs used/total, replicas held), replicas grouped by node with their
     state and requests in flight, pending demands with their reason, warnings. `in_flight` and
-    `engine` (common.metrics_scrape.per_replica) are None when the metrics were not readable."""
+    `engine` (ops.metrics_scrape.per_replica) are None when the metrics were not readable."""
     status = "HEALTHY" if report.healthy else "UNHEALTHY"
     out = [f"{header}  {status}", ""]
     by_node: dict[str | None, list] = {}
@@ -74,7 +74,7 @@ def watch_frame(report: ClusterReport, in_flight: dict[str, float] | None,
 def snapshot_frame(app: str | None, spread: set, header: str) -> str:
     """Reads the cluster once and renders it; a failed read is shown, not raised, so that the
     view keeps refreshing through a GCS hiccup."""
-    from common import metrics_scrape
+    from ops import metrics_scrape
 
     try:
         with cluster.state_snapshot():
