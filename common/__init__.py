@@ -1,1 +1,1 @@
-"""Shared code of the Ray Serve + vLLM deployment scripts: config, engine, HTTP API, Ray helpers."""
+"""The deployment scripts' own code: flags, deploying, planning, declarative configs, the demo."""

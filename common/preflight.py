@@ -1,5 +1,4 @@
-"""Checks before deploying: how many replicas the cluster can hold (whether the model fits its
-GPUs: common/layout.py)."""
+"""Checks before deploying: how many replicas the cluster can hold (model fit: common/layout.py)."""
 from __future__ import annotations
 
 import math
