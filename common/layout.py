@@ -199,9 +199,12 @@ def kv_cache_dtype(vllm_args: Sequence[str]) -> str | None:
 
 
 def settings_for(engine: EngineConfig) -> planner.Settings:
+    """The planner's settings from everything that reaches the engine: our flags, the flags
+    passed through to vLLM and --engine-kwargs (a KV-cache dtype may come from either)."""
     return planner.Settings(gpu_memory_utilization=engine.gpu_memory_utilization,
                             max_model_len=engine.max_model_len,
-                            kv_cache_dtype=kv_cache_dtype(engine.vllm_args))
+                            kv_cache_dtype=engine.extra_engine_kwargs.get("kv_cache_dtype")
+                            or kv_cache_dtype(engine.vllm_args))
 
 
 def local_footprint(engine: EngineConfig) -> planner.ModelFootprint | None:

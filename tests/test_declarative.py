@@ -3,9 +3,6 @@
 nothing, a lightweight change keeps the replicas and an engine change replaces them."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import yaml
 from _serve_fixtures import clean_env, wait_until
 from common.cli import EXIT_UNHEALTHY
 from common.deploy import controller_env
-from test_operator import (PY, Operator, assert_both_nodes, cluster_nodes,
+from test_operator import (PY, Operator, assert_both_nodes, cluster_nodes, running_cluster,
                            running_replicas)
 
 SERVE = str(Path(PY).parent / "serve")
@@ -66,15 +63,8 @@ class DeclarativeOperator(Operator):
 
 @pytest.fixture(scope="module")
 def declarative():
-    base = Path(tempfile.mkdtemp(prefix="decl-", dir="/tmp"))
-    op = DeclarativeOperator(base)
-    try:
-        op.start_cluster()
+    with running_cluster(DeclarativeOperator, "decl-") as op:
         yield op
-    finally:
-        op.stop_cluster()
-        if not os.environ.get("KEEP_OPERATOR_DIR"):
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_serve_deploy_of_the_printed_config(declarative):

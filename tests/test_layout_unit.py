@@ -64,6 +64,15 @@ def test_kv_cache_dtype_from_passed_through_flags():
     assert layout.kv_cache_dtype(["--enable-prefix-caching"]) is None
 
 
+def test_planner_settings_take_the_kv_cache_dtype_from_engine_kwargs_too():
+    from replica.config import EngineConfig
+
+    engine = EngineConfig(extra_engine_kwargs={"kv_cache_dtype": "fp8"})
+    assert layout.settings_for(engine).kv_cache_dtype == "fp8"
+    engine = EngineConfig(vllm_args=["--kv-cache-dtype", "fp8_e5m2"])
+    assert layout.settings_for(engine).kv_cache_dtype == "fp8_e5m2"
+
+
 @pytest.fixture
 def two_nodes(monkeypatch):
     reports = [node(1), node(2)]

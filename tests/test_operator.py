@@ -10,6 +10,7 @@ temp dir, never by stopping every Ray on the machine.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,10 +119,11 @@ class Operator:
         return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def operator():
-    base = Path(tempfile.mkdtemp(prefix="op-", dir="/tmp"))
-    op = Operator(base)
+@contextlib.contextmanager
+def running_cluster(operator_class: type, prefix: str):
+    """An operator of `operator_class` with its 2-node cluster started, ended by its PIDs."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    op = operator_class(base)
     try:
         op.start_cluster()
         yield op
@@ -129,6 +131,12 @@ def operator():
         op.stop_cluster()
         if not os.environ.get("KEEP_OPERATOR_DIR"):  # logs for a post-mortem
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def operator():
+    with running_cluster(Operator, "op-") as op:
+        yield op
 
 
 def assert_both_nodes(op: Operator, result: dict, nodes: set[str]) -> None:
