@@ -28,17 +28,22 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray", "ray-proxy", "serve-llm", "serve-llm-direct")
-# The deployment script's --ingress of each Ray target.
-RAY_INGRESS = {"ray": "haproxy", "ray-proxy": "proxy"}
+TARGETS = ("offline", "vllm-serve", "ray", "ray-offline", "ray-proxy", "serve-llm",
+           "serve-llm-direct")
+# The deployment script's flags of each Ray target (beside the engine's and --ray-args).
+RAY_TARGETS = {"ray": ["--ingress", "haproxy"],
+               "ray-offline": ["--ingress", "haproxy", "--batch-limits", "offline"],
+               "ray-proxy": ["--ingress", "proxy"]}
 # ray.serve.llm targets: the environment of their Ray head.
 SERVE_LLM_ENV = {"serve-llm": {},
                  "serve-llm-direct": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
                                       "RAY_SERVE_ENABLE_HA_PROXY": "1"}}
-SERVED = ("vllm-serve", *RAY_INGRESS, *SERVE_LLM_ENV)
-# Rows of the table: (row, server target, streaming)
+SERVED = ("vllm-serve", *RAY_TARGETS, *SERVE_LLM_ENV)
+# Rows of the table: (row, server target, streaming); the -stream-v1 rows only with --stream-v1.
+STREAM_V1 = "-stream-v1"
 ROWS = (("offline", "offline", False), *((t, t, False) for t in SERVED),
-        *((f"{t}-stream", t, True) for t in SERVED))
+        *((f"{t}-stream", t, True) for t in SERVED),
+        *((f"{t}{STREAM_V1}", t, True) for t in RAY_TARGETS))
 
 EPILOG = """targets (each started fresh and torn down in every repetition, in this order):
   offline     vllm.LLM.generate on the same prompts, in a subprocess (GPU memory freed after)
@@ -46,7 +51,9 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
               (then, on the same server, --stream at --stream-concurrency: row vllm-serve-stream)
   ray         ray-single-gpu.py --ingress haproxy (the default), one replica, Ray head on
               127.0.0.1, proxy HeadOnly on 127.0.0.1, driven by load_test.py over POST / (or
-              --ray-endpoint; then --stream: row ray-stream)
+              --ray-endpoint; then --stream: row ray-stream; with --stream-v1 also a
+              streaming row over /v1/completions, on prompts of its own: ray-stream-v1)
+  ray-offline the same with --batch-limits offline (vLLM's offline LLM class's batch limits)
   ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
   serve-llm   Ray's own ray.serve.llm (LLMConfig + build_openai_app, its defaults but one
               replica), the same engine settings, driven over /v1/completions
@@ -416,7 +423,7 @@ class Bench:
         # Distinct prompts per phase, so that vLLM's prefix cache never serves a measured prompt
         # from a warm-up or an earlier phase on the same server.
         self.prompt_files = {phase: workdir / f"prompts-{phase}.jsonl"
-                             for phase in ("main", "stream", "warmup")}
+                             for phase in ("main", "stream", "stream-v1", "warmup")}
         self.cpu = args.device == "cpu"
         self.logs: list[str] = []
 
@@ -459,12 +466,12 @@ class Bench:
 
     # -- load_test.py ---------------------------------------------------------------------------
 
-    def load_test(self, name: str, port: int, endpoint: str, stream: bool, warmup: bool = False
-                  ) -> dict[str, Any]:
+    def load_test(self, name: str, port: int, endpoint: str, stream: bool, warmup: bool = False,
+                  phase: str | None = None) -> dict[str, Any]:
         a = self.args
         n = a.warmup_requests if warmup else (a.stream_requests if stream else a.num_requests)
         c = min(n, a.stream_concurrency if stream else a.concurrency)
-        phase = "warmup" if warmup else ("stream" if stream else "main")
+        phase = phase or ("warmup" if warmup else ("stream" if stream else "main"))
         out = self.workdir / f"load-{name}-{time.time_ns()}.json"
         command = [sys.executable, str(REPO_ROOT / "load_test.py"), "--url", f"http://{HOST}:{port}",
                    "--endpoint", endpoint, "-c", str(c), "-n", str(n),
@@ -560,7 +567,7 @@ class Bench:
         script_args = ["--num-replicas", "1", "--proxy-location", "HeadOnly", "--host", HOST,
                        "--port", str(port), "--model", self.args.model,
                        "--timeout", str(self.args.start_timeout),
-                       "--device", self.args.device, "--ingress", RAY_INGRESS[target],
+                       "--device", self.args.device, *RAY_TARGETS[target],
                        *self.cli_engine_flags(), *self.args.ray_args]
         self.command_lines.setdefault(target, "ray.init(_node_ip_address='127.0.0.1') + python "
                                       "ray-single-gpu.py " + " ".join(script_args).replace(
@@ -606,22 +613,33 @@ class Bench:
         if self.args.stream_requests:
             counted = self.args.warmup_requests + rows[name]["requests"]
             urls = [f"http://{HOST}:{port}/metrics"] + ([metrics_url] if metrics_url else [])
-            source, before = next(((url, totals) for url in urls
-                                   if (totals := scrape_when_counted(url, counted, 20.0))),
-                                  (None, {}))
-            row = self.load_test(f"{name}-stream", port, endpoint, stream=True)
-            if before:
-                after = scrape_when_counted(source, counted + row["requests"])
-                row.update(stage_means_ms(before, after))
-                row["engine_metrics_source"] = "app" if source == urls[0] else "ray"
-                if "engine_ttft_mean_ms" in row and row.get("ttft_mean_ms") is not None:
-                    row["serving_ttft_mean_ms"] = round(
-                        row["ttft_mean_ms"] - row["engine_ttft_mean_ms"], 3)
-            rows[f"{name}-stream"] = row
-            log(f"  {name}-stream: TTFT p50 {row.get('ttft_p50_ms')} ms, ITL p50 "
-                f"{row.get('itl_p50_ms')} ms; TTFT mean {row.get('ttft_mean_ms')} ms of which "
-                f"engine {row.get('engine_ttft_mean_ms')} ms")
+            phases = [(f"{name}-stream", endpoint, "stream")]
+            if self.args.stream_v1 and name in RAY_TARGETS:
+                phases.append((f"{name}{STREAM_V1}", "/v1/completions", "stream-v1"))
+            for row_name, row_endpoint, phase in phases:
+                rows[row_name] = self._stream_row(row_name, port, row_endpoint, phase, urls,
+                                                  counted)
+                counted += rows[row_name]["requests"] + rows[row_name]["failures"]
         return rows
+
+    def _stream_row(self, name: str, port: int, endpoint: str, phase: str, urls: list[str],
+                    counted: int) -> dict[str, Any]:
+        """One streaming run, with vLLM's stage means over it where a /metrics serves them."""
+        source, before = next(((url, totals) for url in urls
+                               if (totals := scrape_when_counted(url, counted, 20.0))),
+                              (None, {}))
+        row = self.load_test(name, port, endpoint, stream=True, phase=phase)
+        if before:
+            after = scrape_when_counted(source, counted + row["requests"])
+            row.update(stage_means_ms(before, after))
+            row["engine_metrics_source"] = "app" if source == urls[0] else "ray"
+            if "engine_ttft_mean_ms" in row and row.get("ttft_mean_ms") is not None:
+                row["serving_ttft_mean_ms"] = round(
+                    row["ttft_mean_ms"] - row["engine_ttft_mean_ms"], 3)
+        log(f"  {name}: TTFT p50 {row.get('ttft_p50_ms')} ms, ITL p50 "
+            f"{row.get('itl_p50_ms')} ms; TTFT mean {row.get('ttft_mean_ms')} ms of which "
+            f"engine {row.get('engine_ttft_mean_ms')} ms")
+        return row
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -630,7 +648,7 @@ class Bench:
         self.command_lines: dict[str, str] = {}
         tokenizer = a.tokenizer or a.model
         counts = {"main": a.num_requests, "stream": max(1, a.stream_requests),
-                  "warmup": max(1, a.warmup_requests)}
+                  "stream-v1": max(1, a.stream_requests), "warmup": max(1, a.warmup_requests)}
         prompts = build_prompts(tokenizer, sum(counts.values()), a.input_len, a.seed)
         lengths = token_lengths(tokenizer, prompts)
         start = 0
@@ -643,8 +661,7 @@ class Bench:
         runs: list[dict[str, Any]] = []
         order = [t for t in TARGETS if t in a.targets]
         runners = {"offline": self.run_offline, "vllm-serve": self.run_vllm_serve,
-                   "ray": self.run_ray,
-                   "ray-proxy": lambda rep: self.run_ray(rep, "ray-proxy"),
+                   **{t: (lambda rep, t=t: self.run_ray(rep, t)) for t in RAY_TARGETS},
                    **{t: (lambda rep, t=t: self.run_serve_llm(rep, t)) for t in SERVE_LLM_ENV}}
         for rep in range(a.repetitions):
             for target in order:
@@ -670,7 +687,7 @@ class Bench:
 
     def report(self, runs: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
         a = self.args
-        table = aggregate(runs, a.targets, a.stream_requests > 0)
+        table = aggregate(runs, a.targets, a.stream_requests > 0, a.stream_v1)
         return {
             "benchmark": "serving_benchmark",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -710,12 +727,14 @@ METRICS = ("output_tok_s", "req_s", "latency_p50_ms", "latency_p99_ms", "ttft_p5
            *STAGE_METRICS)
 
 
-def aggregate(runs: list[dict[str, Any]], targets: list[str], streaming: bool
-              ) -> list[dict[str, Any]]:
+def aggregate(runs: list[dict[str, Any]], targets: list[str], streaming: bool,
+              stream_v1: bool = False) -> list[dict[str, Any]]:
     """Median, min and max over repetitions of every metric, per row."""
     table = []
     for row, target, stream in ROWS:
         if target not in targets or (stream and not streaming):
+            continue
+        if row.endswith(STREAM_V1) and not stream_v1:
             continue
         mine = [r for r in runs if r["row"] == row and "error" not in r]
         failed = [r for r in runs if r["row"] in (row, target) and "error" in r]
@@ -747,6 +766,10 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
         pairs += [(f"{ray}-stream/vllm-serve-stream {metric.removesuffix('_ms')}",
                    f"{ray}-stream", "vllm-serve-stream", metric)
                   for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
+        if ray in RAY_TARGETS:
+            pairs += [(f"{ray}{STREAM_V1}/vllm-serve-stream {metric.removesuffix('_ms')}",
+                       f"{ray}{STREAM_V1}", "vllm-serve-stream", metric)
+                      for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")]
     for name, num, den, metric in pairs:
         top, bottom = _median_of(table, num, metric), _median_of(table, den, metric)
         if top is None or not bottom:
@@ -883,8 +906,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmeasured requests sent to each target after it starts")
     opt("--ray-endpoint", default="/", choices=["/", "/v1/completions"],
         help="what the ray target is driven through: the guide's POST / or vLLM's own endpoint")
-    opt("--targets", default=",".join(TARGETS), help="comma-separated subset of " +
-        ", ".join(TARGETS))
+    opt("--targets", default=",".join(TARGETS),
+        help="comma-separated subset of " + ", ".join(TARGETS))
+    add("--stream-v1", action="store_true",
+        help="Ray targets: a second streaming row over /v1/completions (vLLM's own stream, "
+             "not reshaped into the guide's), on prompts of its own")
     opt("--seed", type=int, default=0, help="prompt seed")
     opt("--start-timeout", type=float, default=600.0, help="seconds a target may take to start")
     opt("--vllm-serve-args", default="", help="extra flags for vllm serve (one string)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from common.cli import add_flag
 from common.layout import parallel_size
-from replica.config import EngineConfig, ServeConfig, apply_cpu_defaults
+from replica.config import BATCH_LIMITS, EngineConfig, ServeConfig, apply_cpu_defaults
 
 def json_object(text: str) -> dict[str, Any]:
     """A JSON object from the command line (argparse type)."""
@@ -49,6 +49,11 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "sequences batched per engine step; default: vLLM's for the device"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", "MAX_NUM_BATCHED_TOKENS", int,
      "tokens per engine step; default: vLLM's for the device"),
+    ("--batch-limits", "batch_limits", "BATCH_LIMITS", str,
+     "vLLM's defaults for the two flags above where unset: serve = those of `vllm serve` "
+     "(first tokens and token cadence as it has them); offline = those of vLLM's offline LLM "
+     "class (on large GPUs up to twice the tokens per step: more throughput with hundreds of "
+     "requests in flight, later first tokens)"),
     ("--enforce-eager", "enforce_eager", "ENFORCE_EAGER", bool,
      "disable CUDA graphs / torch.compile (faster start, slower decode)"),
     ("--trust-remote-code", "trust_remote_code", "TRUST_REMOTE_CODE", bool,
@@ -104,6 +109,8 @@ def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
         extra: dict[str, Any] = {}
         if name == "device":
             extra["choices"] = ["cuda", "cpu"]
+        if name == "batch_limits":
+            extra["choices"] = list(BATCH_LIMITS)
         if type_ is json_object:
             extra["metavar"] = "JSON"
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
                       ValidationError, field_validator)
@@ -174,41 +174,46 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-async def guide_stream(events: AsyncIterator[bytes], node: str) -> AsyncIterator[bytes]:
-    """vLLM's /v1/completions stream as the guide's: each chunk in the guide's keys, and the
-    usage (vLLM's own last chunk) inside the chunk that carries the finish_reason."""
-    buffer = b""
-    finishing: dict[str, Any] | None = None
-    async for data in events:
-        buffer += data
-        *frames, buffer = buffer.split(b"\n\n")
+class GuideStream:
+    """vLLM's /v1/completions event stream reshaped into the guide's, fed as the bytes arrive:
+    each chunk in the guide's keys, and the usage (vLLM's own last chunk) inside the chunk that
+    carries the finish_reason. Synchronous, so the replica reshapes inside vLLM's own send."""
+
+    def __init__(self, node: str):
+        self.node = node
+        self._buffer = b""
+        self._finishing: dict[str, Any] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """The guide's events for the frames `data` completes (b"" while none is complete)."""
+        self._buffer += data
+        *frames, self._buffer = self._buffer.split(b"\n\n")
         out = []
         for frame in frames:
             if not frame.startswith(b"data: "):
                 continue  # keep-alive comments
             payload = frame[len(b"data: "):]
             if payload == b"[DONE]":
-                if finishing is not None:
-                    out.append(sse(finishing))
-                    finishing = None
-                out.append(SSE_DONE)
+                out.append(self.close() + SSE_DONE)
                 continue
             chunk = json.loads(payload)
             if not chunk.get("choices"):
-                if finishing is not None and chunk.get("usage"):
-                    finishing["usage"] = _usage(chunk["usage"])
+                if self._finishing is not None and chunk.get("usage"):
+                    self._finishing["usage"] = _usage(chunk["usage"])
                 elif "error" in chunk:
                     out.append(sse(chunk))
                 continue
-            shaped = _guide_chunk(chunk, node)
+            shaped = _guide_chunk(chunk, self.node)
             if any(c["finish_reason"] is not None for c in shaped["choices"]):
-                finishing = shaped  # usage follows in vLLM's next chunk
+                self._finishing = shaped  # usage follows in vLLM's next chunk
             else:
                 out.append(sse(shaped))
-        if out:
-            yield b"".join(out)
-    if finishing is not None:
-        yield sse(finishing)
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """The finishing chunk still held back for its usage (b"" if none)."""
+        finishing, self._finishing = self._finishing, None
+        return sse(finishing) if finishing is not None else b""
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Any
 
 DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
+BATCH_LIMITS = ("serve", "offline")
 
 # Env vars that make the CPU build start in seconds and behave on small machines. Only applied
 # for device=cpu, and only where the operator has not set them.
@@ -42,6 +43,11 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # Where --max-num-seqs / --max-num-batched-tokens are unset: "serve" keeps the limits
+    # `vllm serve` picks (its first tokens and token cadence); "offline" takes those of vLLM's
+    # offline LLM class, up to twice the tokens per step on large GPUs (more throughput with
+    # hundreds of requests in flight, later first tokens). Figures: bench/README.md.
+    batch_limits: str = "serve"
     enforce_eager: bool = False
     trust_remote_code: bool = False
     seed: int = 0
@@ -92,6 +98,9 @@ class EngineConfig:
 
     def validate(self) -> list[str]:
         problems = []
+        if self.batch_limits not in BATCH_LIMITS:
+            problems.append(f"--batch-limits must be one of {', '.join(BATCH_LIMITS)}, "
+                            f"got {self.batch_limits!r}")
         if self.device not in ("cuda", "cpu"):
             problems.append(f"--device must be cuda or cpu, got {self.device!r}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

@@ -113,11 +113,12 @@ def serve_log_handlers_kept():
 
 
 def apply_offline_batch_limits(engine_args: Any, config: EngineConfig) -> None:
-    """On GPUs, use the batch limits vLLM picks for its offline `LLM` class where the operator set
-    none. For the API-server context vLLM picks half the tokens per step, which costs throughput
-    against `LLM.generate` with hundreds of requests in flight (bench/README.md). Feature-detected (`get_batch_defaults`, present in vLLM 0.26 and 0.32): a release
-    without it keeps its own defaults."""
-    if config.device != "cuda":
+    """With --batch-limits offline on GPUs, the batch limits vLLM picks for its offline `LLM` class
+    where the operator set none: on H100/H200-class GPUs twice the tokens per step of the
+    API-server context, more throughput with hundreds of requests in flight, later first tokens
+    (bench/README.md). Feature-detected (`get_batch_defaults`, present in vLLM 0.26 and 0.32): a
+    release without it keeps its own defaults."""
+    if config.batch_limits != "offline" or config.device != "cuda":
         return
     get_defaults = getattr(type(engine_args), "get_batch_defaults", None)
     if get_defaults is None:

@@ -189,14 +189,35 @@ async def send_json(send: Send, status: int, data: Any,
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_stream(send: Send, response: AsgiResponse, extra_headers: list,
-                      chunks: AsyncIterator[bytes] | None = None) -> None:
-    headers = [(k, v) for k, v in response.headers if k.lower() != b"content-length"]
-    await send({"type": "http.response.start", "status": response.status,
-                "headers": headers + extra_headers})
-    async for chunk in chunks or response.chunks:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+async def call_detached(app: Callable, scope: Scope, receive: Receive, send: Send,
+                        running: set[asyncio.Task]) -> None:
+    """One ASGI call in a task of its own. Serve cancels a request's task when its client goes
+    away, but vLLM aborts a generation only through its own disconnect listener (a cancelled
+    `with_cancellation` leaves vLLM's handler task running on): so the call outlives that
+    cancellation, ends itself once `receive` says http.disconnect, and what it sends after the
+    cancellation is dropped. `running` holds the task until it ends."""
+    detached = False
+
+    async def send_until_detached(message: dict) -> None:
+        if not detached:
+            await send(message)
+
+    task = asyncio.ensure_future(app(scope, receive, send_until_detached))
+    running.add(task)
+    task.add_done_callback(_forget_task(running))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        detached = True
+        raise
+
+
+def _forget_task(running: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def forget(task: asyncio.Task) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("detached request ended with %r", task.exception())
+    return forget
 
 
 # ---- the replica's app --------------------------------------------------------------------------
@@ -223,6 +244,7 @@ class ReplicaApp:
         self.replica_nodes = replica_nodes
         self._node_header = [(NODE_HEADER.encode(), node_id.encode())]
         self.requests_served = 0   # HTTP requests this replica answered, GET /nodes aside
+        self._calls: set[asyncio.Task] = set()   # vLLM's app calls in flight (call_detached)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan: vLLM's own (its stats logger task)
@@ -270,7 +292,8 @@ class ReplicaApp:
                                                   *self._node_header]}
             await send(message)
 
-        await self.openai_app(scope, replay_body(body, receive), send_with_node)
+        await call_detached(self.openai_app, scope, replay_body(body, receive), send_with_node,
+                            self._calls)
 
     def _header_dict(self) -> dict[str, str]:
         return {NODE_HEADER: self.node_id}
@@ -292,26 +315,76 @@ class ReplicaApp:
 
     async def _guide_completion(self, body: bytes, scope: Scope, receive: Receive,
                                 send: Send) -> None:
-        """The guide's POST /: vLLM's /v1/completions underneath, the guide's JSON on top."""
+        """The guide's POST /: vLLM's /v1/completions underneath, called in this task with a
+        send that reshapes its answer into the guide's JSON as vLLM sends it (no queue or task
+        between vLLM's stream and the client)."""
         request = api.parse_body(body, api.GenerateRequest, self.max_body_bytes)
-        payload = api.completion_payload(request, self.model_name)
+        payload = json.dumps(api.completion_payload(request, self.model_name)).encode()
         headers = [(k, v) for k, v in scope.get("headers") or []
                    if k.lower() not in (b"content-length", b"content-type")]
-        headers += [(b"content-type", b"application/json")]
-        response = await asgi_call(self.openai_app, "POST", _COMPLETION_PATH, headers,
-                                   json.dumps(payload).encode(), receive, scope.get("client"))
-        if response.status >= 500 and self.engine.errored:
-            await response.read()
+        headers += [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode())]
+        completion_scope = {**scope, "method": "POST", "path": _COMPLETION_PATH,
+                            "raw_path": _COMPLETION_PATH.encode(), "query_string": b"",
+                            "root_path": "", "headers": headers}
+        answer = GuideAnswer(send, self, request.stream)
+        await call_detached(self.openai_app, completion_scope, replay_body(payload, receive),
+                            answer.send, self._calls)
+
+
+class GuideAnswer:
+    """The send() vLLM's /v1/completions writes into for a POST /: a 200 stream goes on event by
+    event in the guide's shape; anything else is collected and sent whole (the guide's JSON for
+    a 200, vLLM's error as it is, a retryable 503 where the engine died under the request)."""
+
+    def __init__(self, send: Send, replica: ReplicaApp, stream: bool):
+        self._send = send
+        self._replica = replica
+        self._shaper = api.GuideStream(replica.node_id) if stream else None
+        self._status = 0
+        self._body = bytearray()
+        self._done = False
+
+    async def send(self, message: dict) -> None:
+        if self._done:
+            return
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+            if self._streaming:
+                headers = [(k, v) for k, v in message.get("headers") or []
+                           if k.lower() != b"content-length"]
+                await self._send({"type": "http.response.start", "status": 200,
+                                  "headers": headers + self._replica._node_header})
+            return
+        if message["type"] != "http.response.body":
+            return
+        more = message.get("more_body", False)
+        self._done = not more
+        if self._streaming:
+            out = self._shaper.feed(message.get("body", b""))
+            if not more:
+                out += self._shaper.close()
+            if out or not more:
+                await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        self._body += message.get("body", b"")
+        if not more:
+            await self._send_whole()
+
+    @property
+    def _streaming(self) -> bool:
+        return self._shaper is not None and self._status == 200
+
+    async def _send_whole(self) -> None:
+        replica = self._replica
+        if self._status >= 500 and replica.engine.errored:
             err = _engine_dead()
-            return await send_json(send, err.status, err.body(),
-                                   {**err.headers, **self._header_dict()})
-        if response.status != 200 or not request.stream:
-            data = json.loads(await response.read() or b"{}")
-            if response.status == 200:
-                data = api.guide_body(data, self.node_id)
-            return await send_json(send, response.status, data, self._header_dict())
-        await send_stream(send, response, self._node_header,
-                          api.guide_stream(response.chunks, self.node_id))
+            return await send_json(self._send, err.status, err.body(),
+                                   {**err.headers, **replica._header_dict()})
+        data = json.loads(bytes(self._body) or b"{}")
+        if self._status == 200:
+            data = api.guide_body(data, replica.node_id)
+        await send_json(self._send, self._status, data, replica._header_dict())
 
 
 async def call_through(app: Callable, raw: RawRequest) -> AsyncIterator[Any]:

@@ -208,11 +208,12 @@ def test_replica_keeps_serving_after_bad_input(service):
     assert post(f"{service}/", {"prompt": "still there?", "max_tokens": 2}).status_code == 200
 
 
-def _send_and_hang_up(service: str, body: dict, read_first_bytes: bool) -> None:
+def _send_and_hang_up(service: str, body: dict, read_first_bytes: bool, path: str = "/") -> None:
     port = int(service.rsplit(":", 1)[1])
     payload = json.dumps(body).encode()
     with socket.create_connection((LOCAL_IP, port), timeout=30) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
                      b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
         if read_first_bytes:
             sock.recv(64)  # the stream has started: the engine is generating
@@ -223,13 +224,16 @@ def _send_and_hang_up(service: str, body: dict, read_first_bytes: bool) -> None:
                        timeout=60, what="the request reached the engine")
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_client_disconnect_aborts_the_engine_request(service, stream):
+@pytest.mark.parametrize("path, stream", [("/", False), ("/", True), ("/v1/completions", False)],
+                         ids=["whole", "stream", "v1-whole"])
+def test_client_disconnect_aborts_the_engine_request(service, path, stream):
     before = health(service)["engine_aborted_requests"]
     # Long enough (about 4k tokens, ignore_eos) that only an abort finishes it within seconds.
     body = {"prompt": "hello", "max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True,
             "stream": stream}
-    _send_and_hang_up(service, body, read_first_bytes=stream)
+    if path != "/":
+        body["model"] = health(service)["model"]
+    _send_and_hang_up(service, body, read_first_bytes=stream, path=path)
     wait_until(lambda: (lambda h: h["engine_aborted_requests"] > before and
                         h["engine_unfinished_requests"] == 0)(health(service)),
                timeout=30, what="engine request aborted")

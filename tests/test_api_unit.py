@@ -75,21 +75,14 @@ def _vllm_chunk(text: str | None, finish: str | None = None, usage: dict | None 
 
 @pytest.mark.parametrize("split", [1, 7, 10_000], ids=["bytewise", "odd", "whole"])
 def test_guide_stream_reshapes_vllms_chunks_and_moves_usage_into_the_last(split):
-    import asyncio
-
     raw = (_vllm_chunk("a") + b": keep-alive\n\n" + _vllm_chunk("b") +
            _vllm_chunk("c", "length") +
            _vllm_chunk(None, usage={"prompt_tokens": 3, "completion_tokens": 3,
                                     "total_tokens": 6}) + b"data: [DONE]\n\n")
 
-    async def pieces():
-        for start in range(0, len(raw), split):
-            yield raw[start:start + split]
-
-    async def run() -> bytes:
-        return b"".join([chunk async for chunk in api.guide_stream(pieces(), "n1")])
-
-    frames = asyncio.run(run()).split(b"\n\n")[:-1]
+    shaper = api.GuideStream("n1")
+    out = b"".join(shaper.feed(raw[start:start + split]) for start in range(0, len(raw), split))
+    frames = (out + shaper.close()).split(b"\n\n")[:-1]
     events = [f[6:].decode() if f == b"data: [DONE]" else json.loads(f[6:]) for f in frames]
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["a", "b", "c"]
     assert all(set(e) <= {"id", "object", "created", "model", "node", "choices", "usage"}

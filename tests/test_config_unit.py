@@ -156,3 +156,45 @@ def test_deployment_version_and_shipped_code_follow_the_replica_package_only(tmp
     server = Path(copy / "server.py")
     server.write_text(server.read_text() + "\n# edited\n")
     assert deploy.deployment_version(EngineConfig(), ServeConfig()) != version
+
+
+class _FakeEngineArgs:
+    """The two batch fields of AsyncEngineArgs and its per-context defaults (as vLLM 0.26-0.32
+    has them on an H100/H200)."""
+
+    def __init__(self, **fields):
+        self.max_num_batched_tokens = fields.get("max_num_batched_tokens")
+        self.max_num_seqs = fields.get("max_num_seqs")
+
+    @classmethod
+    def get_batch_defaults(cls, world_size):
+        from vllm.usage.usage_lib import UsageContext
+        return ({UsageContext.LLM_CLASS: 16384, UsageContext.OPENAI_API_SERVER: 8192},
+                {UsageContext.LLM_CLASS: 1024, UsageContext.OPENAI_API_SERVER: 1024})
+
+
+@pytest.mark.parametrize("limits, expected", [("serve", (None, None)),
+                                              ("offline", (16384, 1024))])
+def test_batch_limits_keep_vllm_serve_defaults_unless_offline_is_asked(limits, expected,
+                                                                        monkeypatch):
+    from replica.engine import apply_offline_batch_limits
+
+    engine, _ = parse(["--batch-limits", limits], monkeypatch=monkeypatch)
+    assert engine.validate() == []
+    args = _FakeEngineArgs()
+    apply_offline_batch_limits(args, engine)
+    # None: vLLM then picks the API-server context's limits, exactly as `vllm serve` does.
+    assert (args.max_num_batched_tokens, args.max_num_seqs) == expected
+    # An operator's own limit always stands.
+    args = _FakeEngineArgs(max_num_batched_tokens=4096)
+    apply_offline_batch_limits(args, engine)
+    assert args.max_num_batched_tokens == 4096
+
+
+def test_batch_limits_default_and_env(monkeypatch):
+    engine, _ = parse([], monkeypatch=monkeypatch)
+    assert engine.batch_limits == "serve"
+    engine, _ = parse([], env={"BATCH_LIMITS": "offline"}, monkeypatch=monkeypatch)
+    assert engine.batch_limits == "offline"
+    with pytest.raises(SystemExit):
+        parse(["--batch-limits", "huge"], monkeypatch=monkeypatch)
