@@ -6,6 +6,7 @@ from http import HTTPStatus
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import msgspec
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
                       ValidationError, field_validator)
 
@@ -174,6 +175,12 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+# msgspec (a vLLM dependency) parses and writes an event several times faster than json: a
+# stream's every token passes here, on the event loop that also feeds vLLM's other streams.
+_decode_event = msgspec.json.Decoder().decode
+_encode_event = msgspec.json.Encoder().encode
+
+
 class GuideStream:
     """vLLM's /v1/completions event stream reshaped into the guide's, fed as the bytes arrive:
     each chunk in the guide's keys, and the usage (vLLM's own last chunk) inside the chunk that
@@ -196,7 +203,7 @@ class GuideStream:
             if payload == b"[DONE]":
                 out.append(self.close() + SSE_DONE)
                 continue
-            chunk = json.loads(payload)
+            chunk = _decode_event(payload)
             if not chunk.get("choices"):
                 if self._finishing is not None and chunk.get("usage"):
                     self._finishing["usage"] = _usage(chunk["usage"])
@@ -207,7 +214,7 @@ class GuideStream:
             if any(c["finish_reason"] is not None for c in shaped["choices"]):
                 self._finishing = shaped  # usage follows in vLLM's next chunk
             else:
-                out.append(sse(shaped))
+                out.append(b"data: " + _encode_event(shaped) + b"\n\n")
         return b"".join(out)
 
     def close(self) -> bytes:
