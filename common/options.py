@@ -64,8 +64,9 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", "KV_CACHE_MEMORY_BYTES", int,
      "fixed KV-cache size in bytes instead of a memory fraction (CPU default: 64 MiB)"),
     ("--engine-metrics", "engine_metrics", "ENGINE_METRICS", bool,
-     "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint; see "
-     "docs/operations.md"),
+     "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint (a histogram "
+     "observation per streamed token on the replica's event loop: off for the lowest streaming "
+     "latency); see docs/operations.md"),
     ("--engine-kwargs", "extra_engine_kwargs", "ENGINE_KWARGS", json_object,
      "any other vLLM engine argument, as a JSON object of AsyncEngineArgs field names (as "
      "ray.serve.llm's engine_kwargs), e.g. '{\"kv_cache_dtype\": \"fp8\"}'; checked against "
