@@ -105,9 +105,13 @@ class AsgiResponse:
         return b"".join([chunk async for chunk in self.chunks])
 
 
-def replay_body(body: bytes, then: Receive | None) -> Receive:
+_DISCONNECT = {"type": "http.disconnect"}
+
+
+def replay_body(body: bytes, then: Receive | None, gone: asyncio.Event | None = None) -> Receive:
     """An ASGI receive() that hands over a body already read, then waits on `then` (the client's
-    own receive, whose http.disconnect makes vLLM abort the generation), or for ever."""
+    own receive, whose http.disconnect makes vLLM abort the generation) or for `gone` (set when
+    the request was cancelled), whichever comes first, and says http.disconnect for `gone`."""
     given = False
 
     async def receive() -> dict:
@@ -115,10 +119,22 @@ def replay_body(body: bytes, then: Receive | None) -> Receive:
         if not given:
             given = True
             return {"type": "http.request", "body": body, "more_body": False}
-        if then is not None:
-            return await then()
-        await asyncio.Event().wait()  # never: the caller ends the task by closing the stream
-        return {"type": "http.disconnect"}
+        if gone is not None and gone.is_set():
+            return _DISCONNECT
+        waits = [asyncio.ensure_future(w) for w in
+                 ((then() if then is not None else None), (gone.wait() if gone else None))
+                 if w is not None]
+        if not waits:  # never: the caller ends the task by closing the stream
+            await asyncio.Event().wait()
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                if not waiting.done():
+                    waiting.cancel()
+        if then is not None and waits[0] in done:
+            return waits[0].result()
+        return _DISCONNECT
 
     return receive
 
@@ -138,7 +154,11 @@ async def asgi_call(app: Callable, method: str, path: str, headers: list[tuple[b
              "server": ("127.0.0.1", 0), "state": {}}
     task = asyncio.ensure_future(app(scope, receive, messages.put))
     task.add_done_callback(lambda _: messages.put_nowait(None))
-    start = await messages.get()
+    try:
+        start = await messages.get()
+    except asyncio.CancelledError:  # the caller left before the app answered: end the call
+        task.cancel()
+        raise
     if start is None:
         task.result()  # raises what the app raised
         raise RuntimeError(f"the app sent no response to {method} {path}")
@@ -189,26 +209,27 @@ async def send_json(send: Send, status: int, data: Any,
     await send({"type": "http.response.body", "body": body})
 
 
-async def call_detached(app: Callable, scope: Scope, receive: Receive, send: Send,
-                        running: set[asyncio.Task]) -> None:
-    """One ASGI call in a task of its own. Serve cancels a request's task when its client goes
-    away, but vLLM aborts a generation only through its own disconnect listener (a cancelled
-    `with_cancellation` leaves vLLM's handler task running on): so the call outlives that
-    cancellation, ends itself once `receive` says http.disconnect, and what it sends after the
-    cancellation is dropped. `running` holds the task until it ends."""
-    detached = False
+async def call_detached(app: Callable, scope: Scope, body: bytes, receive: Receive,
+                        send: Send, running: set[asyncio.Task]) -> None:
+    """One ASGI call (its body already read) in a task of its own. Serve cancels a request's
+    task when its client goes away, or when the router that called it was cancelled; vLLM
+    aborts a generation only through its own disconnect listener (a cancelled
+    `with_cancellation` leaves vLLM's handler task running on). So the call outlives that
+    cancellation and is told http.disconnect instead; what it sends after is dropped.
+    `running` holds the task until it ends."""
+    gone = asyncio.Event()
 
-    async def send_until_detached(message: dict) -> None:
-        if not detached:
+    async def send_until_gone(message: dict) -> None:
+        if not gone.is_set():
             await send(message)
 
-    task = asyncio.ensure_future(app(scope, receive, send_until_detached))
+    task = asyncio.ensure_future(app(scope, replay_body(body, receive, gone), send_until_gone))
     running.add(task)
     task.add_done_callback(_forget_task(running))
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
-        detached = True
+        gone.set()
         raise
 
 
@@ -292,8 +313,7 @@ class ReplicaApp:
                                                   *self._node_header]}
             await send(message)
 
-        await call_detached(self.openai_app, scope, replay_body(body, receive), send_with_node,
-                            self._calls)
+        await call_detached(self.openai_app, scope, body, receive, send_with_node, self._calls)
 
     def _header_dict(self) -> dict[str, str]:
         return {NODE_HEADER: self.node_id}
@@ -328,8 +348,8 @@ class ReplicaApp:
                             "raw_path": _COMPLETION_PATH.encode(), "query_string": b"",
                             "root_path": "", "headers": headers}
         answer = GuideAnswer(send, self, request.stream)
-        await call_detached(self.openai_app, completion_scope, replay_body(payload, receive),
-                            answer.send, self._calls)
+        await call_detached(self.openai_app, completion_scope, payload, receive, answer.send,
+                            self._calls)
 
 
 class GuideAnswer:
@@ -387,14 +407,31 @@ class GuideAnswer:
         await send_json(self._send, self._status, data, replica._header_dict())
 
 
+def _raw_headers(raw: RawRequest) -> list[tuple[bytes, bytes]]:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.headers.items()]
+    headers = [(k, v) for k, v in headers if k != b"content-length"]
+    return headers + [(b"content-length", str(len(raw.body)).encode())]
+
+
+def _head(response: AsgiResponse) -> dict[str, Any]:
+    return {"status": response.status,
+            "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}}
+
+
 async def call_through(app: Callable, raw: RawRequest) -> AsyncIterator[Any]:
     """A RawRequest through the replica's app, for routers calling over a DeploymentHandle:
     first {"status", "headers"}, then the body in byte chunks."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.headers.items()]
-    headers = [(k, v) for k, v in headers if k != b"content-length"]
-    headers.append((b"content-length", str(len(raw.body)).encode()))
-    response = await asgi_call(app, raw.method, raw.path, headers, raw.body)
-    yield {"status": response.status,
-           "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}}
+    response = await asgi_call(app, raw.method, raw.path, _raw_headers(raw), raw.body)
+    yield _head(response)
     async for chunk in response.chunks:
         yield chunk
+
+
+async def answer_whole(app: Callable, raw: RawRequest) -> dict[str, Any]:
+    """A RawRequest through the replica's app, answered in one piece: {"status", "headers",
+    "body"}."""
+    response = await asgi_call(app, raw.method, raw.path, _raw_headers(raw), raw.body)
+    try:
+        return {**_head(response), "body": await response.read()}
+    finally:
+        await response.chunks.aclose()  # cancelled (the router's client left): ends the call

@@ -64,6 +64,25 @@ def deploy_script(script: str, *argv: str) -> int:
     return load_script(script).main(list(argv))
 
 
+def send_and_hang_up(url: str, body: dict, stream: bool, generating) -> None:
+    """POST `body` to `url` over a raw socket and hang up: for a stream once its first bytes
+    came, else once `generating()` says the engine runs it (a client gone before that leaves
+    nothing to abort, and a test would prove nothing)."""
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST " + (parts.path or "/").encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        if stream:
+            sock.recv(64)
+        else:
+            wait_until(generating, timeout=60, what="the request reached the engine")
+
+
 def health(base_url: str) -> dict:
     """The replica's own status (GET /nodes): its node, engine counters, the app's nodes."""
     return requests.get(f"{base_url}/nodes", timeout=30).json()

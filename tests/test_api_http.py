@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
 import requests
 
 from _serve_fixtures import (LOCAL_IP, cpu_args, demo_model, deploy_script, free_port, health,
+                             send_and_hang_up,
                              local_ray, wait_until)
 
 import ray
@@ -208,22 +208,6 @@ def test_replica_keeps_serving_after_bad_input(service):
     assert post(f"{service}/", {"prompt": "still there?", "max_tokens": 2}).status_code == 200
 
 
-def _send_and_hang_up(service: str, body: dict, read_first_bytes: bool, path: str = "/") -> None:
-    port = int(service.rsplit(":", 1)[1])
-    payload = json.dumps(body).encode()
-    with socket.create_connection((LOCAL_IP, port), timeout=30) as sock:
-        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-        if read_first_bytes:
-            sock.recv(64)  # the stream has started: the engine is generating
-        else:
-            # Hang up only once the engine runs the request: a client gone before that leaves
-            # nothing to abort, and the test would prove nothing.
-            wait_until(lambda: health(service)["engine_unfinished_requests"] > 0,
-                       timeout=60, what="the request reached the engine")
-
-
 @pytest.mark.parametrize("path, stream", [("/", False), ("/", True), ("/v1/completions", False)],
                          ids=["whole", "stream", "v1-whole"])
 def test_client_disconnect_aborts_the_engine_request(service, path, stream):
@@ -233,7 +217,8 @@ def test_client_disconnect_aborts_the_engine_request(service, path, stream):
             "stream": stream}
     if path != "/":
         body["model"] = health(service)["model"]
-    _send_and_hang_up(service, body, read_first_bytes=stream, path=path)
+    send_and_hang_up(service + path, body, stream,
+                     lambda: health(service)["engine_unfinished_requests"] > 0)
     wait_until(lambda: (lambda h: h["engine_aborted_requests"] > before and
                         h["engine_unfinished_requests"] == 0)(health(service)),
                timeout=30, what="engine request aborted")

@@ -19,7 +19,7 @@ from ray import serve
 import check_cluster
 import load_test
 import stop_service
-from _serve_fixtures import (background_load, cpu_args, deploy_script,
+from _serve_fixtures import (background_load, cpu_args, deploy_script, send_and_hang_up,
                              wait_for_replicas, wait_until)
 from ops import cluster
 from replica.api import RawRequest
@@ -81,14 +81,26 @@ def test_force_multi_cpu_two_replicas_two_nodes_answering(sim, capsys):
     serve.delete("force")
 
 
-def backend_finished(app: str) -> int:
-    """Requests the backends finished, from their own counters (through a handle)."""
-    total = 0
+def backend_status(app: str) -> list[dict]:
+    """Each backend's own GET /nodes (through a handle's one-reply call, as the router's)."""
+    statuses = []
     for name in ("LLMBackend0", "LLMBackend1"):
-        handle = serve.get_deployment_handle(name, app_name=app).options(stream=True)
-        chunks = list(handle.call.remote(RawRequest("GET", "/nodes", {})))
-        total += json.loads(chunks[1])["requests_served"]
-    return total
+        handle = serve.get_deployment_handle(name, app_name=app)
+        reply = handle.answer.remote(RawRequest("GET", "/nodes", {})).result()
+        assert reply["status"] == 200
+        statuses.append(json.loads(reply["body"]))
+    return statuses
+
+
+def backend_finished(app: str) -> int:
+    """Requests the backends finished, from their own counters."""
+    return sum(status["requests_served"] for status in backend_status(app))
+
+
+def backends_aborted_all(app: str, before: int) -> bool:
+    statuses = backend_status(app)
+    return (sum(s["engine_aborted_requests"] for s in statuses) > before and
+            sum(s["engine_unfinished_requests"] for s in statuses) == 0)
 
 
 def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys, tmp_path):
@@ -110,6 +122,16 @@ def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys
     assert {n["node"] for n in result["nodes"]} == worker_nodes()
     assert result["summary"]["balance"] == 1.0
     assert backend_finished("pg") - finished_before == 20
+    # A client that hangs up on the router ends the generation on the backend, streamed or not.
+    for stream in (True, False):
+        before = sum(s["engine_aborted_requests"] for s in backend_status("pg"))
+        # Without a "stream" key the router makes the backend call with one reply.
+        body = {"prompt": "hello", "max_tokens": 1900, "ignore_eos": True,
+                **({"stream": True} if stream else {})}
+        send_and_hang_up(f"{URL}/pg/", body, stream,
+                         lambda: any(s["engine_unfinished_requests"] for s in backend_status("pg")))
+        wait_until(lambda: backends_aborted_all("pg", before), timeout=60,
+                   what=f"the backend's engine request aborted (stream={stream})")
     serve.delete("pg")
 
 
