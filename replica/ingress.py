@@ -59,28 +59,19 @@ async def _read_raw(scope: dict, receive, max_body_bytes: int) -> RawRequest:
 
 
 async def _send_answer(send, head: dict[str, Any], chunks: Any) -> None:
-    """A backend's answer to the client: its head, then its chunks, or the body of a reply."""
+    """A backend's answer to the client: its status and headers, then its body chunks."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"].items()
-               if chunks is None or k.lower() != "content-length"]
+               if k.lower() != "content-length"]
     await send({"type": "http.response.start", "status": head["status"], "headers": headers})
-    if chunks is None:
-        return await send({"type": "http.response.body", "body": head["body"]})
     async for chunk in chunks:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
 
 
-def may_stream(raw: RawRequest) -> bool:
-    """Whether the answer may be a stream: only a body that names "stream" can ask for one (a
-    JSON body without the key cannot). The rest go to a backend as one call with one reply,
-    cheaper through Ray than a streaming call with a reply per chunk."""
-    return b'"stream"' in raw.body
-
-
 class RouterApp:
-    """The router's ASGI app: every request goes whole to one backend (its `call`, streamed, or
-    its `answer`, one reply), round-robin over the backends that are up; one that fails before
-    answering is skipped for the next; a client that leaves cancels the backend's call."""
+    """The router's ASGI app: every request goes whole to one backend's `call`, round-robin over
+    the backends that are up; one that fails before answering is skipped for the next; a client
+    that leaves cancels the backend's call."""
 
     def __init__(self, router: "RoundRobinRouter"):
         self.router = router
@@ -99,12 +90,10 @@ class RouterApp:
         except api.ApiError as err:
             return await vllm_app.send_json(send, err.status, err.body(), err.headers)
         last_error: Exception | None = None
-        streams = may_stream(raw)
         for index in router.order():
-            call = (router.streams[index].call if streams else
-                    router.backends[index].answer).remote(raw)
+            call = router.streams[index].call.remote(raw)
             try:
-                head = await (call.__anext__() if streams else call)
+                head = await call.__anext__()
             except asyncio.CancelledError:
                 call.cancel()  # the client left: Serve does not cancel a handle call for us
                 raise
@@ -115,7 +104,7 @@ class RouterApp:
                                type(exc).__name__)
                 continue
             try:
-                return await _send_answer(send, head, call if streams else None)
+                return await _send_answer(send, head, call)
             except asyncio.CancelledError:
                 call.cancel()
                 raise

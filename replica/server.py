@@ -132,11 +132,6 @@ class LLMServer:
         async for item in vllm_app.call_through(self.replica_app, raw):
             yield item
 
-    async def answer(self, raw: RawRequest) -> dict[str, Any]:
-        """For routers, a request that cannot stream (replica.ingress.may_stream): status,
-        headers and the whole body in one reply."""
-        return await vllm_app.answer_whole(self.replica_app, raw)
-
     async def healthy(self) -> bool:
         return not self.engine.errored
 

@@ -407,31 +407,14 @@ class GuideAnswer:
         await send_json(self._send, self._status, data, replica._header_dict())
 
 
-def _raw_headers(raw: RawRequest) -> list[tuple[bytes, bytes]]:
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.headers.items()]
-    headers = [(k, v) for k, v in headers if k != b"content-length"]
-    return headers + [(b"content-length", str(len(raw.body)).encode())]
-
-
-def _head(response: AsgiResponse) -> dict[str, Any]:
-    return {"status": response.status,
-            "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}}
-
-
 async def call_through(app: Callable, raw: RawRequest) -> AsyncIterator[Any]:
     """A RawRequest through the replica's app, for routers calling over a DeploymentHandle:
     first {"status", "headers"}, then the body in byte chunks."""
-    response = await asgi_call(app, raw.method, raw.path, _raw_headers(raw), raw.body)
-    yield _head(response)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.headers.items()]
+    headers = [(k, v) for k, v in headers if k != b"content-length"]
+    headers.append((b"content-length", str(len(raw.body)).encode()))
+    response = await asgi_call(app, raw.method, raw.path, headers, raw.body)
+    yield {"status": response.status,
+           "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}}
     async for chunk in response.chunks:
         yield chunk
-
-
-async def answer_whole(app: Callable, raw: RawRequest) -> dict[str, Any]:
-    """A RawRequest through the replica's app, answered in one piece: {"status", "headers",
-    "body"}."""
-    response = await asgi_call(app, raw.method, raw.path, _raw_headers(raw), raw.body)
-    try:
-        return {**_head(response), "body": await response.read()}
-    finally:
-        await response.chunks.aclose()  # cancelled (the router's client left): ends the call

@@ -82,13 +82,13 @@ def test_force_multi_cpu_two_replicas_two_nodes_answering(sim, capsys):
 
 
 def backend_status(app: str) -> list[dict]:
-    """Each backend's own GET /nodes (through a handle's one-reply call, as the router's)."""
+    """Each backend's own GET /nodes (through a handle, as the router calls it)."""
     statuses = []
     for name in ("LLMBackend0", "LLMBackend1"):
-        handle = serve.get_deployment_handle(name, app_name=app)
-        reply = handle.answer.remote(RawRequest("GET", "/nodes", {})).result()
-        assert reply["status"] == 200
-        statuses.append(json.loads(reply["body"]))
+        handle = serve.get_deployment_handle(name, app_name=app).options(stream=True)
+        head, *chunks = list(handle.call.remote(RawRequest("GET", "/nodes", {})))
+        assert head["status"] == 200
+        statuses.append(json.loads(b"".join(chunks)))
     return statuses
 
 
@@ -125,7 +125,6 @@ def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys
     # A client that hangs up on the router ends the generation on the backend, streamed or not.
     for stream in (True, False):
         before = sum(s["engine_aborted_requests"] for s in backend_status("pg"))
-        # Without a "stream" key the router makes the backend call with one reply.
         body = {"prompt": "hello", "max_tokens": 1900, "ignore_eos": True,
                 **({"stream": True} if stream else {})}
         send_and_hang_up(f"{URL}/pg/", body, stream,
