@@ -906,8 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmeasured requests sent to each target after it starts")
     opt("--ray-endpoint", default="/", choices=["/", "/v1/completions"],
         help="what the ray target is driven through: the guide's POST / or vLLM's own endpoint")
-    opt("--targets", default=",".join(TARGETS),
-        help="comma-separated subset of " + ", ".join(TARGETS))
+    opt("--targets", default=None, help="comma-separated subset of " + ", ".join(TARGETS) +
+        "; None: all (cpu: all but ray-offline, the same as ray there)")
     add("--stream-v1", action="store_true",
         help="Ray targets: a second streaming row over /v1/completions (vLLM's own stream, "
              "not reshaped into the guide's), on prompts of its own")
@@ -934,6 +934,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.concurrency is None:
         args.concurrency = args.num_requests
+    if args.targets is None:
+        args.targets = ",".join(t for t in TARGETS if not (cpu and t == "ray-offline"))
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
