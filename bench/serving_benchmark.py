@@ -266,7 +266,9 @@ def own_ray_head(body: Callable[[], int]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     temp_dir = os.environ.get("BENCH_RAY_TEMP_DIR")  # replica logs land under it
     ray.init(_node_ip_address=HOST, include_dashboard=False, namespace=NAMESPACE,
-             log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2),
+             # ray.serve.llm asks 2 CPUs for its engine plus 1 for its ingress replica:
+             # logical CPUs, so that it is placed on a 2-core machine too.
+             log_to_driver=False, num_cpus=max(4, os.cpu_count() or 4),
              **({"_temp_dir": temp_dir} if temp_dir else {}))
     try:
         code = body()
