@@ -140,17 +140,16 @@ def replay_body(body: bytes, then: Receive | None, gone: asyncio.Event | None = 
 
 
 async def asgi_call(app: Callable, method: str, path: str, headers: list[tuple[bytes, bytes]],
-                    body: bytes, disconnected: Receive | None = None,
-                    client: tuple[str, int] | None = None) -> AsgiResponse:
-    """Run one HTTP request through an ASGI app in this process. After the body, the app's
-    receive() waits on `disconnected` (the outer client's receive), so a client that goes away
-    still aborts the generation; closing `chunks` early cancels the app's task."""
+                    body: bytes) -> AsgiResponse:
+    """Run one HTTP request through an ASGI app in this process (a router's call to a backend).
+    Cancelling the wait for the answer, or closing `chunks` early, cancels the app's task, which
+    tells vLLM http.disconnect (call_detached) so that it aborts the generation."""
     messages: asyncio.Queue = asyncio.Queue()
-    receive = replay_body(body, disconnected)
+    receive = replay_body(body, None)
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
              "http_version": "1.1", "method": method, "scheme": "http", "path": path,
              "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": headers, "client": client or ("127.0.0.1", 0),
+             "headers": headers, "client": ("127.0.0.1", 0),
              "server": ("127.0.0.1", 0), "state": {}}
     task = asyncio.ensure_future(app(scope, receive, messages.put))
     task.add_done_callback(lambda _: messages.put_nowait(None))

@@ -158,35 +158,25 @@ def test_deployment_version_and_shipped_code_follow_the_replica_package_only(tmp
     assert deploy.deployment_version(EngineConfig(), ServeConfig()) != version
 
 
-class _FakeEngineArgs:
-    """The two batch fields of AsyncEngineArgs and its per-context defaults (as vLLM 0.26-0.32
-    has them on an H100/H200)."""
+@pytest.mark.parametrize("limits", ["serve", "offline"])
+def test_batch_limits_keep_vllm_serve_defaults_unless_offline_is_asked(limits, monkeypatch):
+    from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
 
-    def __init__(self, **fields):
-        self.max_num_batched_tokens = fields.get("max_num_batched_tokens")
-        self.max_num_seqs = fields.get("max_num_seqs")
-
-    @classmethod
-    def get_batch_defaults(cls, world_size):
-        from vllm.usage.usage_lib import UsageContext
-        return ({UsageContext.LLM_CLASS: 16384, UsageContext.OPENAI_API_SERVER: 8192},
-                {UsageContext.LLM_CLASS: 1024, UsageContext.OPENAI_API_SERVER: 1024})
-
-
-@pytest.mark.parametrize("limits, expected", [("serve", (None, None)),
-                                              ("offline", (16384, 1024))])
-def test_batch_limits_keep_vllm_serve_defaults_unless_offline_is_asked(limits, expected,
-                                                                        monkeypatch):
     from replica.engine import apply_offline_batch_limits
 
     engine, _ = parse(["--batch-limits", limits], monkeypatch=monkeypatch)
     assert engine.validate() == []
-    args = _FakeEngineArgs()
+    # vLLM's own per-context defaults on this machine (the GPU ones differ only in size).
+    tokens, seqs = AsyncEngineArgs.get_batch_defaults(engine.gpus_per_replica)
+    args = AsyncEngineArgs(model=engine.model)
     apply_offline_batch_limits(args, engine)
     # None: vLLM then picks the API-server context's limits, exactly as `vllm serve` does.
+    expected = ((tokens[UsageContext.LLM_CLASS], seqs[UsageContext.LLM_CLASS])
+                if limits == "offline" else (None, None))
     assert (args.max_num_batched_tokens, args.max_num_seqs) == expected
     # An operator's own limit always stands.
-    args = _FakeEngineArgs(max_num_batched_tokens=4096)
+    args = AsyncEngineArgs(model=engine.model, max_num_batched_tokens=4096)
     apply_offline_batch_limits(args, engine)
     assert args.max_num_batched_tokens == 4096
 
