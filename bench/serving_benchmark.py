@@ -28,12 +28,16 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray", "ray-offline", "ray-proxy", "serve-llm",
+TARGETS = ("offline", "vllm-serve", "ray", "ray-offline", "ray-proxy", "ray-router", "serve-llm",
            "serve-llm-direct")
-# The deployment script's flags of each Ray target (beside the engine's and --ray-args).
-RAY_TARGETS = {"ray": ["--ingress", "haproxy"],
-               "ray-offline": ["--ingress", "haproxy", "--batch-limits", "offline"],
-               "ray-proxy": ["--ingress", "proxy"]}
+# The deployment script and its flags of each Ray target (beside the engine's and --ray-args).
+RAY_TARGETS = {"ray": ("ray-single-gpu.py", ["--num-replicas", "1", "--ingress", "haproxy"]),
+               "ray-offline": ("ray-single-gpu.py", ["--num-replicas", "1", "--ingress", "haproxy",
+                                                     "--batch-limits", "offline"]),
+               "ray-proxy": ("ray-single-gpu.py", ["--num-replicas", "1", "--ingress", "proxy"]),
+               "ray-router": ("ray-placement-group.py", ["--num-backends", "1",
+                                                         "--tensor-parallel-size", "1",
+                                                         "--ingress", "haproxy"])}
 # ray.serve.llm targets: the environment of their Ray head.
 SERVE_LLM_ENV = {"serve-llm": {},
                  "serve-llm-direct": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
@@ -55,6 +59,8 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
               streaming row over /v1/completions, on prompts of its own: ray-stream-v1)
   ray-offline the same with --batch-limits offline (vLLM's offline LLM class's batch limits)
   ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
+  ray-router  ray-placement-group.py --num-backends 1 --tensor-parallel-size 1: the guide's
+              round-robin router in front of one backend (the router hop; ratios also to ray)
   serve-llm   Ray's own ray.serve.llm (LLMConfig + build_openai_app, its defaults but one
               replica), the same engine settings, driven over /v1/completions
   serve-llm-direct  the same with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 and
@@ -566,15 +572,16 @@ class Bench:
 
     def run_ray(self, rep: int, target: str = "ray") -> dict[str, dict[str, Any]]:
         port = free_port()
-        script_args = ["--num-replicas", "1", "--proxy-location", "HeadOnly", "--host", HOST,
+        script, flags = RAY_TARGETS[target]
+        script_args = [*flags, "--proxy-location", "HeadOnly", "--host", HOST,
                        "--port", str(port), "--model", self.args.model,
                        "--timeout", str(self.args.start_timeout),
-                       "--device", self.args.device, *RAY_TARGETS[target],
-                       *self.cli_engine_flags(), *self.args.ray_args]
+                       "--device", self.args.device, *self.cli_engine_flags(),
+                       *self.args.ray_args]
         self.command_lines.setdefault(target, "ray.init(_node_ip_address='127.0.0.1') + python "
-                                      "ray-single-gpu.py " + " ".join(script_args).replace(
+                                      f"{script} " + " ".join(script_args).replace(
                                           str(REPO_ROOT) + "/", "").replace(str(port), "PORT"))
-        return self._run_helper(rep, target, ["_ray", *script_args], port,
+        return self._run_helper(rep, target, ["_ray", script, *script_args], port,
                                 self.args.ray_endpoint)
 
     def run_serve_llm(self, rep: int, target: str) -> dict[str, dict[str, Any]]:
@@ -768,6 +775,11 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
         pairs += [(f"{ray}-stream/vllm-serve-stream {metric.removesuffix('_ms')}",
                    f"{ray}-stream", "vllm-serve-stream", metric)
                   for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
+        if ray == "ray-router":
+            pairs += [("ray-router/ray", ray, "ray", "output_tok_s")]
+            pairs += [(f"ray-router-stream/ray-stream {metric.removesuffix('_ms')}",
+                       "ray-router-stream", "ray-stream", metric)
+                      for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")]
         if ray in RAY_TARGETS:
             pairs += [(f"{ray}{STREAM_V1}/vllm-serve-stream {metric.removesuffix('_ms')}",
                        f"{ray}{STREAM_V1}", "vllm-serve-stream", metric)
@@ -916,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--seed", type=int, default=0, help="prompt seed")
     opt("--start-timeout", type=float, default=600.0, help="seconds a target may take to start")
     opt("--vllm-serve-args", default="", help="extra flags for vllm serve (one string)")
-    opt("--ray-args", default="", help="extra flags for ray-single-gpu.py (one string)")
+    opt("--ray-args", default="", help="extra flags for the Ray targets' scripts (one string)")
     opt("--results-dir", default=str(RESULTS_DIR), help="where the JSON and Markdown go")
     opt("--tag", default=None, help="file name tag; None: the device")
     opt("--workdir", default=None, help="logs and per-run files; None: a temporary folder")
