@@ -112,6 +112,17 @@ class RouterApp:
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
 
 
+def handle_transport() -> dict[str, bool]:
+    """The transport of the router's calls to its backends: the one this replica's Serve settings
+    pick. A handle bound in the driver carries the driver's default, which is Ray's actor calls
+    unless the driver itself was started with Serve's throughput settings; with them on the
+    cluster (--ingress haproxy), Serve's gRPC between replicas carries a stream's chunks at a
+    fraction of an actor call's cost per chunk (bench/handle_stream_rate.py)."""
+    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
+
+    return {"_by_reference": not RAY_SERVE_USE_GRPC_BY_DEFAULT}
+
+
 @serve.deployment(name=ROUTER_DEPLOYMENT, max_ongoing_requests=4096, num_replicas=1,
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress()
@@ -120,8 +131,9 @@ class RoundRobinRouter:
 
     def __init__(self, serve_config: ServeConfig, *backends: Any):
         self.serve_config = serve_config
-        self.backends = list(backends)
-        self.streams = [b.options(stream=True) for b in backends]
+        transport = handle_transport()
+        self.backends = [b.options(**transport) for b in backends]
+        self.streams = [b.options(stream=True, **transport) for b in backends]
         self.up = [True] * len(backends)
         self._turn = itertools.count()
         self._prober: asyncio.Task | None = None

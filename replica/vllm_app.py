@@ -163,16 +163,29 @@ async def asgi_call(app: Callable, method: str, path: str, headers: list[tuple[b
         raise RuntimeError(f"the app sent no response to {method} {path}")
 
     async def chunks() -> AsyncIterator[bytes]:
+        # Each chunk is one message to the caller (a handle call's stream item), and the next
+        # is taken only once that one is on its way: body parts the app sent meanwhile go out
+        # together, so a stream never falls behind the transport by more than one message.
+        ended = False
         try:
-            while True:
+            while not ended:
+                parts = []
                 message = await messages.get()
-                if message is None:
-                    break
-                if message.get("type") == "http.response.body":
-                    if message.get("body"):
-                        yield message["body"]
-                    if not message.get("more_body"):
+                while True:
+                    if message is None:
+                        ended = True
                         break
+                    if message.get("type") == "http.response.body":
+                        if message.get("body"):
+                            parts.append(message["body"])
+                        if not message.get("more_body"):
+                            ended = True
+                            break
+                    if messages.empty():
+                        break
+                    message = messages.get_nowait()
+                if parts:
+                    yield parts[0] if len(parts) == 1 else b"".join(parts)
             await task
         finally:
             if not task.done():
