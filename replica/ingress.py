@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from typing import Any
 
 from ray import serve
@@ -118,9 +119,13 @@ def handle_transport() -> dict[str, bool]:
     unless the driver itself was started with Serve's throughput settings; with them on the
     cluster (--ingress haproxy), Serve's gRPC between replicas carries a stream's chunks at a
     fraction of an actor call's cost per chunk (bench/handle_stream_rate.py)."""
-    from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT
-
-    return {"_by_reference": not RAY_SERVE_USE_GRPC_BY_DEFAULT}
+    try:  # Serve's own reading of its settings (an internal module)
+        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT as grpc_on
+    except ImportError:  # a Ray that moved it: the documented variables, read the same way
+        optimized = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1"
+        grpc_on = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT",
+                                 "1" if optimized else "0") == "1"
+    return {"_by_reference": not grpc_on}
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT, max_ongoing_requests=4096, num_replicas=1,

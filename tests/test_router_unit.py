@@ -74,3 +74,19 @@ def test_backend_chunks_sent_apart_stay_apart():
         return [first, *rest]
 
     assert asyncio.run(scenario()) == [b"first", b"second"]
+
+
+@pytest.mark.parametrize("env,by_reference", [
+    ({}, True), ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, False),
+    ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, True),
+    ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, False)])
+def test_transport_falls_back_to_serve_variables_when_its_constant_moves(monkeypatch, env,
+                                                                          by_reference):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray.serve._private.constants", None)  # import fails
+    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_USE_GRPC_BY_DEFAULT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert ingress.handle_transport() == {"_by_reference": by_reference}
