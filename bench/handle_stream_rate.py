@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,10 +61,10 @@ def build_app():
             counts = await asyncio.gather(*(one() for _ in range(streams)))
             took = time.perf_counter() - started
             messages = sum(m for m, _ in counts)
-            return {"took_s": took, "ideal_s": items * interval_s,
-                    "chunks_per_s": sum(r for _, r in counts) / size / took,
+            chunks = sum(r for _, r in counts) / size
+            return {"took_s": took, "ideal_s": items * interval_s, "chunks_per_s": chunks / took,
                     "messages_per_s": messages / took,
-                    "chunks_per_message": sum(r for _, r in counts) / size / max(messages, 1)}
+                    "chunks_per_message": chunks / max(messages, 1)}
 
     return Relay.bind(Source.bind())
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.streams} streams x {args.items} chunks x {args.item_bytes} B, one every "
               f"{args.interval_ms} ms per stream; {args.rounds} rounds, medians:")
         for transport, rounds in results.items():
-            medians = {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in rounds[0]}
+            medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
             print(f"  {transport:6s} took {medians['took_s']:.2f} s (source's pace "
                   f"{medians['ideal_s']:.2f} s), chunks/s {medians['chunks_per_s']:,.0f}, "
                   f"messages/s {medians['messages_per_s']:,.0f}, chunks per message "

@@ -139,6 +139,15 @@ def replay_body(body: bytes, then: Receive | None, gone: asyncio.Event | None = 
     return receive
 
 
+def _body_part(message: dict | None) -> tuple[bytes, bool]:
+    """An app's message as (body bytes, whether the answer ends here); None: the app returned."""
+    if message is None:
+        return b"", True
+    if message.get("type") != "http.response.body":
+        return b"", False
+    return message.get("body") or b"", not message.get("more_body")
+
+
 async def asgi_call(app: Callable, method: str, path: str, headers: list[tuple[bytes, bytes]],
                     body: bytes) -> AsgiResponse:
     """Run one HTTP request through an ASGI app in this process (a router's call to a backend).
@@ -169,23 +178,14 @@ async def asgi_call(app: Callable, method: str, path: str, headers: list[tuple[b
         ended = False
         try:
             while not ended:
-                parts = []
-                message = await messages.get()
-                while True:
-                    if message is None:
-                        ended = True
-                        break
-                    if message.get("type") == "http.response.body":
-                        if message.get("body"):
-                            parts.append(message["body"])
-                        if not message.get("more_body"):
-                            ended = True
-                            break
-                    if messages.empty():
-                        break
-                    message = messages.get_nowait()
-                if parts:
-                    yield parts[0] if len(parts) == 1 else b"".join(parts)
+                part, ended = _body_part(await messages.get())
+                parts = [part]
+                while not ended and not messages.empty():
+                    part, ended = _body_part(messages.get_nowait())
+                    parts.append(part)
+                joined = b"".join(parts)
+                if joined:
+                    yield joined
             await task
         finally:
             if not task.done():
