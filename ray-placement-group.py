@@ -23,6 +23,10 @@ ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 def add_topology_args(group) -> None:
     cli.add_flag(group, "--num-backends", env="NUM_BACKENDS", type=int, default=2,
                  help="backend deployments, each pinned to its own node")
+    cli.add_flag(group, "--router-replicas", env="ROUTER_REPLICAS", type=int, default=1,
+                 help="replicas of the router; each spreads its requests round-robin over every "
+                      "backend (more carry more concurrent streams; the split stays even per "
+                      "router, not request by request)")
 
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
@@ -30,6 +34,8 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
 
     if args.num_backends < 1:
         raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
+    if args.router_replicas < 1:
+        raise cli.ScriptError("--router-replicas must be >= 1", cli.EXIT_USAGE)
     if multi_node_layout(engine, serve_config, 1) is not None:
         raise cli.ScriptError(
             f"a backend of {engine.gpus_per_replica} GPUs is larger than any node, and this "
@@ -44,7 +50,8 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), node_id)
         backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
                                   options).bind(engine, serve_config))
-    return RoundRobinRouter.bind(serve_config, *backends)
+    return RoundRobinRouter.options(num_replicas=args.router_replicas).bind(serve_config,
+                                                                            *backends)
 
 
 def main(argv: list[str] | None = None) -> int:

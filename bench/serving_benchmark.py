@@ -28,17 +28,17 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray", "ray-offline", "ray-proxy", "ray-router", "serve-llm",
-           "serve-llm-direct")
+TARGETS = ("offline", "vllm-serve", "ray", "ray-offline", "ray-proxy", "ray-router", "ray-router2",
+           "serve-llm", "serve-llm-direct")
 # The deployment script and its flags of each Ray target (beside the engine's and --ray-args).
 SINGLE_REPLICA = ("ray-single-gpu.py", ["--num-replicas", "1"])
+ONE_BACKEND = ["--num-backends", "1", "--tensor-parallel-size", "1", "--ingress", "haproxy"]
 RAY_TARGETS = {"ray": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy"]),
                "ray-offline": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy",
                                                    "--batch-limits", "offline"]),
                "ray-proxy": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "proxy"]),
-               "ray-router": ("ray-placement-group.py", ["--num-backends", "1",
-                                                         "--tensor-parallel-size", "1",
-                                                         "--ingress", "haproxy"])}
+               "ray-router": ("ray-placement-group.py", ONE_BACKEND),
+               "ray-router2": ("ray-placement-group.py", [*ONE_BACKEND, "--router-replicas", "2"])}
 # ray.serve.llm targets: the environment of their Ray head.
 SERVE_LLM_ENV = {"serve-llm": {},
                  "serve-llm-direct": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
@@ -62,6 +62,7 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
   ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
   ray-router  ray-placement-group.py --num-backends 1 --tensor-parallel-size 1: the guide's
               round-robin router in front of one backend (the router hop; ratios also to ray)
+  ray-router2 the same with --router-replicas 2 (two routers, HAProxy balancing between them)
   serve-llm   Ray's own ray.serve.llm (LLMConfig + build_openai_app, its defaults but one
               replica), the same engine settings, driven over /v1/completions
   serve-llm-direct  the same with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 and
@@ -781,10 +782,11 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
                        f"{ray}{STREAM_V1}", "vllm-serve-stream", metric)
                       for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")]
     # What the placement-group router costs over the direct deployment.
-    pairs += [("ray-router/ray", "ray-router", "ray", "output_tok_s")]
-    pairs += [(f"ray-router-stream/ray-stream {metric.removesuffix('_ms')}",
-               "ray-router-stream", "ray-stream", metric)
-              for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")]
+    for router in ("ray-router", "ray-router2"):
+        pairs += [(f"{router}/ray", router, "ray", "output_tok_s")]
+        pairs += [(f"{router}-stream/ray-stream {metric.removesuffix('_ms')}",
+                   f"{router}-stream", "ray-stream", metric)
+                  for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
     for name, num, den, metric in pairs:
         top, bottom = _median_of(table, num, metric), _median_of(table, den, metric)
         if top is None or not bottom:
