@@ -5,7 +5,7 @@ A placement group with one bundle per backend and STRICT_SPREAD picks distinct n
 each hold a backend. Serve refuses a scheduling_strategy in ray_actor_options, so a deployment
 cannot be bound to a bundle of a driver-made group directly: each backend is pinned instead to
 its bundle's node by the node-ID label (`label_selector`), once the group has been released. The
-router skips a backend that is down and keeps serving through the other.
+router forwards each request to a backend's own HTTP server, and skips a backend that is down.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from common import cli
 from replica.config import EngineConfig, ServeConfig
 from common.deploy import (configure, deployment_options, multi_node_layout, replica_demand,
-                           script_main)
+                           router_options, script_main)
 from common.placement import pick_distinct_nodes, pin_to_node
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
@@ -27,6 +27,10 @@ def add_topology_args(group) -> None:
                  help="replicas of the router; each spreads its requests round-robin over every "
                       "backend (more carry more concurrent streams; the split stays even per "
                       "router, not request by request)")
+    cli.add_flag(group, "--backend-port", env="BACKEND_PORT", type=int, default=0,
+                 help="port of each backend's own HTTP server, on its node's address, which "
+                      "the router forwards requests to (0: any free port); it must be reachable "
+                      "from every node")
 
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
@@ -36,6 +40,8 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
     if args.router_replicas < 1:
         raise cli.ScriptError("--router-replicas must be >= 1", cli.EXIT_USAGE)
+    if not 0 <= args.backend_port <= 65535:
+        raise cli.ScriptError("--backend-port must be in 0..65535", cli.EXIT_USAGE)
     if multi_node_layout(engine, serve_config, 1) is not None:
         raise cli.ScriptError(
             f"a backend of {engine.gpus_per_replica} GPUs is larger than any node, and this "
@@ -49,9 +55,10 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         print(f"backend {index}: node {node_id}")
         options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), node_id)
         backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
-                                  options).bind(engine, serve_config))
-    return RoundRobinRouter.options(num_replicas=args.router_replicas).bind(serve_config,
-                                                                            *backends)
+                                  options).bind(engine, serve_config, args.backend_port))
+    return RoundRobinRouter.options(**router_options(serve_config, args.num_backends,
+                                                     args.router_replicas)).bind(serve_config,
+                                                                                 *backends)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,17 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
         options["max_surge_percent"] = serve_config.max_surge_percent
     options.update(topology)
     return options
+
+
+def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> dict[str, Any]:
+    """The router's replicas and request limits: together they admit what the backends would
+    each admit through Serve (--max-ongoing-requests, then --max-queued-requests), and answer
+    503 past that (requests reach the backends' own servers, which Serve does not count)."""
+    return {"num_replicas": replicas,
+            "max_ongoing_requests": max(1, math.ceil(
+                backends * serve_config.max_ongoing_requests / replicas)),
+            "max_queued_requests": serve_config.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S}}
 
 
 # Fields of ServeConfig that Serve applies to running replicas without restarting them (deployment

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from common import cli
 from replica.config import EngineConfig, ServeConfig
+from replica.server import ROUTER_DEPLOYMENT
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILDERS_MODULE = "common.builders"
@@ -206,14 +207,18 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
     file. The LLM deployment of the three one-deployment topologies carries its resources too;
     placement-group backends carry only lightweight options (their node pin is chosen when the
     application is built, and a ray_actor_options here would replace it)."""
-    from common.deploy import one_replica_per_node, replica_resources
+    from common.deploy import one_replica_per_node, replica_resources, router_options
 
     lightweight = _lightweight_options(script, args, serve_config)
     if script == "ray-placement-group.py":
-        if args.num_backends < 1:
-            raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
-        return [{"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}
-                for i in range(args.num_backends)]
+        if args.num_backends < 1 or args.router_replicas < 1:
+            raise cli.ScriptError("--num-backends and --router-replicas must be >= 1",
+                                  cli.EXIT_USAGE)
+        router = router_options(serve_config, args.num_backends, args.router_replicas)
+        return [*({"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}
+                  for i in range(args.num_backends)),
+                {"name": ROUTER_DEPLOYMENT, **{k: router[k] for k in (
+                    "num_replicas", "max_ongoing_requests", "max_queued_requests")}}]
     entry: dict[str, Any] = {"name": "LLMDeployment", **lightweight}
     entry.update(replica_resources(engine, serve_config))
     if script == "ray-single-gpu.py":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import msgspec
@@ -221,13 +220,3 @@ class GuideStream:
         """The finishing chunk still held back for its usage (b"" if none)."""
         finishing, self._finishing = self._finishing, None
         return sse(finishing) if finishing is not None else b""
-
-
-@dataclass
-class RawRequest:
-    """A transport-neutral HTTP request, so a router can forward it to a backend through a handle."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes = b""

@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
+import random
 from typing import Any
 
 from ray import serve
 
 from replica import api, vllm_app
-from replica.api import RawRequest
+from replica.backend_http import BackendClient, BackendHttpServer, BackendUnreachable
 from replica.config import ServeConfig
 from replica.server import ROUTER_DEPLOYMENT, LLMServer
 
@@ -39,40 +39,44 @@ class LLMDeployment(LLMServer):
         return self.replica_app
 
 
-# The backends of ray-placement-group.py: no HTTP of their own; the router calls `call`.
-LLMBackend = serve.deployment(LLMServer, name="LLMBackend", **ENGINE_REPLICA_OPTIONS)
+class BackendServer(LLMServer):
+    """A backend of ray-placement-group.py: the replica's app on an HTTP server of its own, on
+    its node's address. The router forwards requests there; through Serve it only asks for the
+    server's URL. A request then costs the backend what it costs a replica answering HTTP itself,
+    where a Serve handle call would add a message per streamed chunk (bench/router_hop_rate.py)."""
 
-# How often the router probes each backend, and how long a probe may take before the backend
-# counts as down. A down backend gets no new requests until a probe succeeds again.
+    async def __init__(self, engine_config, serve_config: ServeConfig, port: int = 0):
+        import ray
+
+        await super().__init__(engine_config, serve_config)
+        self.http = BackendHttpServer(self.replica_app, ray.util.get_node_ip_address(), port)
+        await self.http.start()
+
+    async def endpoint(self) -> str | None:
+        """The URL of this backend's server; None while its engine is dead."""
+        return None if self.engine.errored else self.http.url
+
+    async def __del__(self):
+        # Serve counts no requests in flight here (they come over the backend's own server):
+        # finish them before the engine goes.
+        http = getattr(self, "http", None)
+        if http is not None:
+            await http.drain(GRACEFUL_SHUTDOWN_TIMEOUT_S)
+        super().__del__()
+
+
+LLMBackend = serve.deployment(BackendServer, name="LLMBackend", **ENGINE_REPLICA_OPTIONS)
+
+# How often the router asks each backend for its URL, and how long that may take before the
+# backend counts as down. A down backend gets no new requests until it answers again.
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 5.0
 
 
-async def _read_raw(scope: dict, receive, max_body_bytes: int) -> RawRequest:
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-               for k, v in scope.get("headers") or []}
-    path = scope["path"]
-    root = scope.get("root_path") or ""
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    body = await vllm_app.read_body(receive, max_body_bytes, headers.get("content-length"))
-    return RawRequest(method=scope["method"], path=path, headers=headers, body=body)
-
-
-async def _send_answer(send, head: dict[str, Any], chunks: Any) -> None:
-    """A backend's answer to the client: its status and headers, then its body chunks."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"].items()
-               if k.lower() != "content-length"]
-    await send({"type": "http.response.start", "status": head["status"], "headers": headers})
-    async for chunk in chunks:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
-
-
 class RouterApp:
-    """The router's ASGI app: every request goes whole to one backend's `call`, round-robin over
-    the backends that are up; one that fails before answering is skipped for the next; a client
-    that leaves cancels the backend's call."""
+    """The router's ASGI app: every request goes whole to one backend's server, round-robin over
+    the backends that are up; one that cannot be reached is skipped for the next; a client that
+    leaves closes the connection to the backend, which aborts the generation there."""
 
     def __init__(self, router: "RoundRobinRouter"):
         self.router = router
@@ -85,47 +89,31 @@ class RouterApp:
                 await send({"type": "lifespan.shutdown.complete"})
             return
         router = self.router
-        router.start_probing()
+        await router.probed()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers") or []}
         try:
-            raw = await _read_raw(scope, receive, router.serve_config.max_body_bytes)
+            body = await vllm_app.read_body(receive, router.serve_config.max_body_bytes,
+                                            headers.get("content-length"))
         except api.ApiError as err:
             return await vllm_app.send_json(send, err.status, err.body(), err.headers)
+        path, root = scope["path"], scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        scope = {**scope, "path": path}
         last_error: Exception | None = None
         for index in router.order():
-            call = router.streams[index].call.remote(raw)
-            try:
-                head = await call.__anext__()
-            except asyncio.CancelledError:
-                call.cancel()  # the client left: Serve does not cancel a handle call for us
-                raise
-            except Exception as exc:  # backend died or unreachable: nothing sent yet, try next
-                last_error = exc
-                router.up[index] = False
-                logger.warning("backend %d failed (%s); trying the next", index,
-                               type(exc).__name__)
+            url = router.urls[index]
+            if url is None:
                 continue
             try:
-                return await _send_answer(send, head, call)
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-        err = api.unavailable(f"no backend could take the request ({type(last_error).__name__})")
+                return await router.client.forward(url, scope, body, send)
+            except BackendUnreachable as exc:  # nothing sent yet: try the next
+                last_error = exc
+                router.up[index] = False
+                logger.warning("backend %d unreachable (%s); trying the next", index, exc)
+        err = api.unavailable(f"no backend could take the request ({last_error or 'none up'})")
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
-
-
-def handle_transport() -> dict[str, bool]:
-    """The transport of the router's calls to its backends: the one this replica's Serve settings
-    pick. A handle bound in the driver carries the driver's default, which is Ray's actor calls
-    unless the driver itself was started with Serve's throughput settings; with them on the
-    cluster (--ingress haproxy), Serve's gRPC between replicas carries a stream's chunks at a
-    fraction of an actor call's cost per chunk (bench/handle_stream_rate.py)."""
-    try:  # Serve's own reading of its settings (an internal module)
-        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT as grpc_on
-    except ImportError:  # a Ray that moved it: the documented variables, read the same way
-        optimized = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1"
-        grpc_on = os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT",
-                                 "1" if optimized else "0") == "1"
-    return {"_by_reference": not grpc_on}
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT, max_ongoing_requests=4096, num_replicas=1,
@@ -136,34 +124,43 @@ class RoundRobinRouter:
 
     def __init__(self, serve_config: ServeConfig, *backends: Any):
         self.serve_config = serve_config
-        transport = handle_transport()
-        self.backends = [b.options(**transport) for b in backends]
-        self.streams = [b.options(stream=True, **transport) for b in backends]
-        self.up = [True] * len(backends)
-        self._turn = itertools.count()
+        self.backends = list(backends)
+        self.urls: list[str | None] = [None] * len(backends)  # last known
+        self.up = [False] * len(backends)
+        self.client = BackendClient()
+        # Each replica starts its rotation elsewhere, so that replicas together spread evenly.
+        self._turn = itertools.count(random.randrange(max(len(backends), 1)))
         self._prober: asyncio.Task | None = None
+        self._first_round: asyncio.Event | None = None
 
     async def __serve_build_asgi_app__(self):
         return RouterApp(self)
 
-    def start_probing(self) -> None:
+    async def probed(self) -> None:
+        """Returns once every backend has been asked for its URL at least once."""
         if self._prober is None:
+            self._first_round = asyncio.Event()
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+        await self._first_round.wait()
 
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.gather(*(self._probe(i) for i in range(len(self.backends))))
+            self._first_round.set()
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def _probe(self, index: int) -> None:
         try:
-            alive = await asyncio.wait_for(self.backends[index].healthy.remote(),
-                                           timeout=PROBE_TIMEOUT_S)
+            url = await asyncio.wait_for(self.backends[index].endpoint.remote(),
+                                         timeout=PROBE_TIMEOUT_S)
         except Exception:  # timeout, no replica, replica died: all mean "down" to the router
-            alive = False
+            url = None
+        alive = url is not None
         if alive != self.up[index]:
-            logger.warning("backend %d is now %s", index, "up" if alive else "DOWN")
+            logger.warning("backend %d is now %s", index, f"up at {url}" if alive else "DOWN")
         self.up[index] = alive
+        if alive:
+            self.urls[index] = url
 
     def order(self) -> list[int]:
         """Backends to try for the next request: round-robin over the ones up, then the rest."""

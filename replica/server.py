@@ -5,10 +5,9 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from replica import vllm_app
-from replica.api import RawRequest
 from replica.config import EngineConfig, ServeConfig
 
 logger = logging.getLogger("ray.serve")
@@ -71,7 +70,7 @@ def reasoning_parser_for(choice: str, model: str) -> str:
 
 class LLMServer:
     """One vLLM engine and the app serving it. `LLMDeployment` (replica/ingress.py) puts the app
-    behind Serve's HTTP proxy; `LLMBackend` answers a router's `call` through the same app."""
+    behind Serve's HTTP ingress; `LLMBackend` serves it on an HTTP server of its own for a router."""
 
     async def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
@@ -125,15 +124,6 @@ class LLMServer:
                                   "tensor_parallel_size": self.engine_config.tensor_parallel_size,
                                   "pipeline_parallel_size": self.engine_config.pipeline_parallel_size,
                                   "max_model_len": self.engine.model_config.max_model_len}}
-
-    async def call(self, raw: RawRequest) -> AsyncIterator[Any]:
-        """For routers calling through a DeploymentHandle (stream=True): first the status and
-        headers, then the body in byte chunks."""
-        async for item in vllm_app.call_through(self.replica_app, raw):
-            yield item
-
-    async def healthy(self) -> bool:
-        return not self.engine.errored
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""

@@ -7,11 +7,9 @@ import json
 import logging
 import types
 from argparse import Namespace
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from replica import api
-from replica.api import RawRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,16 +93,6 @@ async def build_openai_app(engine_client: Any, args: Namespace):
 # ---- in-process ASGI calls ------------------------------------------------------------------
 
 
-@dataclass
-class AsgiResponse:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    chunks: AsyncIterator[bytes]
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks])
-
-
 _DISCONNECT = {"type": "http.disconnect"}
 
 
@@ -137,62 +125,6 @@ def replay_body(body: bytes, then: Receive | None, gone: asyncio.Event | None = 
         return _DISCONNECT
 
     return receive
-
-
-def _body_part(message: dict | None) -> tuple[bytes, bool]:
-    """An app's message as (body bytes, whether the answer ends here); None: the app returned."""
-    if message is None:
-        return b"", True
-    if message.get("type") != "http.response.body":
-        return b"", False
-    return message.get("body") or b"", not message.get("more_body")
-
-
-async def asgi_call(app: Callable, method: str, path: str, headers: list[tuple[bytes, bytes]],
-                    body: bytes) -> AsgiResponse:
-    """Run one HTTP request through an ASGI app in this process (a router's call to a backend).
-    Cancelling the wait for the answer, or closing `chunks` early, cancels the app's task, which
-    tells vLLM http.disconnect (call_detached) so that it aborts the generation."""
-    messages: asyncio.Queue = asyncio.Queue()
-    receive = replay_body(body, None)
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 0),
-             "server": ("127.0.0.1", 0), "state": {}}
-    task = asyncio.ensure_future(app(scope, receive, messages.put))
-    task.add_done_callback(lambda _: messages.put_nowait(None))
-    try:
-        start = await messages.get()
-    except asyncio.CancelledError:  # the caller left before the app answered: end the call
-        task.cancel()
-        raise
-    if start is None:
-        task.result()  # raises what the app raised
-        raise RuntimeError(f"the app sent no response to {method} {path}")
-
-    async def chunks() -> AsyncIterator[bytes]:
-        # Each chunk is one message to the caller (a handle call's stream item), and the next
-        # is taken only once that one is on its way: body parts the app sent meanwhile go out
-        # together, so a stream never falls behind the transport by more than one message.
-        ended = False
-        try:
-            while not ended:
-                part, ended = _body_part(await messages.get())
-                parts = [part]
-                while not ended and not messages.empty():
-                    part, ended = _body_part(messages.get_nowait())
-                    parts.append(part)
-                joined = b"".join(parts)
-                if joined:
-                    yield joined
-            await task
-        finally:
-            if not task.done():
-                task.cancel()
-
-    return AsgiResponse(status=start["status"], headers=list(start.get("headers") or []),
-                        chunks=chunks())
 
 
 async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
@@ -417,16 +349,3 @@ class GuideAnswer:
         if self._status == 200:
             data = api.guide_body(data, replica.node_id)
         await send_json(self._send, self._status, data, replica._header_dict())
-
-
-async def call_through(app: Callable, raw: RawRequest) -> AsyncIterator[Any]:
-    """A RawRequest through the replica's app, for routers calling over a DeploymentHandle:
-    first {"status", "headers"}, then the body in byte chunks."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in raw.headers.items()]
-    headers = [(k, v) for k, v in headers if k != b"content-length"]
-    headers.append((b"content-length", str(len(raw.body)).encode()))
-    response = await asgi_call(app, raw.method, raw.path, headers, raw.body)
-    yield {"status": response.status,
-           "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}}
-    async for chunk in response.chunks:
-        yield chunk

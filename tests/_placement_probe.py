@@ -28,7 +28,7 @@ class GpuWorker:
 
 
 class PlacementProbe:
-    def __init__(self, engine_config, serve_config):
+    def __init__(self, engine_config, serve_config, port: int = 0):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.workers = []
         group = ray.util.get_current_placement_group()
@@ -52,15 +52,16 @@ class PlacementProbe:
                 "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus,
                 "worker_nccl_ifname": self.worker_nccl_ifname}
 
-    async def healthy(self) -> bool:
-        return True
+    async def endpoint(self) -> str:
+        """The backend interface the router uses: the URL of a server answering POST /."""
+        from replica.backend_http import BackendHttpServer
 
-    async def call(self, raw):
-        """The backend interface the router uses."""
-        import json
-
-        yield {"status": 200, "headers": {"content-type": "application/json"}}
-        yield json.dumps(self.describe()).encode()
+        if getattr(self, "http", None) is None:
+            backend_app = FastAPI()
+            backend_app.post("/")(self.describe)
+            self.http = BackendHttpServer(backend_app, ray.util.get_node_ip_address(), 0)
+            await self.http.start()
+        return self.http.url
 
 
 @serve.deployment(name="LLMDeployment")

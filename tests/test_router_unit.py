@@ -1,92 +1,240 @@
-"""Unit tests of the router's hop: which transport its backend handles use, how a backend's chunks travel (no Ray)."""
+"""Unit tests of the router's hop over HTTP: a backend's own server, the router's forwarding and failover (no Ray)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
-import pytest
+from replica import ingress
+from replica.backend_http import BackendClient, BackendHttpServer, BackendUnreachable
 
-from replica import ingress, vllm_app
+
+async def echo_app(scope, receive, send):
+    """Answers with what it got; /stream sends three chunks apart, /wait streams until the
+    client leaves and records that it saw http.disconnect."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for part in (b"a", b"b", b"c"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+            await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if scope["path"] == "/wait":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"started", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        echo_app.disconnected.set()
+        return
+    answer = json.dumps({"method": scope["method"], "path": scope["path"],
+                         "query": scope["query_string"].decode(), "body": body.decode(),
+                         "headers": headers}).encode()
+    await send({"type": "http.response.start", "status": 418,
+                "headers": [(b"content-type", b"application/json"), (b"x-serve-node", b"n1")]})
+    await send({"type": "http.response.body", "body": answer})
 
 
-class RecordingHandle:
-    """Stands in for a backend's DeploymentHandle: records the options the router asks for."""
+class Recorder:
+    """An ASGI send() that keeps what the router would send its client, with arrival times."""
 
     def __init__(self):
-        self.options_seen: list[dict] = []
+        self.messages: list[dict] = []
+        self.times: list[float] = []
 
-    def options(self, **kwargs):
-        self.options_seen.append(kwargs)
-        return self
+    async def __call__(self, message: dict) -> None:
+        self.messages.append(message)
+        self.times.append(asyncio.get_running_loop().time())
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages
+                        if m["type"] == "http.response.body")
 
 
-@pytest.mark.parametrize("grpc_on", [True, False])
-def test_router_calls_backends_over_the_transport_its_replica_settings_pick(monkeypatch, grpc_on):
-    # The handles arrive pickled from the driver with the driver's default; the router must
-    # use what Serve's settings in its own process say (gRPC under the throughput settings).
-    from ray.serve._private import constants
+def scope_for(method: str, path: str, query: bytes = b"", headers=()) -> dict:
+    return {"type": "http", "method": method, "path": path, "query_string": query,
+            "headers": list(headers)}
 
-    monkeypatch.setattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", grpc_on)
-    backends = [RecordingHandle(), RecordingHandle()]
+
+def test_forward_carries_method_path_query_headers_body_and_the_answer():
+    async def scenario():
+        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await server.start()
+        client = BackendClient()
+        send = Recorder()
+        await client.forward(url, scope_for("POST", "/v1/x", b"a=1",
+                                            [(b"content-type", b"application/json"),
+                                             (b"authorization", b"Bearer k"),
+                                             (b"connection", b"keep-alive")]),
+                             b'{"p": 1}', send)
+        await client.close()
+        await server.drain(5)
+        return send
+
+    send = asyncio.run(scenario())
+    start = send.messages[0]
+    assert start["status"] == 418
+    assert (b"x-serve-node", b"n1") in start["headers"]
+    assert not any(k.lower() in (b"content-length", b"transfer-encoding")
+                   for k, _ in start["headers"])
+    seen = json.loads(send.body)
+    assert (seen["method"], seen["path"], seen["query"], seen["body"]) == (
+        "POST", "/v1/x", "a=1", '{"p": 1}')
+    assert seen["headers"]["authorization"] == "Bearer k"
+    assert seen["headers"]["content-type"] == "application/json"
+    assert seen["headers"]["content-length"] == "8"
+    assert send.messages[-1] == {"type": "http.response.body", "body": b""}
+
+
+def test_forward_streams_chunks_as_they_come():
+    async def scenario():
+        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await server.start()
+        client = BackendClient()
+        send = Recorder()
+        await client.forward(url, scope_for("GET", "/stream"), b"", send)
+        await client.close()
+        await server.drain(5)
+        return send
+
+    send = asyncio.run(scenario())
+    chunks = [(m["body"], t) for m, t in zip(send.messages, send.times)
+              if m["type"] == "http.response.body" and m["body"]]
+    assert [c for c, _ in chunks] == [b"a", b"b", b"c"]
+    assert all(later - earlier > 0.02 for (_, earlier), (_, later) in zip(chunks, chunks[1:]))
+
+
+def test_a_client_that_leaves_closes_the_backend_connection():
+    async def scenario():
+        echo_app.disconnected = asyncio.Event()
+        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await server.start()
+        client = BackendClient()
+        send = Recorder()
+        forwarding = asyncio.ensure_future(client.forward(url, scope_for("GET", "/wait"), b"",
+                                                          send))
+        while b"started" not in send.body:
+            await asyncio.sleep(0.01)
+        forwarding.cancel()  # what Serve does to the request when its client goes away
+        await asyncio.wait_for(echo_app.disconnected.wait(), 10)
+        await client.close()
+        await server.drain(5)
+
+    asyncio.run(scenario())
+
+
+def test_an_unreachable_backend_raises_before_anything_is_sent():
+    async def scenario():
+        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await server.start()
+        await server.drain(5)  # the port is closed now
+        client = BackendClient()
+        send = Recorder()
+        try:
+            await client.forward(url, scope_for("GET", "/"), b"", send)
+        except BackendUnreachable:
+            return send.messages
+        finally:
+            await client.close()
+        raise AssertionError("no BackendUnreachable")
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_a_taken_port_is_a_clear_error():
+    async def scenario():
+        first = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await first.start()
+        port = int(url.rsplit(":", 1)[1])
+        try:
+            await BackendHttpServer(echo_app, "127.0.0.1", port).start()
+        except RuntimeError as exc:
+            return str(exc)
+        finally:
+            await first.drain(5)
+
+    assert "--backend-port" in asyncio.run(scenario())
+
+
+class FakeEndpointHandle:
+    """A backend's DeploymentHandle as the router probes it: endpoint() answers a URL or fails."""
+
+    def __init__(self, url):
+        self.url = url
+        self.endpoint = self
+
+    def remote(self):
+        async def answer():
+            if isinstance(self.url, Exception):
+                raise self.url
+            return self.url
+        return answer()
+
+
+def router_with(*handles):
     # The class as written, under Serve's ingress wrapper (whose __init__ builds the ASGI app).
     router_class = next(c for c in ingress.RoundRobinRouter.func_or_class.__mro__
                         if "order" in vars(c))
-    router = router_class(object(), *backends)
-    for backend in backends:
-        assert backend.options_seen, "the router used a handle without choosing its transport"
-        assert all(seen["_by_reference"] is (not grpc_on) for seen in backend.options_seen)
-    assert any(seen.get("stream") for seen in backends[0].options_seen)
-    assert router.order() in ([0, 1], [1, 0])
+    from replica.config import ServeConfig
+
+    return router_class(ServeConfig(), *handles)
 
 
-def test_backend_chunks_sent_while_the_caller_is_busy_travel_as_one():
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        for part in (b"a", b"b", b"c"):
-            await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": b"d"})
-
+def test_router_skips_an_unreachable_backend_and_alternates_over_the_rest():
     async def scenario():
-        response = await vllm_app.asgi_call(app, "POST", "/", [], b"")
-        await asyncio.sleep(0.01)  # the app has sent everything by now
-        return response.status, [chunk async for chunk in response.chunks]
+        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await server.start()
+        dead = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        dead_url = await dead.start()
+        await dead.drain(5)
+        router = router_with(FakeEndpointHandle(url), FakeEndpointHandle(dead_url),
+                             FakeEndpointHandle(RuntimeError("replica gone")))
+        app = ingress.RouterApp(router)
+        statuses = []
+        for _ in range(4):
+            send = Recorder()
 
-    status, chunks = asyncio.run(scenario())
-    assert status == 200 and chunks == [b"abcd"]
+            async def receive():
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            await app(scope_for("POST", "/"), receive, send)
+            statuses.append(send.messages[0]["status"])
+        up = list(router.up)
+        await router.client.close()
+        await server.drain(5)
+        return statuses, up
+
+    statuses, up = asyncio.run(scenario())
+    assert statuses == [418] * 4  # every request answered by the live backend
+    assert up == [True, False, False]
 
 
-def test_backend_chunks_sent_apart_stay_apart():
-    gate = asyncio.Event
-
+def test_router_answers_503_when_no_backend_is_up():
     async def scenario():
-        next_part = gate()
+        router = router_with(FakeEndpointHandle(None))
+        app = ingress.RouterApp(router)
+        send = Recorder()
 
-        async def app(scope, receive, send):
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"first", "more_body": True})
-            await next_part.wait()
-            await send({"type": "http.response.body", "body": b"second", "more_body": False})
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
 
-        response = await vllm_app.asgi_call(app, "POST", "/", [], b"")
-        chunks = response.chunks
-        first = await chunks.__anext__()
-        next_part.set()
-        rest = [chunk async for chunk in chunks]
-        return [first, *rest]
+        await app(scope_for("GET", "/"), receive, send)
+        return send.messages[0]["status"], json.loads(send.body)
 
-    assert asyncio.run(scenario()) == [b"first", b"second"]
+    status, body = asyncio.run(scenario())
+    assert status == 503 and body["error"]["code"] == 503
 
 
-@pytest.mark.parametrize("env,by_reference", [
-    ({}, True), ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, False),
-    ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, True),
-    ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, False)])
-def test_transport_falls_back_to_serve_variables_when_its_constant_moves(monkeypatch, env,
-                                                                          by_reference):
-    import sys
+def test_router_order_alternates():
+    router = router_with(FakeEndpointHandle("http://a"), FakeEndpointHandle("http://b"))
+    router.up = [True, True]
+    firsts = [router.order()[0] for _ in range(4)]
+    assert sorted(firsts) == [0, 0, 1, 1] and firsts[0] != firsts[1]
 
-    monkeypatch.setitem(sys.modules, "ray.serve._private.constants", None)  # import fails
-    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_USE_GRPC_BY_DEFAULT"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert ingress.handle_transport() == {"_by_reference": by_reference}
