@@ -61,6 +61,10 @@ class BackendHttpServer:
         logger.info("backend HTTP server on %s", self.url)
         return self.url
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def drain(self, timeout_s: float) -> None:
         """Stop taking connections, then wait (at most timeout_s) for the requests in flight."""
         if self._server is None or self._task is None:

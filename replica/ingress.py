@@ -53,8 +53,13 @@ class BackendServer(LLMServer):
         await self.http.start()
 
     async def endpoint(self) -> str | None:
-        """The URL of this backend's server; None while its engine is dead."""
-        return None if self.engine.errored else self.http.url
+        """The URL of this backend's server; None while its engine or server is down."""
+        return self.http.url if self.http.running and not self.engine.errored else None
+
+    async def check_health(self) -> None:
+        await super().check_health()
+        if not self.http.running:
+            raise RuntimeError("the backend's HTTP server stopped")
 
     async def __del__(self):
         # Serve counts no requests in flight here (they come over the backend's own server):

@@ -134,7 +134,9 @@ def test_an_unreachable_backend_raises_before_anything_is_sent():
     async def scenario():
         server = BackendHttpServer(echo_app, "127.0.0.1", 0)
         url = await server.start()
+        assert server.running
         await server.drain(5)  # the port is closed now
+        assert not server.running  # so the backend's endpoint() and health check say down
         client = BackendClient()
         send = Recorder()
         try:
