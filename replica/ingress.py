@@ -61,12 +61,17 @@ class BackendServer(LLMServer):
         if not self.http.running:
             raise RuntimeError("the backend's HTTP server stopped")
 
-    async def __del__(self):
+    def __del__(self):
         # Serve counts no requests in flight here (they come over the backend's own server):
-        # finish them before the engine goes.
+        # finish them before the engine goes. Serve awaits what its destructor call returns;
+        # a plain finalizer call (the server stopped already) ends the engine at once.
         http = getattr(self, "http", None)
-        if http is not None:
-            await http.drain(GRACEFUL_SHUTDOWN_TIMEOUT_S)
+        if http is None or not http.running:
+            return super().__del__()
+        return self._drain_then_stop(http)
+
+    async def _drain_then_stop(self, http: BackendHttpServer) -> None:
+        await http.drain(GRACEFUL_SHUTDOWN_TIMEOUT_S)
         super().__del__()
 
 

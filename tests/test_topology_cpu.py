@@ -130,7 +130,18 @@ def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys
                          lambda: any(s["engine_unfinished_requests"] for s in backend_status("pg")))
         wait_until(lambda: backends_aborted_all("pg", before), timeout=60,
                    what=f"the backend's engine request aborted (stream={stream})")
-    serve.delete("pg")
+    # stop_service drains the backends' own servers too: a stream generating when it starts
+    # finishes in full.
+    stream = requests.post(f"{URL}/pg/", json={"prompt": "hello", "max_tokens": 512,
+                                               "ignore_eos": True, "stream": True},
+                           timeout=300, stream=True)
+    lines = stream.iter_lines()
+    assert next(lines).startswith(b"data: ")  # generating now
+    assert stop_service.main(["--app", "pg", "--timeout", "120"]) == 0
+    events = [line for line in lines if line.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 512
+    assert "pg" not in serve.status().applications
 
 
 def test_single_gpu_cpu_replicas_capped_per_node(sim, capsys):
