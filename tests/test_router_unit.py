@@ -63,22 +63,28 @@ def scope_for(method: str, path: str, query: bytes = b"", headers=()) -> dict:
             "headers": list(headers)}
 
 
-def test_forward_carries_method_path_query_headers_body_and_the_answer():
+def forwarded(scope: dict, body: bytes = b"") -> Recorder:
+    """What the router's client sends back for one request to echo_app on a backend server."""
     async def scenario():
         server = BackendHttpServer(echo_app, "127.0.0.1", 0)
         url = await server.start()
         client = BackendClient()
         send = Recorder()
-        await client.forward(url, scope_for("POST", "/v1/x", b"a=1",
-                                            [(b"content-type", b"application/json"),
-                                             (b"authorization", b"Bearer k"),
-                                             (b"connection", b"keep-alive")]),
-                             b'{"p": 1}', send)
-        await client.close()
-        await server.drain(5)
+        try:
+            await client.forward(url, scope, body, send)
+        finally:
+            await client.close()
+            await server.drain(5)
         return send
 
-    send = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_forward_carries_method_path_query_headers_body_and_the_answer():
+    send = forwarded(scope_for("POST", "/v1/x", b"a=1",
+                               [(b"content-type", b"application/json"),
+                                (b"authorization", b"Bearer k"),
+                                (b"connection", b"keep-alive")]), b'{"p": 1}')
     start = send.messages[0]
     assert start["status"] == 418
     assert (b"x-serve-node", b"n1") in start["headers"]
@@ -94,17 +100,7 @@ def test_forward_carries_method_path_query_headers_body_and_the_answer():
 
 
 def test_forward_streams_chunks_as_they_come():
-    async def scenario():
-        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
-        url = await server.start()
-        client = BackendClient()
-        send = Recorder()
-        await client.forward(url, scope_for("GET", "/stream"), b"", send)
-        await client.close()
-        await server.drain(5)
-        return send
-
-    send = asyncio.run(scenario())
+    send = forwarded(scope_for("GET", "/stream"))
     chunks = [(m["body"], t) for m, t in zip(send.messages, send.times)
               if m["type"] == "http.response.body" and m["body"]]
     assert [c for c, _ in chunks] == [b"a", b"b", b"c"]
