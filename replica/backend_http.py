@@ -13,6 +13,10 @@ logger = logging.getLogger("ray.serve")
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                             "transfer-encoding", "upgrade", "host", "content-length"})
 CONNECT_TIMEOUT_S = 10.0
+# The router closes an idle connection well before the backend would: a connection the backend
+# closed just as the router reused it would fail a request that never reached the backend.
+CLIENT_KEEPALIVE_S = 30.0
+SERVER_KEEPALIVE_S = 90.0
 
 
 class BackendUnreachable(Exception):
@@ -44,7 +48,8 @@ class BackendHttpServer:
             raise RuntimeError(f"the backend's HTTP server cannot bind {self.host}:{self.port} "
                                f"({exc}); pick another --backend-port") from None
         config = uvicorn.Config(self.app, lifespan="off", access_log=False, log_config=None,
-                                http="httptools", loop="none")
+                                http="auto", loop="none",
+                                timeout_keep_alive=int(SERVER_KEEPALIVE_S))
         self._server = uvicorn.Server(config)
         # Serve owns the process's signals; uvicorn would otherwise take SIGINT/SIGTERM over
         # while it runs on the main thread.
@@ -91,7 +96,7 @@ class BackendClient:
 
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=CLIENT_KEEPALIVE_S),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
                 auto_decompress=False)
         return self._session

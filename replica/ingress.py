@@ -122,7 +122,8 @@ class RouterApp:
                 last_error = exc
                 router.up[index] = False
                 logger.warning("backend %d unreachable (%s); trying the next", index, exc)
-        err = api.unavailable(f"no backend could take the request ({last_error or 'none up'})")
+        err = api.unavailable("no backend could take the request (" + (
+            f"{type(last_error).__name__}: {last_error}" if last_error else "none is up") + ")")
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
 
 
