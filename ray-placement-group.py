@@ -55,7 +55,8 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         print(f"backend {index}: node {node_id}")
         options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), node_id)
         backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
-                                  options).bind(engine, serve_config, args.backend_port))
+                                  options, version_note=f"-port{args.backend_port}")
+                        .bind(engine, serve_config, args.backend_port))
     return RoundRobinRouter.options(**router_options(serve_config, args.num_backends,
                                                      args.router_replicas)).bind(serve_config,
                                                                                  *backends)

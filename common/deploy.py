@@ -181,11 +181,12 @@ def with_version(deployment: Any, version: str) -> Any:
 
 
 def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: ServeConfig,
-              options: dict[str, Any]) -> Any:
+              options: dict[str, Any], version_note: str = "") -> Any:
     """An LLM deployment with its options and the version that keeps in-place updates working;
-    `options` from deployment_options(), possibly pinned (common/placement.py)."""
+    `options` from deployment_options(), possibly pinned (common/placement.py); `version_note`:
+    any other constructor argument whose change must restart the replicas."""
     return with_version(deployment.options(name=name, **options),
-                        deployment_version(engine, serve_config))
+                        deployment_version(engine, serve_config) + version_note)
 
 
 def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMDeployment",
