@@ -121,8 +121,11 @@ def test_watch_refreshes_in_a_terminal_and_ctrl_c_exits_zero(sim):
             r"refresh [2-9].*10 GPU.*\n.*\n", t.split("refresh 1", 1)[-1], re.S), timeout=90)
         assert "refresh 2" in text, text[-3000:]
         proc.send_signal(signal.SIGINT)
-        text += _read_terminal(controller, lambda t: False, timeout=5)
-        assert proc.wait(30) == EXIT_OK, text[-3000:]
+        # Keep draining the terminal until the program exits (the read fails once it has
+        # closed the terminal): a program that writes its last frame into a full terminal
+        # buffer nobody reads would block there.
+        text += _read_terminal(controller, lambda t: False, timeout=60)
+        assert proc.wait(10) == EXIT_OK, text[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
