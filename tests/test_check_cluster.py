@@ -113,7 +113,12 @@ def test_watch_refreshes_in_a_terminal_and_ctrl_c_exits_zero(sim):
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "check_cluster.py"), "--address",
                              c.address, "--watch", "1"], stdin=terminal, stdout=terminal,
-                            stderr=terminal, env={**subprocess_env(), "TERM": "xterm"}, cwd=ROOT)
+                            stderr=terminal, env={**subprocess_env(), "TERM": "xterm",
+                                                  "PYTHONFAULTHANDLER": "1"}, cwd=ROOT,
+                            # Ctrl-C as in a terminal, even where the test runner itself was
+                            # started in the background (which leaves SIGINT ignored, and so
+                            # no KeyboardInterrupt in Python).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(terminal)
     try:
         # Two refreshes, the second one with the pending group's reason.
@@ -125,7 +130,13 @@ def test_watch_refreshes_in_a_terminal_and_ctrl_c_exits_zero(sim):
         # closed the terminal): a program that writes its last frame into a full terminal
         # buffer nobody reads would block there.
         text += _read_terminal(controller, lambda t: False, timeout=60)
-        assert proc.wait(10) == EXIT_OK, text[-3000:]
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:  # still running: its threads' stacks say where
+            proc.send_signal(signal.SIGABRT)
+            text += _read_terminal(controller, lambda t: False, timeout=5)
+            raise AssertionError("no exit 70 s after Ctrl-C:\n" + text[-6000:]) from None
+        assert code == EXIT_OK, text[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
