@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
-                        make_parser)
+                        make_parser, positive_int)
 from loadgen.client import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
                             run_load_sync, summarize, write_json)
 
@@ -19,13 +19,6 @@ EPILOG = """examples:
 
 exit codes: 0 all requests succeeded, 1 any request failed (or the service was unreachable),
 2 bad flags."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -42,8 +35,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-# argparse names the converter in its error message ("invalid _positive_int value").
-_positive_int.__name__ = "positive integer"
+# argparse names the converter in its error message ("invalid _non_negative_int value").
 _non_negative_int.__name__ = "non-negative integer"
 _positive_float.__name__ = "positive number"
 
@@ -53,7 +45,7 @@ def build_parser():
                          "throughput, latency (TTFT/TPOT/ITL when streaming) and how the "
                          "answers spread over the cluster's nodes.", EPILOG)
     load = parser.add_argument_group("load")
-    add_flag(load, "-c", "--concurrency", env="LOAD_CONCURRENCY", default=20, type=_positive_int,
+    add_flag(load, "-c", "--concurrency", env="LOAD_CONCURRENCY", default=20, type=positive_int,
              help="requests in flight at once (the cap, also with --request-rate)")
     add_flag(load, "-n", "--num-requests", env="LOAD_NUM_REQUESTS", default=100,
              type=_non_negative_int, help="requests to send; 0 = no limit (needs --duration)")
@@ -70,7 +62,7 @@ def build_parser():
     add_flag(request, "--prompt-file", env="LOAD_PROMPT_FILE", default=None,
              help="file of prompts, one per line or JSONL {\"prompt\": ...}, used in turn "
                   "(overrides --prompt)")
-    add_flag(request, "--max-tokens", env="LOAD_MAX_TOKENS", default=128, type=_positive_int,
+    add_flag(request, "--max-tokens", env="LOAD_MAX_TOKENS", default=128, type=positive_int,
              help="max_tokens per request")
     add_flag(request, "--temperature", env="LOAD_TEMPERATURE", default=None, type=float,
              help="sampling temperature (server default when unset)")
@@ -89,7 +81,7 @@ def build_parser():
              help="sent as 'Authorization: Bearer <key>'")
     add_flag(service, "--timeout", env="LOAD_TIMEOUT", default=600.0, type=_positive_float,
              help="per-request timeout in seconds, including the whole streamed answer")
-    add_flag(service, "--expected-nodes", env="EXPECTED_NODES", default=None, type=_positive_int,
+    add_flag(service, "--expected-nodes", env="EXPECTED_NODES", default=None, type=positive_int,
              help="nodes that should be serving: ones that answered nothing count as 0 in the "
                   "balance figure")
     output = parser.add_argument_group("output")

@@ -21,13 +21,14 @@ ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 
 
 def add_topology_args(group) -> None:
-    cli.add_flag(group, "--num-backends", env="NUM_BACKENDS", type=int, default=2,
+    cli.add_flag(group, "--num-backends", env="NUM_BACKENDS", type=cli.positive_int, default=2,
                  help="backend deployments, each pinned to its own node")
-    cli.add_flag(group, "--router-replicas", env="ROUTER_REPLICAS", type=int, default=1,
+    cli.add_flag(group, "--router-replicas", env="ROUTER_REPLICAS", type=cli.positive_int,
+                 default=1,
                  help="replicas of the router; each spreads its requests round-robin over every "
                       "backend (more carry more concurrent streams; the split stays even per "
                       "router, not request by request)")
-    cli.add_flag(group, "--backend-port", env="BACKEND_PORT", type=int, default=0,
+    cli.add_flag(group, "--backend-port", env="BACKEND_PORT", type=cli.port_number, default=0,
                  help="port of each backend's own HTTP server, on its node's address, which "
                       "the router forwards requests to (0: any free port); it must be reachable "
                       "from every node")
@@ -36,12 +37,6 @@ def add_topology_args(group) -> None:
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
     from replica.ingress import LLMBackend, RoundRobinRouter
 
-    if args.num_backends < 1:
-        raise cli.ScriptError("--num-backends must be >= 1", cli.EXIT_USAGE)
-    if args.router_replicas < 1:
-        raise cli.ScriptError("--router-replicas must be >= 1", cli.EXIT_USAGE)
-    if not 0 <= args.backend_port <= 65535:
-        raise cli.ScriptError("--backend-port must be in 0..65535", cli.EXIT_USAGE)
     if multi_node_layout(engine, serve_config, 1) is not None:
         raise cli.ScriptError(
             f"a backend of {engine.gpus_per_replica} GPUs is larger than any node, and this "

@@ -63,6 +63,25 @@ def str_to_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be in 0..65535")
+    return value
+
+
+# argparse names the converter in its error message ("invalid positive integer value").
+positive_int.__name__ = "positive integer"
+port_number.__name__ = "port number (0-65535)"
+
+
 def env_default(env: str | None, default: Any, convert: Callable[[str], Any] | None) -> Any:
     """The flag's default: the env var's value (converted) when set, else `default`."""
     if env and os.environ.get(env) not in (None, ""):

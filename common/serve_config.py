@@ -211,9 +211,6 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
 
     lightweight = _lightweight_options(script, args, serve_config)
     if script == "ray-placement-group.py":
-        if args.num_backends < 1 or args.router_replicas < 1:
-            raise cli.ScriptError("--num-backends and --router-replicas must be >= 1",
-                                  cli.EXIT_USAGE)
         router = router_options(serve_config, args.num_backends, args.router_replicas)
         return [*({"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}
                   for i in range(args.num_backends)),

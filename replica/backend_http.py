@@ -37,8 +37,6 @@ class BackendHttpServer:
     async def start(self) -> str:
         import uvicorn
 
-        if self.url is not None:
-            return self.url
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -100,16 +100,12 @@ class RouterApp:
             return
         router = self.router
         await router.probed()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers") or []}
+        path, headers = vllm_app.request_head(scope)
         try:
             body = await vllm_app.read_body(receive, router.serve_config.max_body_bytes,
                                             headers.get("content-length"))
         except api.ApiError as err:
             return await vllm_app.send_json(send, err.status, err.body(), err.headers)
-        path, root = scope["path"], scope.get("root_path") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
         scope = {**scope, "path": path}
         last_error: Exception | None = None
         for index in router.order():
@@ -127,8 +123,8 @@ class RouterApp:
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
 
 
-@serve.deployment(name=ROUTER_DEPLOYMENT, max_ongoing_requests=4096, num_replicas=1,
-                  ray_actor_options={"num_cpus": 0})
+# Replicas and request limits: common.deploy.router_options, from the backends' own.
+@serve.deployment(name=ROUTER_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class RoundRobinRouter:
     """Spreads requests round-robin over backend deployments, skipping ones that are down."""
@@ -142,7 +138,7 @@ class RoundRobinRouter:
         # Each replica starts its rotation elsewhere, so that replicas together spread evenly.
         self._turn = itertools.count(random.randrange(max(len(backends), 1)))
         self._prober: asyncio.Task | None = None
-        self._first_round: asyncio.Event | None = None
+        self._first_round = asyncio.Event()
 
     async def __serve_build_asgi_app__(self):
         return RouterApp(self)
@@ -150,7 +146,6 @@ class RoundRobinRouter:
     async def probed(self) -> None:
         """Returns once every backend has been asked for its URL at least once."""
         if self._prober is None:
-            self._first_round = asyncio.Event()
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
         await self._first_round.wait()
 

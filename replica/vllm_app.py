@@ -96,7 +96,7 @@ async def build_openai_app(engine_client: Any, args: Namespace):
 _DISCONNECT = {"type": "http.disconnect"}
 
 
-def replay_body(body: bytes, then: Receive | None, gone: asyncio.Event | None = None) -> Receive:
+def replay_body(body: bytes, then: Receive, gone: asyncio.Event) -> Receive:
     """An ASGI receive() that hands over a body already read, then waits on `then` (the client's
     own receive, whose http.disconnect makes vLLM abort the generation) or for `gone` (set when
     the request was cancelled), whichever comes first, and says http.disconnect for `gone`."""
@@ -107,24 +107,30 @@ def replay_body(body: bytes, then: Receive | None, gone: asyncio.Event | None = 
         if not given:
             given = True
             return {"type": "http.request", "body": body, "more_body": False}
-        if gone is not None and gone.is_set():
+        if gone.is_set():
             return _DISCONNECT
-        waits = [asyncio.ensure_future(w) for w in
-                 ((then() if then is not None else None), (gone.wait() if gone else None))
-                 if w is not None]
-        if not waits:  # never: the caller ends the task by closing the stream
-            await asyncio.Event().wait()
+        waits = [asyncio.ensure_future(then()), asyncio.ensure_future(gone.wait())]
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiting in waits:
                 if not waiting.done():
                     waiting.cancel()
-        if then is not None and waits[0] in done:
+        if waits[0] in done:
             return waits[0].result()
         return _DISCONNECT
 
     return receive
+
+
+def request_head(scope: Scope) -> tuple[str, dict[str, str]]:
+    """A request's path below the route prefix (Serve's root_path) and its headers, lower-cased."""
+    path = scope["path"]
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path, {k.decode("latin-1").lower(): v.decode("latin-1")
+                  for k, v in scope.get("headers") or []}
 
 
 async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
@@ -214,12 +220,7 @@ class ReplicaApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan: vLLM's own (its stats logger task)
             return await self.openai_app(scope, receive, send)
-        path = scope["path"]
-        root = scope.get("root_path") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers") or []}
+        path, headers = request_head(scope)
         try:
             if path.rstrip("/") != "/health":
                 self._authorize(headers)
