@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
-                        make_parser, positive_int)
+                        make_parser, non_negative_int, positive_int)
 from loadgen.client import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
                             run_load_sync, summarize, write_json)
 
@@ -21,13 +21,6 @@ exit codes: 0 all requests succeeded, 1 any request failed (or the service was u
 2 bad flags."""
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # also rejects nan
@@ -35,8 +28,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-# argparse names the converter in its error message ("invalid _non_negative_int value").
-_non_negative_int.__name__ = "non-negative integer"
+# argparse names the converter in its error message ("invalid _positive_float value").
 _positive_float.__name__ = "positive number"
 
 
@@ -48,7 +40,7 @@ def build_parser():
     add_flag(load, "-c", "--concurrency", env="LOAD_CONCURRENCY", default=20, type=positive_int,
              help="requests in flight at once (the cap, also with --request-rate)")
     add_flag(load, "-n", "--num-requests", env="LOAD_NUM_REQUESTS", default=100,
-             type=_non_negative_int, help="requests to send; 0 = no limit (needs --duration)")
+             type=non_negative_int, help="requests to send; 0 = no limit (needs --duration)")
     add_flag(load, "--request-rate", env="LOAD_REQUEST_RATE", default=math.inf,
              type=_positive_float,
              help="mean requests/s with Poisson arrivals; inf = closed loop (each finished "

@@ -63,23 +63,21 @@ def str_to_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+def int_in_range(low: int, high: int | None, name: str) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (no upper bound for None), named in argparse's
+    error message ("invalid <name> value")."""
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be in {low}..{'' if high is None else high}")
+        return value
+    convert.__name__ = name
+    return convert
 
 
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be in 0..65535")
-    return value
-
-
-# argparse names the converter in its error message ("invalid positive integer value").
-positive_int.__name__ = "positive integer"
-port_number.__name__ = "port number (0-65535)"
+positive_int = int_in_range(1, None, "positive integer")
+non_negative_int = int_in_range(0, None, "non-negative integer")
+port_number = int_in_range(0, 65535, "port number (0-65535)")
 
 
 def env_default(env: str | None, default: Any, convert: Callable[[str], Any] | None) -> Any:
