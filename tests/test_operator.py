@@ -1,8 +1,8 @@
 """The README's operator flow with real processes: `ray start` head + `ray start --address` node
 (8 logical GPUs each, token auth on), the scripts run from a copy of the repo in a clean
-environment, the guide's curl, load_test.py on both nodes, a replica restarted after the copy is
-gone, check_cluster.py and stop_service.py, and load_test.py --report's page for a node that answers
-nothing.
+environment, the guide's curl, load_test.py on both nodes (also through the placement-group
+router), a replica restarted after the copy is gone, check_cluster.py and stop_service.py, and
+load_test.py --report's page for a node that answers nothing.
 
 Every process gets its own HOME (the token) and RAY_TMPDIR (sessions, ray_current_cluster), so the
 machine's ~/.ray and /tmp/ray stay untouched; Ray is ended by the processes of this test's own
@@ -232,6 +232,20 @@ def test_single_gpu_both_nodes_via_ray_address(operator):
     assert op.curl()["node"] in nodes
     assert_both_nodes(op, op.load_test(), nodes)
     op.script("stop_service.py", "--address", op.address, "--app", "single")
+
+
+def test_placement_group_router_over_both_nodes(operator):
+    # Two backends pinned to the two raylets (one on the head), reached by two router replicas
+    # over the backends' own HTTP servers; the guide's curl and load_test.py get both nodes.
+    op = operator
+    op.deploy("ray-placement-group.py", "pg", "--tensor-parallel-size", "1",
+              "--num-backends", "2", "--router-replicas", "2")
+    nodes, head = cluster_nodes(op.report())
+    assert op.curl()["node"] in nodes
+    result = op.load_test()
+    assert_both_nodes(op, result, nodes)
+    assert head in result["summary"]["node_counts"]
+    op.script("stop_service.py", "--app", "pg")
 
 
 def test_product_scales_out_to_the_second_node(operator):
