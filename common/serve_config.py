@@ -215,7 +215,8 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
         return [*({"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}
                   for i in range(args.num_backends)),
                 {"name": ROUTER_DEPLOYMENT, **{k: router[k] for k in (
-                    "num_replicas", "max_ongoing_requests", "max_queued_requests")}}]
+                    "num_replicas", "max_ongoing_requests", "max_queued_requests",
+                    "ray_actor_options")}}]
     entry: dict[str, Any] = {"name": "LLMDeployment", **lightweight}
     entry.update(replica_resources(engine, serve_config))
     if script == "ray-single-gpu.py":

@@ -123,8 +123,8 @@ class RouterApp:
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
 
 
-# Replicas and request limits: common.deploy.router_options, from the backends' own.
-@serve.deployment(name=ROUTER_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+# Replicas, request limits and process settings: common.deploy.router_options.
+@serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress()
 class RoundRobinRouter:
     """Spreads requests round-robin over backend deployments, skipping ones that are down."""
