@@ -30,8 +30,12 @@ EPILOG = """what is measured (sequential requests, concurrency 1, max_tokens 1, 
   haproxy /, /v1  the same with --ingress haproxy (Serve's HAProxy + direct ingress)
   router-proxy,   ray-placement-group.py --device cpu --num-backends 1: the RoundRobinRouter
   router-haproxy  deployment in front of one LLMBackend (the extra hop), POST /, each ingress
+  backend-proxy,  the same service's backend called on its own HTTP server (--backend-port),
+  backend-haproxy POST /: what the router forwards to
 Rows of one service alternate their endpoints round by round. Derived: each served row minus
-vllm-serve, and the router hop (router - proxy /, per ingress), p50 and p99.
+vllm-serve; the router hop (router - proxy /, per ingress: two services, one after the other);
+the router path (router - backend, per ingress: one service, one engine, rounds alternating),
+i.e. the ingress (HAProxy or Serve's proxy) plus the router replica; p50 and p99.
 
 run it inside a loopback-only network namespace:
   scripts/loopback.sh .venv/bin/python bench/serving_overhead.py
@@ -113,22 +117,26 @@ def load(port: int, n: int, workdir: Path, name: str, endpoint: str = "/") -> li
     return [r["latency"] for r in data["requests"] if r["ok"]]
 
 
-def measure(port: int, endpoints: dict[str, str], n: int, warmup: int, rounds: int,
-            workdir: Path) -> dict[str, list[float]]:
-    """Rows of one running service: {row: endpoint}, alternating endpoints round by round."""
-    for row, endpoint in endpoints.items():
-        load(port, warmup, workdir, f"{row}-warmup", endpoint)
-    times: dict[str, list[float]] = {row: [] for row in endpoints}
+def measure(port: int, endpoints: dict[str, str | tuple[int, str]], n: int, warmup: int,
+            rounds: int, workdir: Path) -> dict[str, list[float]]:
+    """Rows of one running service: {row: endpoint on `port`, or (another port, endpoint)},
+    alternating the rows round by round."""
+    targets = {row: value if isinstance(value, tuple) else (port, value)
+               for row, value in endpoints.items()}
+    for row, (row_port, endpoint) in targets.items():
+        load(row_port, warmup, workdir, f"{row}-warmup", endpoint)
+    times: dict[str, list[float]] = {row: [] for row in targets}
     for _ in range(rounds):
-        for row, endpoint in endpoints.items():
-            times[row] += load(port, n, workdir, row, endpoint)
+        for row, (row_port, endpoint) in targets.items():
+            times[row] += load(row_port, n, workdir, row, endpoint)
     return times
 
 
-def served(script: str, args: list[str], endpoints: dict[str, str], n: int, warmup: int,
-           rounds: int, workdir: Path) -> dict[str, list[float]]:
+def served(script: str, args: list[str], endpoints: dict[str, str | tuple[int, str]], n: int,
+           warmup: int, rounds: int, workdir: Path, port: int | None = None
+           ) -> dict[str, list[float]]:
     """Start a deployment script on a Ray head of its own (bench/serving_benchmark.py _ray)."""
-    port = free_port()
+    port = port or free_port()
     script_args = ["--device", "cpu", "--model", args[0], "--max-model-len", "512",
                    "--proxy-location", "HeadOnly", "--host", HOST, "--port", str(port), *args[1:]]
     logpath = workdir / f"{script}-{'-'.join(endpoints)}.log".replace("/", "_").replace(" ", "")
@@ -207,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--ingress", ingress],
                               {f"{ingress} /": "/", f"{ingress} /v1": "/v1/completions"}, *runs))
         log(f"router: ray-placement-group.py --num-backends 1 --ingress {ingress}")
+        backend_port = free_port()
         samples.update(served("ray-placement-group.py",
                               [args.model, "--num-backends", "1", "--tensor-parallel-size", "1",
-                               "--ingress", ingress], {f"router-{ingress}": "/"}, *runs))
+                               "--ingress", ingress, "--backend-port", str(backend_port)],
+                              {f"router-{ingress}": "/",
+                               f"backend-{ingress}": (backend_port, "/")}, *runs))
     stats = {name: percentiles(values) for name, values in samples.items()}
     reference = stats["vllm-serve"]
     derived = {f"{row} - vllm-serve": {k: stats[row][k] - reference[k]
@@ -218,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     for ingress in args.ingresses:
         derived[f"router hop, {ingress} (router-{ingress} - {ingress} /)"] = {
             k: stats[f"router-{ingress}"][k] - stats[f"{ingress} /"][k]
+            for k in ("p50_ms", "p99_ms")}
+        derived[f"router path, {ingress} (router-{ingress} - backend-{ingress})"] = {
+            k: stats[f"router-{ingress}"][k] - stats[f"backend-{ingress}"][k]
             for k in ("p50_ms", "p99_ms")}
     result = {"benchmark": "serving_overhead",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
