@@ -209,3 +209,23 @@ def test_plan_reads_a_config_or_its_rayservice(capsys, tmp_path):
         config_check.read_config(str(config))
     assert config_check.local_dir_of("local:///app") == "/app"
     assert config_check.local_dir_of("https://x/y.zip") is None
+
+
+def test_router_replicas_run_like_engine_replicas(monkeypatch):
+    # The router's limits add up to the backends' own; its Serve settings are the engine
+    # replicas' (code on Serve's loop, JSON errors), each replaced by what the operator set.
+    from common.deploy import router_options
+    from replica.config import ServeConfig
+
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
+    options = router_options(ServeConfig(max_ongoing_requests=100, env_vars={"X": "1"}),
+                             backends=2, replicas=4)
+    assert (options["num_replicas"], options["max_ongoing_requests"]) == (4, 50)
+    assert options["backpressure_config"]["status_code"] == 503
+    actor = options["ray_actor_options"]
+    assert actor["num_cpus"] == 0
+    env = actor["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == (
+        "replica.serve_errors:json_error_middlewares")
+    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
+    assert env["X"] == "1"
