@@ -44,10 +44,10 @@ def build_apps():
     from ray import serve
 
     from common.deploy import router_options
-    from replica.config import SERVE_REPLICA_ENV, ServeConfig, operator_env_wins
+    from replica.config import ServeConfig, replica_env
     from replica.ingress import RoundRobinRouter
 
-    actor = {"num_cpus": 0, "runtime_env": {"env_vars": operator_env_wins(SERVE_REPLICA_ENV)}}
+    actor = {"num_cpus": 0, "runtime_env": {"env_vars": replica_env(None)}}
 
     @serve.deployment(ray_actor_options=actor)
     class StandInBackend:
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000,
                         help="HAProxy's port on 127.0.0.1 (default: %(default)s)")
     args = parser.parse_args(argv)
-    from common.deploy import INGRESSES, replica_code_runtime_env, start_serve
+    from common.deploy import controller_env, replica_code_runtime_env, start_serve
 
     # The project's default ingress; the local cluster inherits this environment.
-    os.environ.update({k: v for k, v in INGRESSES["haproxy"].items() if k not in os.environ})
+    os.environ.update(controller_env("haproxy"))
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     import ray
     from ray import serve

@@ -133,10 +133,9 @@ def measure(port: int, endpoints: dict[str, str | tuple[int, str]], n: int, warm
 
 
 def served(script: str, args: list[str], endpoints: dict[str, str | tuple[int, str]], n: int,
-           warmup: int, rounds: int, workdir: Path, port: int | None = None
-           ) -> dict[str, list[float]]:
+           warmup: int, rounds: int, workdir: Path) -> dict[str, list[float]]:
     """Start a deployment script on a Ray head of its own (bench/serving_benchmark.py _ray)."""
-    port = port or free_port()
+    port = free_port()
     script_args = ["--device", "cpu", "--model", args[0], "--max-model-len", "512",
                    "--proxy-location", "HeadOnly", "--host", HOST, "--port", str(port), *args[1:]]
     logpath = workdir / f"{script}-{'-'.join(endpoints)}.log".replace("/", "_").replace(" ", "")

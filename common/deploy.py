@@ -14,8 +14,7 @@ from replica.api import RETRY_AFTER_S
 from replica.parallel_layout import TP_ENV
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
-from replica.config import (SERVE_REPLICA_ENV, EngineConfig, ServeConfig, operator_env_wins,
-                            replica_env)
+from replica.config import EngineConfig, ServeConfig, operator_env_wins, replica_env
 
 
 def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
@@ -130,7 +129,7 @@ def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> d
     503 past that (requests reach the backends' own servers, which Serve does not count).
     Like an engine replica, a router runs its code on Serve's own event loop (a second loop
     would hand every request and streamed chunk between threads) and answers errors in JSON."""
-    env = {**operator_env_wins(SERVE_REPLICA_ENV), **serve_config.env_vars}
+    env = replica_env(None, serve_config.env_vars)
     return {"num_replicas": replicas,
             "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}},
             "max_ongoing_requests": max(1, math.ceil(

@@ -175,9 +175,12 @@ def network_env(environ: dict[str, str] | None = None) -> dict[str, str]:
             if key.startswith(NETWORK_ENV_PREFIXES) or key in NETWORK_ENV_NAMES}
 
 
-def replica_env(engine: EngineConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
+def replica_env(engine: EngineConfig | None, extra: dict[str, str] | None = None
+                ) -> dict[str, str]:
     """Env vars for the replica processes (passed through the runtime_env); a replica with
-    Ray workers also carries the deploy shell's NCCL/Gloo network settings to every node."""
-    env = {**SERVE_REPLICA_ENV, **(CPU_ENGINE_ENV if engine.device == "cpu" else {})}
-    carried = network_env() if engine.uses_ray_workers else {}
+    Ray workers also carries the deploy shell's NCCL/Gloo network settings to every node.
+    engine None: a replica holding no engine (the router), which takes Serve's settings only."""
+    cpu = engine is not None and engine.device == "cpu"
+    env = {**SERVE_REPLICA_ENV, **(CPU_ENGINE_ENV if cpu else {})}
+    carried = network_env() if engine is not None and engine.uses_ray_workers else {}
     return {**operator_env_wins(env), **carried, **(extra or {})}
