@@ -54,7 +54,7 @@ demo-model: setup
 	$(PY) -m common.demo_model
 
 # Leaves the demo running on 127.0.0.1:8000 (a second run reuses it); `make demo-stop` ends it.
-# On shared machines, isolate it yourself: scripts/loopback.sh make demo
+# On shared machines, isolate it yourself: make setup (network), then scripts/loopback.sh make demo
 demo: setup
 	$(PY) -m common.demo
 
