@@ -688,21 +688,26 @@ class Bench:
                 log(f"  {target} took {time.monotonic() - started:.0f}s")
                 if not self.cpu:
                     wait_gpu_free()
-                self.save_partial(runs)
+                self.save_partial(runs, lengths)
         return self.report(runs, lengths)
 
-    def save_partial(self, runs: list[dict[str, Any]]) -> None:
-        (self.workdir / "runs.json").write_text(json.dumps(runs, indent=1))
+    def save_partial(self, runs: list[dict[str, Any]], lengths: list[int]) -> None:
+        """The report so far, marked partial: a lent machine can be taken back mid-run, and
+        `--from-partial` turns the last copy into the usual JSON and Markdown."""
+        text = json.dumps({**self.report(runs, lengths), "partial": True}, indent=1)
+        (self.workdir / "runs.json").write_text(text)
         if self.args.partial_copy:
-            Path(self.args.partial_copy).write_text(json.dumps(runs, indent=1))
+            Path(self.args.partial_copy).write_text(text)
 
     def report(self, runs: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
         a = self.args
         table = aggregate(runs, a.targets, a.stream_requests > 0, a.stream_v1)
+        if not hasattr(self, "machine"):
+            self.machine = machine_info()
         return {
             "benchmark": "serving_benchmark",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(),
+            "machine": self.machine,
             "parameters": {
                 "device": a.device, "model": os.path.relpath(a.model, REPO_ROOT)
                 if os.path.isabs(a.model) else a.model,
@@ -837,10 +842,13 @@ def markdown(result: dict[str, Any]) -> str:
              f"at concurrency {p['stream_concurrency']}. Model {p['model']} "
              f"(load_format {p['load_format']}), engine {p['engine']}. "
              f"{p['repetitions']} interleaved repetitions; medians, (min-max) over repetitions.",
-             "",
-             "| target | runs | output tok/s | req/s | latency p50 / p99 (ms) | TTFT p50 / p99 "
-             "(ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
+             ""]
+    if result.get("partial"):
+        lines += ["**Partial**: the run ended early (the lent machine was taken back); the table "
+                  "holds the runs that finished (column `runs`).", ""]
+    lines += ["| target | runs | output tok/s | req/s | latency p50 / p99 (ms) | TTFT p50 / p99 "
+              "(ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
+              "|---|---|---|---|---|---|---|---|"]
     for e in result["table"]:
         runs = f"{e['runs']}" + (f" (+{e['failed_runs']} failed)" if e["failed_runs"] else "")
         if e["failures"]:
@@ -882,6 +890,17 @@ def write_results(result: dict[str, Any], results_dir: Path, tag: str) -> tuple[
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(markdown(result))
     return json_path, md_path
+
+
+def write_partial(path: Path, results_dir: Path, tag: str) -> int:
+    """The JSON and Markdown of a run cut short, from its last --partial-copy."""
+    result = json.loads(path.read_text())
+    if not isinstance(result, dict) or "runs" not in result:
+        raise SystemExit(f"error: {path} is not a --partial-copy report")
+    json_path, md_path = write_results(result, results_dir, f"{tag}-partial")
+    log(f"wrote {json_path} and {md_path} ({len(result['runs'])} runs)")
+    print(markdown(result))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,7 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--results-dir", default=str(RESULTS_DIR), help="where the JSON and Markdown go")
     opt("--tag", default=None, help="file name tag; None: the device")
     opt("--workdir", default=None, help="logs and per-run files; None: a temporary folder")
-    opt("--partial-copy", default=None, help="also copy the runs so far here after each target")
+    opt("--partial-copy", default=None, help="also copy the report so far here after each target")
+    opt("--from-partial", default=None,
+        help="write the JSON and Markdown of a --partial-copy file (a run cut short), run nothing")
     return parser
 
 
@@ -976,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_vllm_cli(argv[1:])
     args = apply_defaults(build_parser().parse_args(argv))
     args.argv = argv
+    if args.from_partial:
+        return write_partial(Path(args.from_partial), Path(args.results_dir), args.tag)
     if args.device == "cpu" and not Path(args.model).exists():
         from common.demo_model import ensure_demo_model
         ensure_demo_model(args.model)

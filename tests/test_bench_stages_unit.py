@@ -43,3 +43,60 @@ def test_means_between_two_scrapes():
     # Queue saw no new request: no mean rather than 0/0; prefill is new since `before`.
     assert stage_means_ms(before, after) == {"engine_ttft_mean_ms": 500.0,
                                              "engine_prefill_mean_ms": 100.0}
+
+
+def cut_short_report() -> dict:
+    """A --partial-copy as a run taken back after two of its target-runs leaves it."""
+    from serving_benchmark import aggregate, ratios
+
+    runs = [{"rep": 0, "row": "vllm-serve", "output_tok_s": 100.0, "requests": 4, "failures": 0},
+            {"rep": 0, "row": "ray", "output_tok_s": 99.0, "requests": 4, "failures": 0}]
+    table = aggregate(runs, ["vllm-serve", "ray", "ray-proxy"], False)
+    params = {"num_requests": 4, "input_len": 8, "prompt_tokens_min": 8, "prompt_tokens_max": 8,
+              "output_len": 4, "concurrency": 4, "request_rate": "inf", "stream_requests": 0,
+              "stream_concurrency": 1, "model": "m", "load_format": "dummy", "engine": {},
+              "repetitions": 3}
+    return {"benchmark": "serving_benchmark", "date": "2026-12-02T00:00:00+00:00",
+            "machine": {"cpu": "x", "cpus": 16, "python": "3.12", "versions": {"vllm": "0.26.0"},
+                        "gpu": {"name": "H200"}},
+            "parameters": params, "command": "python bench/serving_benchmark.py -r 3",
+            "target_commands": {}, "table": table, "ratios": ratios(runs, table), "runs": runs,
+            "partial": True}
+
+
+def test_a_run_cut_short_becomes_the_usual_files_marked_partial(tmp_path):
+    import json
+
+    from serving_benchmark import main
+
+    partial = tmp_path / "runs.json"
+    partial.write_text(json.dumps(cut_short_report()))
+    assert main(["--from-partial", str(partial), "--results-dir", str(tmp_path / "out"),
+                 "--tag", "gpu"]) == 0
+    md = next((tmp_path / "out").glob("serving_benchmark-gpu-partial-*.md")).read_text()
+    assert "**Partial**" in md
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()
+            if line.startswith("| ")}
+    assert rows["ray"].split(" | ")[1] == "1" and rows["ray-proxy"].split(" | ")[1] == "0"
+    assert "ray/vllm-serve" in md
+    saved = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert saved["partial"] is True and len(saved["runs"]) == 2
+
+
+def test_every_partial_copy_is_a_whole_report(tmp_path, monkeypatch):
+    import json
+
+    import serving_benchmark as sb
+
+    monkeypatch.setattr(sb, "machine_info", lambda: cut_short_report()["machine"])
+    args = sb.apply_defaults(sb.build_parser().parse_args(
+        ["--device", "cpu", "--targets", "vllm-serve,ray", "--partial-copy",
+         str(tmp_path / "copy.json")]))
+    args.argv = []
+    bench = sb.Bench(args, tmp_path)
+    bench.command_lines = {}
+    bench.save_partial(cut_short_report()["runs"], [8, 9])
+    copy = json.loads((tmp_path / "copy.json").read_text())
+    assert copy["partial"] is True and copy["machine"]["gpu"]["name"] == "H200"
+    assert [e["runs"] for e in copy["table"] if not e["row"].endswith("stream")] == [1, 1]
+    assert (tmp_path / "runs.json").read_text() == (tmp_path / "copy.json").read_text()
