@@ -200,10 +200,10 @@ def stop_demo(args) -> None:
     path.unlink(missing_ok=True)
 
 
-def end_processes_of_session(session_dir: str, grace_s: float = 10.0) -> int:
-    """Terminate this machine's processes of one Ray session, and their children: every Ray
-    daemon names its session directory on its command line (workers rename themselves, so they
-    are found as children). `ray stop` would end every Ray cluster on the machine instead."""
+def session_processes(session_dir: str) -> list:
+    """This machine's processes of one Ray session, and their children: every Ray daemon names
+    its session directory on its command line (workers rename themselves, so they are found as
+    children, and so are the processes they start, such as Serve's HAProxy)."""
     import psutil
 
     found: dict[int, psutil.Process] = {}
@@ -216,7 +216,13 @@ def end_processes_of_session(session_dir: str, grace_s: float = 10.0) -> int:
             except psutil.Error:
                 pass
     found.pop(os.getpid(), None)
-    procs = list(found.values())
+    return list(found.values())
+
+
+def end_processes(procs: list, grace_s: float = 10.0) -> int:
+    """SIGTERM those of `procs` still running, SIGKILL what is left after `grace_s`."""
+    import psutil
+
     for proc in procs:
         try:
             proc.send_signal(signal.SIGTERM)
@@ -229,6 +235,12 @@ def end_processes_of_session(session_dir: str, grace_s: float = 10.0) -> int:
         except psutil.Error:
             pass
     return len(procs)
+
+
+def end_processes_of_session(session_dir: str, grace_s: float = 10.0) -> int:
+    """Terminate one Ray session's processes and their children; `ray stop` would end every Ray
+    cluster on the machine instead."""
+    return end_processes(session_processes(session_dir), grace_s)
 
 
 @cli.exits_with_codes

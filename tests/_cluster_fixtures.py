@@ -25,22 +25,38 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
                                 "include_dashboard": False})
-    workers = []
-    for i in range(gpu_nodes):
-        extra = (worker_resources or [{}] * gpu_nodes)[i]
-        workers.append(c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
-                                  resources={"accelerator_type:H100": 1, **extra}))
-    c.wait_for_nodes()
-    ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=NAMESPACE,
-             logging_level="WARNING", log_to_driver=False)
-    start_serve(LOCAL_IP, 8000, "HeadOnly", **({"ingress": ingress} if ingress else {}))
     try:
+        workers = []
+        for i in range(gpu_nodes):
+            extra = (worker_resources or [{}] * gpu_nodes)[i]
+            workers.append(c.add_node(num_cpus=worker_cpus, num_gpus=8,
+                                      node_ip_address=LOCAL_IP,
+                                      resources={"accelerator_type:H100": 1, **extra}))
+        c.wait_for_nodes()
+        ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=NAMESPACE,
+                 logging_level="WARNING", log_to_driver=False)
+        start_serve(LOCAL_IP, 8000, "HeadOnly", **({"ingress": ingress} if ingress else {}))
         yield c, workers
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        c.shutdown()
+        with ended_after(c.head_node.get_session_dir_path()):
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+            c.shutdown()
+
+
+@contextlib.contextmanager
+def ended_after(session_dir: str):
+    """Ends, after the block (a cluster's shutdown), that session's processes still running:
+    Serve's HAProxy, a child of its proxy actor, can outlive the raylets and keep holding the
+    next test cluster's ports (8000, 9101, 8404)."""
+    from common.demo import end_processes, session_processes
+
+    procs = session_processes(session_dir)
+    try:
+        yield
+    finally:
+        end_processes([p for p in procs if p.is_running()], grace_s=5.0)
 
 
 def subprocess_env() -> dict:

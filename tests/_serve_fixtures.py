@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 
-from _cluster_fixtures import LOCAL_IP, wait_until  # noqa: F401
+from _cluster_fixtures import LOCAL_IP, ended_after, wait_until  # noqa: F401
 
 import ray
 import requests
@@ -55,9 +55,10 @@ def local_ray(num_cpus: int = 2):
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+        with ended_after(ray._private.worker._global_node.get_session_dir_path()):
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
 
 
 def deploy_script(script: str, *argv: str) -> int:
