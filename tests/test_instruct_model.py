@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct, the real instruct demo model: served over real HTTP, and its build."""
+"""SmolLM2-135M-Instruct, the real instruct demo model: its build (test_openai_parity serves it)."""
 from __future__ import annotations
 
 import json
@@ -7,16 +7,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import requests
-
-from _serve_fixtures import LOCAL_IP, cpu_args, deploy_script, free_port, local_ray
 
 from common import demo_model
 from common.demo_model import ensure_instruct_model
-
-SERVED_NAME = "SmolLM2-135M-Instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
 
 @pytest.fixture(scope="module")
 def instruct_model() -> str:
@@ -29,64 +22,6 @@ def tokenizer(instruct_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(instruct_model)
-
-
-@pytest.fixture(scope="module")
-def service(instruct_model):
-    port = free_port()
-    with local_ray():
-        # A later --model wins over the demo model that cpu_args names. SmolLM2 does not think:
-        # no <think> split, whatever the served name.
-        code = deploy_script("ray-single-gpu.py", *cpu_args(
-            port, "--model", instruct_model, "--served-model-name", SERVED_NAME,
-            "--reasoning-parser", "none", "--num-replicas", "1", "--max-model-len", "2048"))
-        assert code == 0
-        yield f"http://{LOCAL_IP}:{port}"
-
-
-def post(url: str, body: dict) -> dict:
-    response = requests.post(url, data=json.dumps(body), timeout=300,
-                             headers={"Content-Type": "application/json"})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def chat(service: str, messages: list, **options) -> dict:
-    return post(f"{service}/v1/chat/completions",
-                {"model": SERVED_NAME, "messages": messages, "temperature": 0, **options})
-
-
-def test_greedy_chat_answers_the_question(service):
-    body = chat(service, QUESTION, max_tokens=32)
-    choice = body["choices"][0]
-    assert "Paris" in choice["message"]["content"]
-    # The answer ends on <|im_end|>, the EOS of generation_config.json, not on the token budget;
-    # the EOS itself is not part of the text.
-    assert choice["finish_reason"] == "stop"
-    assert "<|im_end|>" not in choice["message"]["content"]
-    assert body["model"] == SERVED_NAME
-
-
-def test_stop_string_cuts_the_greedy_completion(service, tokenizer):
-    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
-    request = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 32, "temperature": 0}
-    full = post(f"{service}/v1/completions", request)["choices"][0]["text"]
-    assert "Paris" in full
-    stopped = post(f"{service}/v1/completions", {**request, "stop": [" Paris"]})["choices"][0]
-    assert stopped["text"] == full[:full.index(" Paris")]
-    assert stopped["finish_reason"] == "stop"
-
-
-@pytest.mark.parametrize("messages", [
-    QUESTION,  # the template adds SmolLM2's default system prompt
-    [{"role": "system", "content": "Answer in one word."}, *QUESTION,
-     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}],
-], ids=["default-system-prompt", "multi-turn"])
-def test_server_prompt_is_the_models_chat_template(service, tokenizer, messages):
-    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"]
-    body = chat(service, messages, max_tokens=1)
-    assert body["usage"]["prompt_tokens"] == len(expected)
 
 
 def test_built_folder_is_a_plain_bf16_checkpoint_with_chatml(instruct_model, tokenizer):

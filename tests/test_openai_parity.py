@@ -38,7 +38,7 @@ from _vllm_serve import VllmServer, vllm_serve
 from common.demo_model import ensure_instruct_model
 
 NAME = "SmolLM2-135M-Instruct"
-MAX_MODEL_LEN = 2048
+MAX_MODEL_LEN = 512
 # Engine settings both servers get, spelled the same way (both CLIs take these flags).
 SHARED_FLAGS = ["--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN),
                 "--seed", "0", "--enforce-eager", "--kv-cache-memory-bytes", str(64 * 2**20)]
@@ -644,3 +644,65 @@ def test_sdk_tool_calling_round_trip(client):
     assert answer.finish_reason in ("stop", "length")
     assert isinstance(answer.message.content, str) and answer.message.content.strip()
     assert not answer.message.tool_calls
+
+
+# ---- only against our deployment: the instruct model answers as an instruct model ----------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def service(ours) -> str:
+    return ours.url
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def post(url: str, body: dict) -> dict:
+    response = requests.post(url, data=json.dumps(body), timeout=300,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def chat(service: str, messages: list, **options) -> dict:
+    return post(f"{service}/v1/chat/completions",
+                {"model": NAME, "messages": messages, "temperature": 0, **options})
+
+
+def test_greedy_chat_answers_the_question(service):
+    body = chat(service, QUESTION, max_tokens=32)
+    choice = body["choices"][0]
+    assert "Paris" in choice["message"]["content"]
+    # The answer ends on <|im_end|>, the EOS of generation_config.json, not on the token budget;
+    # the EOS itself is not part of the text.
+    assert choice["finish_reason"] == "stop"
+    assert "<|im_end|>" not in choice["message"]["content"]
+    assert body["model"] == NAME
+
+
+def test_stop_string_cuts_the_greedy_completion(service, tokenizer):
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    request = {"model": NAME, "prompt": prompt, "max_tokens": 32, "temperature": 0}
+    full = post(f"{service}/v1/completions", request)["choices"][0]["text"]
+    assert "Paris" in full
+    stopped = post(f"{service}/v1/completions", {**request, "stop": [" Paris"]})["choices"][0]
+    assert stopped["text"] == full[:full.index(" Paris")]
+    assert stopped["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("messages", [
+    QUESTION,  # the template adds SmolLM2's default system prompt
+    [{"role": "system", "content": "Answer in one word."}, *QUESTION,
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}],
+], ids=["default-system-prompt", "multi-turn"])
+def test_server_prompt_is_the_models_chat_template(service, tokenizer, messages):
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    body = chat(service, messages, max_tokens=1)
+    assert body["usage"]["prompt_tokens"] == len(expected)
