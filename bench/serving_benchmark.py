@@ -436,6 +436,7 @@ class Bench:
                              for phase in ("main", "stream", "stream-v1", "warmup")}
         self.cpu = args.device == "cpu"
         self.logs: list[str] = []
+        self.machine = machine_info()   # once: every partial copy carries it
 
     # -- engine settings shared by every target ------------------------------------------------
 
@@ -702,8 +703,6 @@ class Bench:
     def report(self, runs: list[dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
         a = self.args
         table = aggregate(runs, a.targets, a.stream_requests > 0, a.stream_v1)
-        if not hasattr(self, "machine"):
-            self.machine = machine_info()
         return {
             "benchmark": "serving_benchmark",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

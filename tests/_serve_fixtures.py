@@ -49,13 +49,13 @@ def local_ray(num_cpus: int = 2):
 
     # address="local": a new cluster even when another Ray on this machine left its address in
     # /tmp/ray/ray_current_cluster (ray.init would try to join that one and refuse num_cpus).
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOCAL_IP,
-             include_dashboard=False,
-             namespace="serve", logging_level="WARNING", log_to_driver=False)
+    context = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOCAL_IP,
+                       include_dashboard=False, namespace="serve", logging_level="WARNING",
+                       log_to_driver=False)
     try:
         yield
     finally:
-        with ended_after(ray._private.worker._global_node.get_session_dir_path()):
+        with ended_after(context.address_info["session_dir"]):
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()

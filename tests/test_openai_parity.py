@@ -652,11 +652,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def service(ours) -> str:
-    return ours.url
-
-
-@pytest.fixture(scope="module")
 def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
@@ -670,13 +665,13 @@ def post(url: str, body: dict) -> dict:
     return response.json()
 
 
-def chat(service: str, messages: list, **options) -> dict:
-    return post(f"{service}/v1/chat/completions",
+def chat(url: str, messages: list, **options) -> dict:
+    return post(f"{url}/v1/chat/completions",
                 {"model": NAME, "messages": messages, "temperature": 0, **options})
 
 
-def test_greedy_chat_answers_the_question(service):
-    body = chat(service, QUESTION, max_tokens=32)
+def test_greedy_chat_answers_the_question(ours):
+    body = chat(ours.url, QUESTION, max_tokens=32)
     choice = body["choices"][0]
     assert "Paris" in choice["message"]["content"]
     # The answer ends on <|im_end|>, the EOS of generation_config.json, not on the token budget;
@@ -686,12 +681,12 @@ def test_greedy_chat_answers_the_question(service):
     assert body["model"] == NAME
 
 
-def test_stop_string_cuts_the_greedy_completion(service, tokenizer):
+def test_stop_string_cuts_the_greedy_completion(ours, tokenizer):
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     request = {"model": NAME, "prompt": prompt, "max_tokens": 32, "temperature": 0}
-    full = post(f"{service}/v1/completions", request)["choices"][0]["text"]
+    full = post(f"{ours.url}/v1/completions", request)["choices"][0]["text"]
     assert "Paris" in full
-    stopped = post(f"{service}/v1/completions", {**request, "stop": [" Paris"]})["choices"][0]
+    stopped = post(f"{ours.url}/v1/completions", {**request, "stop": [" Paris"]})["choices"][0]
     assert stopped["text"] == full[:full.index(" Paris")]
     assert stopped["finish_reason"] == "stop"
 
@@ -701,8 +696,8 @@ def test_stop_string_cuts_the_greedy_completion(service, tokenizer):
     [{"role": "system", "content": "Answer in one word."}, *QUESTION,
      {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}],
 ], ids=["default-system-prompt", "multi-turn"])
-def test_server_prompt_is_the_models_chat_template(service, tokenizer, messages):
+def test_server_prompt_is_the_models_chat_template(ours, tokenizer, messages):
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"]
-    body = chat(service, messages, max_tokens=1)
+    body = chat(ours.url, messages, max_tokens=1)
     assert body["usage"]["prompt_tokens"] == len(expected)

@@ -61,6 +61,22 @@ def answers_from(app: str, count: int) -> collections.Counter:
     return collections.Counter(generate(app)["node"] for _ in range(count))
 
 
+def assert_stop_drains(app: str, streams: int, tokens: int = 256) -> None:
+    """stop_service drains: streams already generating when it starts all finish in full, then
+    the app is gone."""
+    body = {"prompt": "hello", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    lines = [requests.post(f"{URL}/{app}/", json=body, timeout=300, stream=True).iter_lines()
+             for _ in range(streams)]
+    for it in lines:
+        assert next(it).startswith(b"data: ")  # generating now
+    assert stop_service.main(["--app", app, "--timeout", "120"]) == 0
+    for it in lines:
+        events = [line for line in it if line.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == tokens
+    assert app not in serve.status().applications
+
+
 def test_force_multi_cpu_two_replicas_two_nodes_answering(sim, capsys):
     assert deploy_script("ray-force-multi.py", *args("force")) == 0
     print(capsys.readouterr().out)
@@ -78,19 +94,7 @@ def test_force_multi_cpu_two_replicas_two_nodes_answering(sim, capsys):
     assert {r["node_id"] for r in report["replicas"]} == worker_nodes()
     assert {r["replica_id"] for r in report["replicas"]} == {r.replica_id for r in replicas}
     assert worker_nodes() <= {n["node_id"] for n in report["nodes"]}
-    # stop_service drains: streams already generating when it starts all finish in full.
-    long_body = {"prompt": "hello", "max_tokens": 256, "ignore_eos": True, "stream": True}
-    streams = [requests.post(f"{URL}/force/", json=long_body, timeout=300, stream=True)
-               for _ in range(2)]
-    lines = [s.iter_lines() for s in streams]
-    for it in lines:
-        assert next(it).startswith(b"data: ")  # generating now
-    assert stop_service.main(["--app", "force", "--timeout", "120"]) == 0
-    for it in lines:
-        events = [line for line in it if line.startswith(b"data: ")]
-        assert events[-1] == b"data: [DONE]"
-        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 256
-    assert "force" not in serve.status().applications
+    assert_stop_drains("force", streams=2)
 
 
 def backend_status(app: str) -> list[dict]:
@@ -143,15 +147,5 @@ def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys
                          lambda: any(s["engine_unfinished_requests"] for s in backend_status("pg")))
         wait_until(lambda: backends_aborted_all("pg", before), timeout=60,
                    what=f"the backend's engine request aborted (stream={stream})")
-    # stop_service drains the backends' own servers too: a stream generating when it starts
-    # finishes in full.
-    stream = requests.post(f"{URL}/pg/", json={"prompt": "hello", "max_tokens": 256,
-                                               "ignore_eos": True, "stream": True},
-                           timeout=300, stream=True)
-    lines = stream.iter_lines()
-    assert next(lines).startswith(b"data: ")  # generating now
-    assert stop_service.main(["--app", "pg", "--timeout", "120"]) == 0
-    events = [line for line in lines if line.startswith(b"data: ")]
-    assert events[-1] == b"data: [DONE]"
-    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 256
-    assert "pg" not in serve.status().applications
+    # stop_service drains the backends' own servers too.
+    assert_stop_drains("pg", streams=1)
