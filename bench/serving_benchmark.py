@@ -845,6 +845,9 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("partial"):
         lines += ["**Partial**: the run ended early (the lent machine was taken back); the table "
                   "holds the runs that finished (column `runs`).", ""]
+    for part, merged in enumerate(result.get("merged_from", []), 1):
+        lines += [f"Part {part} of the merged runs (repetitions in this order), last saved "
+                  f"{merged['date']}: `{merged['command']}`", ""]
     lines += ["| target | runs | output tok/s | req/s | latency p50 / p99 (ms) | TTFT p50 / p99 "
               "(ms) | TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -891,11 +894,36 @@ def write_results(result: dict[str, Any], results_dir: Path, tag: str) -> tuple[
     return json_path, md_path
 
 
-def write_partial(path: Path, results_dir: Path, tag: str) -> int:
-    """The JSON and Markdown of a run cut short, from its last --partial-copy."""
-    result = json.loads(path.read_text())
-    if not isinstance(result, dict) or "runs" not in result:
-        raise SystemExit(f"error: {path} is not a --partial-copy report")
+def merge_partials(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from the --partial-copy files of runs of the same parameters (a machine taken
+    back more than once): each file's repetitions follow the previous file's, and the table and
+    ratios are computed again over all runs."""
+    first = reports[0]
+    keep = {k: v for k, v in first["parameters"].items() if k != "repetitions"}
+    runs: list[dict[str, Any]] = []
+    for report in reports:
+        if {k: v for k, v in report["parameters"].items() if k != "repetitions"} != keep:
+            raise SystemExit("error: the partial files were run with different parameters")
+        offset = 1 + max((r["rep"] for r in runs), default=-1)
+        runs += [{**r, "rep": r["rep"] + offset} for r in report["runs"]]
+    rows = {r["row"] for r in runs}
+    targets = [t for t in TARGETS if t in rows or f"{t}-stream" in rows]
+    table = aggregate(runs, targets, any(row.endswith("-stream") for row in rows),
+                      any(row.endswith(STREAM_V1) for row in rows))
+    return {**first, "parameters": {**first["parameters"],
+                                    "repetitions": 1 + max(r["rep"] for r in runs)},
+            "merged_from": [{"date": r["date"], "command": r["command"]} for r in reports],
+            "table": table, "ratios": ratios(runs, table), "runs": runs, "partial": True}
+
+
+def write_partial(paths: list[Path], results_dir: Path, tag: str) -> int:
+    """The JSON and Markdown of a run cut short, from its last --partial-copy (several files:
+    their runs merged, see merge_partials)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    for path, report in zip(paths, reports):
+        if not isinstance(report, dict) or "runs" not in report:
+            raise SystemExit(f"error: {path} is not a --partial-copy report")
+    result = reports[0] if len(reports) == 1 else merge_partials(reports)
     json_path, md_path = write_results(result, results_dir, f"{tag}-partial")
     log(f"wrote {json_path} and {md_path} ({len(result['runs'])} runs)")
     print(markdown(result))
@@ -954,8 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--tag", default=None, help="file name tag; None: the device")
     opt("--workdir", default=None, help="logs and per-run files; None: a temporary folder")
     opt("--partial-copy", default=None, help="also copy the report so far here after each target")
-    opt("--from-partial", default=None,
-        help="write the JSON and Markdown of a --partial-copy file (a run cut short), run nothing")
+    opt("--from-partial", default=None, nargs="+", metavar="RUNS_JSON",
+        help="write the JSON and Markdown of a --partial-copy file (a run cut short), run "
+             "nothing; several files (same parameters): their runs merged, repetitions in order")
     return parser
 
 
@@ -997,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
     args = apply_defaults(build_parser().parse_args(argv))
     args.argv = argv
     if args.from_partial:
-        return write_partial(Path(args.from_partial), Path(args.results_dir), args.tag)
+        return write_partial([Path(p) for p in args.from_partial], Path(args.results_dir), args.tag)
     if args.device == "cpu" and not Path(args.model).exists():
         from common.demo_model import ensure_demo_model
         ensure_demo_model(args.model)

@@ -100,3 +100,45 @@ def test_every_partial_copy_is_a_whole_report(tmp_path, monkeypatch):
     assert copy["partial"] is True and copy["machine"]["gpu"]["name"] == "H200"
     assert [e["runs"] for e in copy["table"] if not e["row"].endswith("stream")] == [1, 1]
     assert (tmp_path / "runs.json").read_text() == (tmp_path / "copy.json").read_text()
+
+
+def test_partial_files_of_two_cut_runs_merge_into_one_table(tmp_path):
+    import json
+
+    from serving_benchmark import main
+
+    first, second = cut_short_report(), cut_short_report()
+    second["runs"] = [{**r, "output_tok_s": r["output_tok_s"] * 2} for r in second["runs"]]
+    second["date"], second["command"] = "2026-12-02T01:00:00+00:00", "python b.py --tag second"
+    paths = []
+    for name, report in (("a.json", first), ("b.json", second)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(report))
+    assert main(["--from-partial", *paths, "--results-dir", str(tmp_path / "out"),
+                 "--tag", "gpu"]) == 0
+    saved = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert [r["rep"] for r in saved["runs"]] == [0, 0, 1, 1]
+    assert saved["parameters"]["repetitions"] == 2 and len(saved["merged_from"]) == 2
+    ray = next(e for e in saved["table"] if e["row"] == "ray")
+    assert ray["runs"] == 2 and ray["output_tok_s"]["max"] == 2 * ray["output_tok_s"]["min"]
+    # Paired within each part: doubling both rows keeps each repetition's ratio.
+    per_rep = saved["ratios"]["ray/vllm-serve"]["per_repetition"]
+    assert len(per_rep) == 2 and abs(per_rep[0] - per_rep[1]) < 1e-9
+    md = next((tmp_path / "out").glob("*.md")).read_text()
+    assert "Part 2 of the merged runs" in md and "--tag second" in md
+
+
+def test_partial_files_of_different_workloads_are_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from serving_benchmark import main
+
+    other = cut_short_report()
+    other["parameters"] = {**other["parameters"], "output_len": 99}
+    for name, report in (("a.json", cut_short_report()), ("b.json", other)):
+        (tmp_path / name).write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="different parameters"):
+        main(["--from-partial", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+              "--results-dir", str(tmp_path / "out")])
