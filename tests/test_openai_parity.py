@@ -22,6 +22,7 @@ Run (starts Ray and a server, so inside a loopback-only namespace):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -170,10 +171,18 @@ def send(base: str, method: str, path: str, body: dict | None = None,
     return requests.request(method, f"{base}{path}", json=body, timeout=TIMEOUT, stream=stream)
 
 
+def at_once(call, reference: str, ours: str):
+    """call(reference) and call(ours) at the same time: each server's engine runs on its own
+    core, and neither sees more than the one request, so the answers are those of one by one."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ref, got = pool.submit(call, reference), pool.submit(call, ours)
+        return ref.result(), got.result()
+
+
 def both(servers, method: str, path: str, body: dict | None = None):
     reference, ours = servers
-    return (Answer.of(send(reference, method, path, body)),
-            Answer.of(send(ours.url, method, path, body)))
+    return at_once(lambda base: Answer.of(send(base, method, path, body)), reference,
+                        ours.url)
 
 
 def shape(value):
@@ -529,8 +538,8 @@ def read_stream(base: str, path: str, body: dict) -> Answer:
 @pytest.mark.parametrize("path,body", [c[1:] for c in STREAMS], ids=[c[0] for c in STREAMS])
 def test_streaming(servers, path, body):
     reference, ours = servers
-    ref = read_stream(reference, path, with_model(body))
-    got = read_stream(ours.url, path, with_model(body))
+    ref, got = at_once(lambda base: read_stream(base, path, with_model(body)), reference,
+                            ours.url)
     assert ref.status == 200 and ref.body["done"], f"vllm serve failed the case: {ref.body}"
     assert_same(f"POST {path} (stream)", ref, got)
 
