@@ -143,7 +143,8 @@ def print_next_steps(http_port: int, address: str) -> None:
     print(f"\nThe demo keeps running at {url}/ until you stop it. Try:")
     print(f"  curl -X POST {url}/ -H 'Content-Type: application/json' -d '{body}'")
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'")
-    print(f"  {python_cmd('load_test.py', '-c', '8', '-n', '40', '--max-tokens', '32', '--url', url)}")
+    # A CPU engine shares one step's time across its batch: a short run ends in seconds.
+    print(f"  {python_cmd('load_test.py', '-c', '4', '-n', '8', '--max-tokens', '16', '--url', url)}")
     print(f"  {python_cmd('check_cluster.py', '--address', address)}")
     print(f"stop the demo: {stop_command(http_port)}")
 

@@ -45,22 +45,35 @@ class DeclarativeOperator(Operator):
         out = self.serve("status").stdout
         return (yaml.safe_load(out) or {}).get("applications", {}).get("decl", {})
 
-    def wait_running(self, replicas: int = 2) -> list[dict]:
-        def running() -> bool:
-            status = self.app_status()
-            deployments = status.get("deployments", {})
-            return status.get("status") == "RUNNING" and all(
-                d.get("status") == "HEALTHY" for d in deployments.values()) and len(
-                running_replicas(self, "decl")) == replicas
+    def serve_running(self, replicas: int) -> bool:
+        """`serve status` says the app runs `replicas` healthy replicas."""
+        status = self.app_status()
+        deployments = status.get("deployments", {})
+        return status.get("status") == "RUNNING" and all(
+            d.get("status") == "HEALTHY" for d in deployments.values()) and sum(
+            d.get("replica_states", {}).get("RUNNING", 0) for d in deployments.values()
+        ) == replicas
 
-        # Each poll runs two CLIs (seconds of CPU each): rarely, so the engines starting on the
-        # same 2 cores are not slowed by their own observer.
+    def wait_running(self, replicas: int = 2, replaced: set[str] = frozenset()) -> list[dict]:
+        """The app's running replicas once `serve status` says it runs `replicas` of them and
+        none is in `replaced`."""
+        found: list[dict] = []
+
+        def running() -> bool:
+            # check_cluster.py (the replica IDs) only once `serve status` agrees: each poll's CLIs
+            # cost seconds of CPU on the 2 cores the engines start on.
+            if not self.serve_running(replicas):
+                return False
+            found[:] = running_replicas(self, "decl")
+            ids = {r["replica_id"] for r in found}
+            return len(found) == replicas and not ids & replaced
+
         try:
             wait_until(running, timeout=600, interval=10, what="the applied config RUNNING")
         except AssertionError:
             self.print_serve_logs()
             raise
-        return running_replicas(self, "decl")
+        return found
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +117,5 @@ def test_serve_deploy_of_the_printed_config(declarative):
     # An engine setting (on GPUs: --tensor-parallel-size; CPU engines run TP=1): replaced.
     changed = op.config("--max-ongoing-requests", "100", "--max-model-len", "384")
     op.serve_deploy(changed)
-    wait_until(lambda: not ids & {r["replica_id"] for r in op.wait_running()}, timeout=600,
-               interval=10, what="replicas replaced")
+    op.wait_running(replaced=ids)
     assert_both_nodes(op, op.load_test(), nodes)

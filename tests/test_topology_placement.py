@@ -108,10 +108,10 @@ def test_force_multi_tp8_pp2_spans_both_nodes_one_stage_per_node(sim, capsys, mo
 
 def test_force_multi_that_cannot_fit_exits_with_the_pending_demand(sim, capsys):
     code = deploy_script("ray-force-multi.py", *gpu_args("toomany", "--num-replicas", "3"),
-                         "--timeout", "20")
+                         "--timeout", "10")
     err = capsys.readouterr().err
     assert code == cli.EXIT_TIMEOUT
-    assert "not ready after 20s" in err and "GPU" in err and "8" in err
+    assert "not ready after 10s" in err and "GPU" in err and "8" in err
     serve.delete("toomany")
 
 
