@@ -61,8 +61,10 @@ demo: setup
 demo-stop:
 	$(PY) -m common.demo --stop
 
+# The suite in TEST_SHARDS (default 2) pytest runs at once, each in its own loopback-only network
+# namespace (scripts/run_tests.py): much of a run is waiting on Ray and engine starts.
 test: setup
-	$(LOOPBACK) $(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) scripts/run_tests.py -- $(PYTEST_ARGS)
 
 # Tests that start neither Ray nor an engine (tests/*_unit.py, seconds): pure functions, parsers,
 # the load tester against a stub server.
