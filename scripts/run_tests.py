@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ WEIGHTS_S = {
     "test_stop_service.py": 43,
 }
 DEFAULT_WEIGHT_S = 30
+PROGRESS_EVERY_S = 120
 UNIT_WEIGHT_S = 1
 
 
@@ -40,6 +42,12 @@ def split(files: list[str], shards: int) -> list[list[str]]:
         total, members = bins[index]
         bins[index] = (total + weight(f), members + [f])
     return [sorted(members) for _, members in bins if members]
+
+
+def progress(log: Path) -> str:
+    """The last percentage pytest printed in a shard's log ("[ 42%]"), or "starting"."""
+    found = re.findall(r"\[\s*(\d+)%\]", log.read_text(errors="replace")[-4000:])
+    return f"{found[-1]}%" if found else "starting"
 
 
 def can_isolate() -> bool:
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    files = sorted(str(p.relative_to(ROOT)) for p in Path(args.tests).glob("test_*.py"))
+    files = sorted(str(p.resolve().relative_to(ROOT))
+                   for p in Path(args.tests).glob("test_*.py"))
     shards = max(1, args.shards)
     if shards > 1 and not can_isolate():
         print("note: no network namespaces here (needs root or user namespaces): one shard, "
@@ -97,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     codes = {}
     pending = list(procs)
+    next_report = time.monotonic() + PROGRESS_EVERY_S
     while pending:
+        if time.monotonic() >= next_report:
+            next_report += PROGRESS_EVERY_S
+            print(f"[{time.monotonic() - started:.0f} s] " + ", ".join(
+                f"shard {index}: {progress(base / f'shard{index}.log')}"
+                for index, _, _ in pending), flush=True)
         for item in list(pending):
             index, proc, log = item
             if proc.poll() is None:

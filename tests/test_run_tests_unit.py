@@ -1,0 +1,33 @@
+"""scripts/run_tests.py: how the modules are split into shards, and a shard's progress line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import run_tests  # noqa: E402
+
+
+def test_every_module_lands_in_exactly_one_shard_and_the_shards_are_balanced():
+    files = [f"tests/{name}" for name in run_tests.WEIGHTS_S] + [
+        "tests/test_new.py", "tests/test_a_unit.py", "tests/test_b_unit.py"]
+    shards = run_tests.split(files, 2)
+    assert sorted(f for shard in shards for f in shard) == sorted(files)
+    weight = lambda f: run_tests.WEIGHTS_S.get(Path(f).name, 1 if "_unit" in f else 30)  # noqa
+    totals = [sum(weight(f) for f in shard) for shard in shards]
+    assert max(totals) - min(totals) <= max(run_tests.WEIGHTS_S.values())
+    assert all(shard == sorted(shard) for shard in shards)
+
+
+def test_one_shard_is_the_whole_suite_and_empty_shards_are_dropped():
+    files = ["tests/test_operator.py", "tests/test_x_unit.py"]
+    assert run_tests.split(files, 1) == [sorted(files)]
+    assert run_tests.split(files, 5) == [["tests/test_operator.py"], ["tests/test_x_unit.py"]]
+
+
+def test_progress_is_the_last_percentage_pytest_printed(tmp_path):
+    log = tmp_path / "shard0.log"
+    log.write_text("")
+    assert run_tests.progress(log) == "starting"
+    log.write_text("....   [ 12%]\n..F.   [ 40%]\n..")
+    assert run_tests.progress(log) == "40%"
