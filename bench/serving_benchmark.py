@@ -898,11 +898,13 @@ def merge_partials(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from the --partial-copy files of runs of the same parameters (a machine taken
     back more than once): each file's repetitions follow the previous file's, and the table and
     ratios are computed again over all runs."""
+    def workload(report: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in report["parameters"].items() if k != "repetitions"}
+
     first = reports[0]
-    keep = {k: v for k, v in first["parameters"].items() if k != "repetitions"}
     runs: list[dict[str, Any]] = []
     for report in reports:
-        if {k: v for k, v in report["parameters"].items() if k != "repetitions"} != keep:
+        if workload(report) != workload(first):
             raise SystemExit("error: the partial files were run with different parameters")
         offset = 1 + max((r["rep"] for r in runs), default=-1)
         runs += [{**r, "rep": r["rep"] + offset} for r in report["runs"]]
@@ -1026,7 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
     args = apply_defaults(build_parser().parse_args(argv))
     args.argv = argv
     if args.from_partial:
-        return write_partial([Path(p) for p in args.from_partial], Path(args.results_dir), args.tag)
+        return write_partial([Path(p) for p in args.from_partial], Path(args.results_dir),
+                             args.tag)
     if args.device == "cpu" and not Path(args.model).exists():
         from common.demo_model import ensure_demo_model
         ensure_demo_model(args.model)

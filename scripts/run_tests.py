@@ -25,35 +25,38 @@ WEIGHTS_S = {
     "test_stop_service.py": 43,
 }
 DEFAULT_WEIGHT_S = 30
-PROGRESS_EVERY_S = 120
 UNIT_WEIGHT_S = 1
+PROGRESS_EVERY_S = 120
+PROGRESS_TAIL_BYTES = 4000
+
+
+def module_weight(path: str) -> float:
+    name = Path(path).name
+    return WEIGHTS_S.get(name, UNIT_WEIGHT_S if name.endswith("_unit.py") else DEFAULT_WEIGHT_S)
 
 
 def split(files: list[str], shards: int) -> list[list[str]]:
     """Longest first, each to the shard with the least so far; within a shard in name order."""
-    def weight(f: str) -> float:
-        name = Path(f).name
-        return WEIGHTS_S.get(name, UNIT_WEIGHT_S if name.endswith("_unit.py") else
-                             DEFAULT_WEIGHT_S)
-
     bins: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(shards)]
-    for f in sorted(files, key=lambda f: (-weight(f), f)):
+    for f in sorted(files, key=lambda f: (-module_weight(f), f)):
         index = min(range(shards), key=lambda i: bins[i][0])
         total, members = bins[index]
-        bins[index] = (total + weight(f), members + [f])
+        bins[index] = (total + module_weight(f), members + [f])
     return [sorted(members) for _, members in bins if members]
 
 
 def progress(log: Path) -> str:
     """The last percentage pytest printed in a shard's log ("[ 42%]"), or "starting"."""
-    found = re.findall(r"\[\s*(\d+)%\]", log.read_text(errors="replace")[-4000:])
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - PROGRESS_TAIL_BYTES))
+        tail = f.read().decode(errors="replace")
+    found = re.findall(r"\[\s*(\d+)%\]", tail)
     return f"{found[-1]}%" if found else "starting"
 
 
 def can_isolate() -> bool:
     """Whether scripts/loopback.sh can give each shard a network namespace of its own."""
-    return any(subprocess.run(cmd, capture_output=True).returncode == 0
-               for cmd in (["unshare", "-n", "true"], ["unshare", "-rn", "true"]))
+    return subprocess.run([str(LOOPBACK), "--check"], capture_output=True).returncode == 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,8 +181,7 @@ def at_once(call, reference: str, ours: str):
 
 def both(servers, method: str, path: str, body: dict | None = None):
     reference, ours = servers
-    return at_once(lambda base: Answer.of(send(base, method, path, body)), reference,
-                        ours.url)
+    return at_once(lambda base: Answer.of(send(base, method, path, body)), reference, ours.url)
 
 
 def shape(value):
@@ -554,7 +553,7 @@ def finish_without_text(chunk: dict) -> dict:
 def test_streaming(servers, path, body):
     reference, ours = servers
     ref, got = at_once(lambda base: read_stream(base, path, with_model(body)), reference,
-                            ours.url)
+                       ours.url)
     assert ref.status == 200 and ref.body["done"], f"vllm serve failed the case: {ref.body}"
     assert_same(f"POST {path} (stream)", ref, got)
 

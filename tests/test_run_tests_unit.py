@@ -13,8 +13,7 @@ def test_every_module_lands_in_exactly_one_shard_and_the_shards_are_balanced():
         "tests/test_new.py", "tests/test_a_unit.py", "tests/test_b_unit.py"]
     shards = run_tests.split(files, 2)
     assert sorted(f for shard in shards for f in shard) == sorted(files)
-    weight = lambda f: run_tests.WEIGHTS_S.get(Path(f).name, 1 if "_unit" in f else 30)  # noqa
-    totals = [sum(weight(f) for f in shard) for shard in shards]
+    totals = [sum(run_tests.module_weight(f) for f in shard) for shard in shards]
     assert max(totals) - min(totals) <= max(run_tests.WEIGHTS_S.values())
     assert all(shard == sorted(shard) for shard in shards)
 
