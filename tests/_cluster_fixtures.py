@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +13,11 @@ import ray
 from ray.cluster_utils import Cluster
 
 LOCAL_IP = "127.0.0.1"
+
+
+# Ray waits a fixed 30 s for a new raylet to register; two test shards on 2 cores can exceed
+# that while an engine loads, so a cluster that fails to come up is ended and built once more.
+STARTUP_ATTEMPTS = 2
 
 
 @contextlib.contextmanager
@@ -22,32 +29,60 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     from common.deploy import start_serve
     from common.ray_connect import NAMESPACE
 
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
-                                "include_dashboard": False})
+    c, workers, temp_dir = started_cluster(gpu_nodes, head_cpus, worker_cpus,
+                                           worker_resources or [{}] * gpu_nodes)
     try:
-        workers = []
-        for i in range(gpu_nodes):
-            extra = (worker_resources or [{}] * gpu_nodes)[i]
-            workers.append(c.add_node(num_cpus=worker_cpus, num_gpus=8,
-                                      node_ip_address=LOCAL_IP,
-                                      resources={"accelerator_type:H100": 1, **extra}))
-        c.wait_for_nodes()
         ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=NAMESPACE,
                  logging_level="WARNING", log_to_driver=False)
         start_serve(LOCAL_IP, 8000, "HeadOnly", **({"ingress": ingress} if ingress else {}))
         yield c, workers
     finally:
-        with ended_after(c.head_node.get_session_dir_path()):
+        with ended_after(temp_dir):
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
             c.shutdown()
 
 
+def started_cluster(gpu_nodes: int, head_cpus: float, worker_cpus: float,
+                    worker_resources: list[dict]) -> tuple[Cluster, list, str]:
+    """The cluster and its worker nodes, all registered, and the temp dir that holds its
+    session (each attempt its own, so a failed attempt's processes are found and ended)."""
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        temp_dir = tempfile.mkdtemp(prefix="sim-")
+        try:
+            with ended_on_error(temp_dir):
+                c = Cluster(initialize_head=True, connect=False,
+                            head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
+                                            "include_dashboard": False, "temp_dir": temp_dir})
+                workers = [
+                    c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
+                               resources={"accelerator_type:H100": 1, **extra})
+                    for extra in worker_resources[:gpu_nodes]]
+                c.wait_for_nodes()
+                return c, workers, temp_dir
+        except Exception as e:
+            if attempt == STARTUP_ATTEMPTS:
+                raise
+            print(f"simulated cluster did not start ({e!r}); starting it again", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def ended_on_error(temp_dir: str):
+    """Ends every process of the sessions under `temp_dir` if the block raises."""
+    from common.demo import end_processes, session_processes
+
+    try:
+        yield
+    except BaseException:
+        end_processes(session_processes(temp_dir), grace_s=5.0)
+        raise
+
+
 @contextlib.contextmanager
 def ended_after(session_dir: str):
-    """Ends, after the block (a cluster's shutdown), that session's processes still running:
+    """Ends, after the block (a cluster's shutdown), the processes still running of the
+    sessions under `session_dir` (a session or the temp dir holding it):
     Serve's HAProxy, a child of its proxy actor, can outlive the raylets and keep holding the
     next test cluster's ports (8000, 9101, 8404)."""
     from common.demo import end_processes, session_processes

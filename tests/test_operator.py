@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from _browser import inspect_report
+from _cluster_fixtures import STARTUP_ATTEMPTS
 from _serve_fixtures import clean_env, demo_model, free_port, wait_until
 from common.cli import EXIT_OK, EXIT_RAY_AUTH
 from common.demo import end_processes_of_session
@@ -122,15 +123,30 @@ class Operator:
 @contextlib.contextmanager
 def running_cluster(operator_class: type, prefix: str):
     """An operator of `operator_class` with its 2-node cluster started, ended by its PIDs."""
-    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    op = operator_class(base)
+    op = started_operator(operator_class, prefix)
     try:
-        op.start_cluster()
         yield op
     finally:
         op.stop_cluster()
         if not os.environ.get("KEEP_OPERATOR_DIR"):  # logs for a post-mortem
-            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(op.base, ignore_errors=True)
+
+
+def started_operator(operator_class: type, prefix: str):
+    """An operator whose `ray start` commands succeeded; one that failed (Ray gives a raylet a
+    fixed 30 s to register, which a loaded test machine can exceed) is ended and replaced."""
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        op = operator_class(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
+        try:
+            op.start_cluster()
+            return op
+        except (AssertionError, subprocess.TimeoutExpired) as e:
+            op.stop_cluster()
+            shutil.rmtree(op.base, ignore_errors=True)
+            if attempt == STARTUP_ATTEMPTS:
+                raise
+            print(f"the cluster did not start ({str(e)[-300:]}); starting it again",
+                  file=sys.stderr)
 
 
 @pytest.fixture(scope="module")
