@@ -28,17 +28,21 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray", "ray-offline", "ray-proxy", "ray-router", "ray-router2",
-           "serve-llm", "serve-llm-direct")
+TARGETS = ("offline", "vllm-serve", "ray", "ray-no-metrics", "ray-offline", "ray-proxy",
+           "ray-router", "ray-router2", "serve-llm", "serve-llm-direct")
 # The deployment script and its flags of each Ray target (beside the engine's and --ray-args).
 SINGLE_REPLICA = ("ray-single-gpu.py", ["--num-replicas", "1"])
 ONE_BACKEND = ["--num-backends", "1", "--tensor-parallel-size", "1", "--ingress", "haproxy"]
 RAY_TARGETS = {"ray": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy"]),
+               "ray-no-metrics": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy",
+                                                      "--engine-metrics", "false"]),
                "ray-offline": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy",
                                                    "--batch-limits", "offline"]),
                "ray-proxy": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "proxy"]),
                "ray-router": ("ray-placement-group.py", ONE_BACKEND),
                "ray-router2": ("ray-placement-group.py", [*ONE_BACKEND, "--router-replicas", "2"])}
+# Ray targets also compared with `ray` itself.
+RAY_VARIANTS = ("ray-no-metrics", "ray-router", "ray-router2")
 # ray.serve.llm targets: the environment of their Ray head.
 SERVE_LLM_ENV = {"serve-llm": {},
                  "serve-llm-direct": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
@@ -58,6 +62,8 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
               127.0.0.1, proxy HeadOnly on 127.0.0.1, driven by load_test.py over POST / (or
               --ray-endpoint; then --stream: row ray-stream; with --stream-v1 also a
               streaming row over /v1/completions, on prompts of its own: ray-stream-v1)
+  ray-no-metrics  the same with --engine-metrics false (vLLM's stats stay in the replica's
+              own /metrics instead of going out through Ray's metrics API)
   ray-offline the same with --batch-limits offline (vLLM's offline LLM class's batch limits)
   ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
   ray-router  ray-placement-group.py --num-backends 1 --tensor-parallel-size 1: the guide's
@@ -489,7 +495,7 @@ class Bench:
                    "--max-tokens", str(a.output_len), "--ignore-eos", "--temperature", "0",
                    "--prompt-file", str(self.prompt_files[phase]), "--no-progress", "--json", str(out)]
         if stream:
-            command.append("--stream")
+            command += ["--stream", "--json-requests"]
         if not warmup and math.isfinite(a.request_rate):
             command += ["--request-rate", str(a.request_rate)]
         completed = subprocess.run(command, env=clean_env(), cwd=REPO_ROOT, capture_output=True,
@@ -499,7 +505,8 @@ class Bench:
         if not out.exists():
             raise RuntimeError(f"load_test.py failed ({completed.returncode}): "
                                f"{completed.stderr[-800:]}")
-        summary = json.loads(out.read_text())["summary"]
+        report = json.loads(out.read_text())
+        summary = report["summary"]
         row = {"requests": summary["successes"], "failures": summary["failures"],
                "duration_s": summary["duration"],
                "output_tok_s": summary["output_token_throughput"],
@@ -513,6 +520,8 @@ class Bench:
                 row[f"{key}_p99_ms"] = _ms(stats.get("p99"))
                 if key == "ttft":
                     row["ttft_mean_ms"] = _ms(stats.get("mean"))
+        if stream:
+            row.update(wave_ttft_p50_ms(report.get("requests") or [], c))
         if summary["failures"]:
             row["errors"] = summary.get("error_kinds") or summary.get("sample_errors")
         self.command_lines.setdefault(f"load_test {name}", "python " + " ".join(
@@ -735,11 +744,23 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
+def wave_ttft_p50_ms(results: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """TTFT p50 of the first wave (the first `concurrency` requests, sent together at the start)
+    and of the later ones (each sent as another finished, while the rest still stream)."""
+    waves: dict[str, list[float]] = {"ttft_wave1_p50_ms": [], "ttft_later_p50_ms": []}
+    for r in results:
+        if r.get("ok") and r.get("ttft") is not None:
+            key = "ttft_wave1_p50_ms" if r["index"] < concurrency else "ttft_later_p50_ms"
+            waves[key].append(r["ttft"] * 1000.0)
+    return {key: round(statistics.median(values), 3) for key, values in waves.items() if values}
+
+
+WAVE_METRICS = ("ttft_wave1_p50_ms", "ttft_later_p50_ms")
 STAGE_METRICS = ("ttft_mean_ms", "engine_ttft_mean_ms", "engine_queue_mean_ms",
                  "engine_prefill_mean_ms", "serving_ttft_mean_ms")
 METRICS = ("output_tok_s", "req_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms",
            "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms", "itl_p99_ms",
-           *STAGE_METRICS)
+           *STAGE_METRICS, *WAVE_METRICS)
 
 
 def aggregate(runs: list[dict[str, Any]], targets: list[str], streaming: bool,
@@ -785,11 +806,11 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
             pairs += [(f"{ray}{STREAM_V1}/vllm-serve-stream {metric.removesuffix('_ms')}",
                        f"{ray}{STREAM_V1}", "vllm-serve-stream", metric)
                       for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")]
-    # What the placement-group router costs over the direct deployment.
-    for router in ("ray-router", "ray-router2"):
-        pairs += [(f"{router}/ray", router, "ray", "output_tok_s")]
-        pairs += [(f"{router}-stream/ray-stream {metric.removesuffix('_ms')}",
-                   f"{router}-stream", "ray-stream", metric)
+    # What a variant of the direct deployment (the router in front, engine metrics off) changes.
+    for variant in RAY_VARIANTS:
+        pairs += [(f"{variant}/ray", variant, "ray", "output_tok_s")]
+        pairs += [(f"{variant}-stream/ray-stream {metric.removesuffix('_ms')}",
+                   f"{variant}-stream", "ray-stream", metric)
                   for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
     for name, num, den, metric in pairs:
         top, bottom = _median_of(table, num, metric), _median_of(table, den, metric)
@@ -874,6 +895,13 @@ def markdown(result: dict[str, Any]) -> str:
         if any(r.get("engine_metrics_source") == "ray" for r in result["runs"]):
             lines += ["", "(Rows from Ray's metrics endpoint: its histogram sums are bucket "
                       "midpoints, so their engine means are coarse.)"]
+    waved = [e for e in result["table"] if any(m in e for m in WAVE_METRICS)]
+    if waved:
+        lines += ["", "Streaming TTFT p50 (ms) of the first wave (the first `concurrency` "
+                  "requests, sent together) and of the later requests (each sent as another "
+                  "finished):", "", "| row | first wave | later |", "|---|---|---|"]
+        lines += [f"| {e['row']} | " + " | ".join(_cell(e, m, 1, True) for m in WAVE_METRICS) +
+                  " |" for e in waved]
     if result["ratios"]:
         lines += ["", "| ratio | of medians | per repetition |", "|---|---|---|"]
         for name, r in result["ratios"].items():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 # The benchmark runs as a script beside its own helper modules (bench/machine.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from serving_benchmark import engine_stage_totals, stage_means_ms  # noqa: E402
+from serving_benchmark import engine_stage_totals, stage_means_ms, wave_ttft_p50_ms  # noqa: E402
 
 VLLM_SERVE_SCRAPE = """\
 # TYPE vllm:time_to_first_token_seconds histogram
@@ -142,3 +142,13 @@ def test_partial_files_of_different_workloads_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="different parameters"):
         main(["--from-partial", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
               "--results-dir", str(tmp_path / "out")])
+
+
+def test_wave_ttft_splits_the_first_concurrency_requests_from_the_rest():
+    requests = [{"index": i, "ok": True, "ttft": t} for i, t in
+                enumerate([0.1, 0.3, 0.2, 0.5, 0.4])]
+    requests.append({"index": 5, "ok": False, "ttft": None})  # a failure: not counted
+    assert wave_ttft_p50_ms(requests, 2) == {"ttft_wave1_p50_ms": 200.0,
+                                             "ttft_later_p50_ms": 400.0}
+    assert wave_ttft_p50_ms(requests[:2], 2) == {"ttft_wave1_p50_ms": 200.0}
+    assert wave_ttft_p50_ms([], 2) == {}
