@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,14 +43,21 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
                 serve.shutdown()
             ray.shutdown()
             c.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def started_cluster(gpu_nodes: int, head_cpus: float, worker_cpus: float,
                     worker_resources: list[dict]) -> tuple[Cluster, list, str]:
     """The cluster and its worker nodes, all registered, and the temp dir that holds its
-    session (each attempt its own, so a failed attempt's processes are found and ended)."""
+    session (each attempt its own, so a failed attempt's processes are found and ended). The
+    dir is directly under /tmp: Ray's socket paths in it must stay within 107 bytes."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    # Ray writes the cluster's address there (ray_current_cluster); a head with a temp dir of
+    # its own does not create it.
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     for attempt in range(1, STARTUP_ATTEMPTS + 1):
-        temp_dir = tempfile.mkdtemp(prefix="sim-")
+        temp_dir = tempfile.mkdtemp(prefix="sim-", dir="/tmp")
         try:
             with ended_on_error(temp_dir):
                 c = Cluster(initialize_head=True, connect=False,
@@ -76,6 +84,7 @@ def ended_on_error(temp_dir: str):
         yield
     except BaseException:
         end_processes(session_processes(temp_dir), grace_s=5.0)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
 
