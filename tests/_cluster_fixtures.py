@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Callable, TypeVar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,11 +15,25 @@ import ray
 from ray.cluster_utils import Cluster
 
 LOCAL_IP = "127.0.0.1"
+T = TypeVar("T")
 
 
 # Ray waits a fixed 30 s for a new raylet to register; two test shards on 2 cores can exceed
 # that while an engine loads, so a cluster that fails to come up is ended and built once more.
 STARTUP_ATTEMPTS = 2
+
+
+def started_with_retry(start: Callable[[], T], what: str,
+                       retry_on: tuple[type[BaseException], ...] = (Exception,)) -> T:
+    """start(), once more if it raises one of `retry_on` (it ends what it started first)."""
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            return start()
+        except retry_on as e:
+            if attempt == STARTUP_ATTEMPTS:
+                raise
+            print(f"{what} did not start ({str(e)[-300:]}); starting it again", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -30,8 +45,9 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
     from common.deploy import start_serve
     from common.ray_connect import NAMESPACE
 
-    c, workers, temp_dir = started_cluster(gpu_nodes, head_cpus, worker_cpus,
-                                           worker_resources or [{}] * gpu_nodes)
+    c, workers, temp_dir = started_with_retry(
+        lambda: started_cluster(gpu_nodes, head_cpus, worker_cpus,
+                                worker_resources or [{}] * gpu_nodes), "simulated cluster")
     try:
         ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=NAMESPACE,
                  logging_level="WARNING", log_to_driver=False)
@@ -49,30 +65,23 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
 def started_cluster(gpu_nodes: int, head_cpus: float, worker_cpus: float,
                     worker_resources: list[dict]) -> tuple[Cluster, list, str]:
     """The cluster and its worker nodes, all registered, and the temp dir that holds its
-    session (each attempt its own, so a failed attempt's processes are found and ended). The
-    dir is directly under /tmp: Ray's socket paths in it must stay within 107 bytes."""
+    session (its own, so that a failed start's processes are found and ended). The dir is
+    directly under /tmp: Ray's socket paths in it must stay within 107 bytes."""
     from ray._common.utils import get_default_ray_temp_dir
 
     # Ray writes the cluster's address there (ray_current_cluster); a head with a temp dir of
     # its own does not create it.
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
-    for attempt in range(1, STARTUP_ATTEMPTS + 1):
-        temp_dir = tempfile.mkdtemp(prefix="sim-", dir="/tmp")
-        try:
-            with ended_on_error(temp_dir):
-                c = Cluster(initialize_head=True, connect=False,
-                            head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
-                                            "include_dashboard": False, "temp_dir": temp_dir})
-                workers = [
-                    c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
-                               resources={"accelerator_type:H100": 1, **extra})
-                    for extra in worker_resources[:gpu_nodes]]
-                c.wait_for_nodes()
-                return c, workers, temp_dir
-        except Exception as e:
-            if attempt == STARTUP_ATTEMPTS:
-                raise
-            print(f"simulated cluster did not start ({e!r}); starting it again", file=sys.stderr)
+    temp_dir = tempfile.mkdtemp(prefix="sim-", dir="/tmp")
+    with ended_on_error(temp_dir):
+        c = Cluster(initialize_head=True, connect=False,
+                    head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
+                                    "include_dashboard": False, "temp_dir": temp_dir})
+        workers = [c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
+                              resources={"accelerator_type:H100": 1, **extra})
+                   for extra in worker_resources[:gpu_nodes]]
+        c.wait_for_nodes()
+    return c, workers, temp_dir
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from _browser import inspect_report
-from _cluster_fixtures import STARTUP_ATTEMPTS
+from _cluster_fixtures import started_with_retry
 from _serve_fixtures import clean_env, demo_model, free_port, wait_until
 from common.cli import EXIT_OK, EXIT_RAY_AUTH
 from common.demo import end_processes_of_session
@@ -123,7 +123,8 @@ class Operator:
 @contextlib.contextmanager
 def running_cluster(operator_class: type, prefix: str):
     """An operator of `operator_class` with its 2-node cluster started, ended by its PIDs."""
-    op = started_operator(operator_class, prefix)
+    op = started_with_retry(lambda: started_operator(operator_class, prefix), "the cluster",
+                            retry_on=(AssertionError, subprocess.TimeoutExpired))
     try:
         yield op
     finally:
@@ -133,20 +134,16 @@ def running_cluster(operator_class: type, prefix: str):
 
 
 def started_operator(operator_class: type, prefix: str):
-    """An operator whose `ray start` commands succeeded; one that failed (Ray gives a raylet a
-    fixed 30 s to register, which a loaded test machine can exceed) is ended and replaced."""
-    for attempt in range(1, STARTUP_ATTEMPTS + 1):
-        op = operator_class(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
-        try:
-            op.start_cluster()
-            return op
-        except (AssertionError, subprocess.TimeoutExpired) as e:
-            op.stop_cluster()
-            shutil.rmtree(op.base, ignore_errors=True)
-            if attempt == STARTUP_ATTEMPTS:
-                raise
-            print(f"the cluster did not start ({str(e)[-300:]}); starting it again",
-                  file=sys.stderr)
+    """An operator whose `ray start` commands succeeded; if one failed (Ray gives a raylet a
+    fixed 30 s to register, which a loaded test machine can exceed), what it started is ended."""
+    op = operator_class(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
+    try:
+        op.start_cluster()
+    except BaseException:
+        op.stop_cluster()
+        shutil.rmtree(op.base, ignore_errors=True)
+        raise
+    return op
 
 
 @pytest.fixture(scope="module")
