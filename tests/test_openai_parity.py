@@ -506,6 +506,12 @@ def read_stream(base: str, path: str, body: dict) -> Answer:
             done = True
             continue
         chunks.append(json.loads(payload))
+    return Answer(response.status_code, content_type.split(";")[0],
+                  stream_summary(chunks, done, junk))
+
+
+def stream_summary(chunks: list[dict], done: bool, junk: list[str]) -> dict:
+    """What of a stream's chunks must match vllm serve's."""
     texts: dict[int, str] = {}
     tool_calls: dict[int, list] = {}
     finish: dict[int, str] = {}
@@ -525,14 +531,14 @@ def read_stream(base: str, path: str, body: dict) -> Answer:
                         {k: v for k, v in call.items() if k not in VOLATILE})
             if choice.get("finish_reason"):
                 finish[i] = choice["finish_reason"]
-    structures = sorted({json.dumps(shape(finish_without_text(c)), sort_keys=True)
-                         for c in chunks})
-    summary = {"text": {str(k): v for k, v in sorted(texts.items())},
-               "finish_reason": {str(k): v for k, v in sorted(finish.items())},
-               "tool_calls": {str(k): v for k, v in sorted(tool_calls.items())},
-               "usage": usage, "done": done, "not_data_lines": junk,
-               "chunk_structures": [json.loads(s) for s in structures]}
-    return Answer(response.status_code, content_type.split(";")[0], summary)
+    forms = [finish_without_text(c) for c in chunks]
+    forms += [mid_stream_form(c) for c in chunks if finishes_with_text(c)]
+    structures = sorted({json.dumps(shape(form), sort_keys=True) for form in forms})
+    return {"text": {str(k): v for k, v in sorted(texts.items())},
+            "finish_reason": {str(k): v for k, v in sorted(finish.items())},
+            "tool_calls": {str(k): v for k, v in sorted(tool_calls.items())},
+            "usage": usage, "done": done, "not_data_lines": junk,
+            "chunk_structures": [json.loads(s) for s in structures]}
 
 
 def finish_without_text(chunk: dict) -> dict:
@@ -547,6 +553,58 @@ def finish_without_text(chunk: dict) -> dict:
                                           if k != "content"}}
         choices.append(choice)
     return {**chunk, "choices": choices} if "choices" in chunk else chunk
+
+
+def choice_text(choice: dict) -> str:
+    delta = choice.get("delta")
+    return (choice.get("text") if delta is None else delta.get("content")) or ""
+
+
+def finishes_with_text(chunk: dict) -> bool:
+    return any(c.get("finish_reason") and choice_text(c) for c in chunk.get("choices") or [])
+
+
+def mid_stream_form(chunk: dict) -> dict:
+    """A finishing chunk that carries text as the text chunk it stands for: when the reader lags,
+    vLLM merges every queued output into the finishing chunk, so a short answer can come as that
+    chunk alone, with no text chunk before it. The form follows vLLM's serving code: a text chunk
+    has no system_fingerprint, a null finish_reason, and a null stop_reason in completions but
+    none in chat. Added on both sides, so a stream that had the text chunks gains nothing new."""
+    def unfinished(choice: dict) -> dict:
+        choice = {k: v for k, v in choice.items() if k != "stop_reason"}
+        return {**choice, "finish_reason": None,
+                **({"stop_reason": None} if "delta" not in choice else {})}
+    return {**{k: v for k, v in chunk.items() if k != "system_fingerprint"},
+            "choices": [unfinished(c) for c in chunk.get("choices") or []]}
+
+
+def completion_chunk(text: str, finish_reason=None, stop_reason=None) -> dict:
+    """Shaped as vLLM's completion stream writes it."""
+    chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "text": text, "logprobs": None,
+                          "finish_reason": finish_reason, "stop_reason": stop_reason}]}
+    return {**chunk, "system_fingerprint": "fp"} if finish_reason else chunk
+
+
+def chat_chunk(text: str, finish_reason=None, stop_reason=None) -> dict:
+    """Shaped as vLLM's chat stream writes it: stop_reason only in the finishing chunk."""
+    choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+              "finish_reason": finish_reason}
+    if finish_reason:
+        choice["stop_reason"] = stop_reason
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [choice]}
+
+
+@pytest.mark.parametrize("chunk", [completion_chunk, chat_chunk], ids=["completion", "chat"])
+@pytest.mark.parametrize("merged", [[(" Paris.", "stop")], [(" Paris", None), (".", "stop")]],
+                         ids=["all-in-the-finishing-chunk", "last-token-in-it"])
+def test_stream_summary_ignores_how_queued_outputs_were_merged(chunk, merged):
+    """No servers: the summary of a stream whose outputs vLLM merged (a lagging reader) is that
+    of the same stream chunk by chunk."""
+    one_by_one = [chunk(" Paris"), chunk("."), chunk("", "stop", "\n")]
+    merged_chunks = [chunk(text, finish, "\n" if finish else None) for text, finish in merged]
+    assert stream_summary(merged_chunks, True, []) == stream_summary(one_by_one, True, [])
 
 
 @pytest.mark.parametrize("path,body", [c[1:] for c in STREAMS], ids=[c[0] for c in STREAMS])
