@@ -9,7 +9,7 @@ from typing import Any
 
 from common.cli import add_flag
 from common.layout import parallel_size
-from replica.config import BATCH_LIMITS, EngineConfig, ServeConfig, apply_cpu_defaults
+from replica.config import BATCH_LIMITS, METRICS_RECORDERS, EngineConfig, ServeConfig, apply_cpu_defaults
 
 def json_object(text: str) -> dict[str, Any]:
     """A JSON object from the command line (argparse type)."""
@@ -67,6 +67,11 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint (a histogram "
      "observation per streamed token on the replica's event loop: off for the lowest streaming "
      "latency); see docs/operations.md"),
+    ("--engine-metrics-recorder", "engine_metrics_recorder", "ENGINE_METRICS_RECORDER", str,
+     "where those metrics are recorded: inline = where vLLM observes them, on the event loop "
+     "that serves the streams; thread = on a recorder thread of the replica (the loop only "
+     "queues each point; under a load that leaves the loop no idle time the thread falls behind "
+     "and the metrics lag; see docs/operations.md)"),
     ("--engine-kwargs", "extra_engine_kwargs", "ENGINE_KWARGS", json_object,
      "any other vLLM engine argument, as a JSON object of AsyncEngineArgs field names (as "
      "ray.serve.llm's engine_kwargs), e.g. '{\"kv_cache_dtype\": \"fp8\"}'; checked against "
@@ -112,6 +117,8 @@ def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
             extra["choices"] = ["cuda", "cpu"]
         if name == "batch_limits":
             extra["choices"] = list(BATCH_LIMITS)
+        if name == "engine_metrics_recorder":
+            extra["choices"] = list(METRICS_RECORDERS)
         if type_ is json_object:
             extra["metavar"] = "JSON"
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,

@@ -8,6 +8,7 @@ from typing import Any
 DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
+METRICS_RECORDERS = ("inline", "thread")
 
 # Env vars that make the CPU build start in seconds and behave on small machines. Only applied
 # for device=cpu, and only where the operator has not set them.
@@ -55,6 +56,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU: a fixed KV cache instead of a RAM fraction
     enable_prefix_caching: bool | None = None
     engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
+    # "inline": recorded where vLLM observes it, on the loop that serves the streams;
+    # "thread": each point goes to a recorder thread (the loop only queues it; figures and the
+    # thread's lag under load: bench/README.md).
+    engine_metrics_recorder: str = "inline"
     # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
     vllm_args: list[str] = field(default_factory=list)
     # Any vLLM engine argument by its AsyncEngineArgs field name (--engine-kwargs JSON, as
@@ -101,6 +106,9 @@ class EngineConfig:
         if self.batch_limits not in BATCH_LIMITS:
             problems.append(f"--batch-limits must be one of {', '.join(BATCH_LIMITS)}, "
                             f"got {self.batch_limits!r}")
+        if self.engine_metrics_recorder not in METRICS_RECORDERS:
+            problems.append(f"--engine-metrics-recorder must be one of "
+                            f"{', '.join(METRICS_RECORDERS)}, got {self.engine_metrics_recorder!r}")
         if self.device not in ("cuda", "cpu"):
             problems.append(f"--device must be cuda or cpu, got {self.device!r}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

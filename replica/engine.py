@@ -84,9 +84,10 @@ def engine_stat_loggers(config: EngineConfig) -> list | None:
         logger.warning("engine metrics not exported: vLLM has no RayPrometheusStatLogger (%s)",
                        exc)
         return None
-    from replica.metrics_export import labelled_stat_logger
+    from replica.metrics_export import RECORDER, labelled_stat_logger
 
-    return [labelled_stat_logger(RayPrometheusStatLogger)]
+    recorder = RECORDER if config.engine_metrics_recorder == "thread" else None
+    return [labelled_stat_logger(RayPrometheusStatLogger, recorder)]
 
 
 @contextlib.contextmanager

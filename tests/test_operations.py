@@ -332,8 +332,10 @@ def test_model_setting_change_is_a_rolling_restart_without_failed_requests(ops):
     with BackgroundLoad(ops.url) as load:
         time.sleep(2)
         started = time.monotonic()
-        # An engine setting reaches the replica's constructor: new replicas must start.
-        assert ops.deploy("--max-ongoing-requests", "256", "--seed", "1") == 0
+        # An engine setting reaches the replica's constructor: new replicas must start. (The
+        # recorder setting is one too; the next test checks the metrics it records.)
+        assert ops.deploy("--max-ongoing-requests", "256", "--seed", "1",
+                          "--engine-metrics-recorder", "thread") == 0
         wait_until(lambda: (lambda now: now and not set(now) & set(before))(running_replicas()),
                    timeout=120, what="old replica replaced")
         took = time.monotonic() - started
@@ -346,3 +348,25 @@ def test_model_setting_change_is_a_rolling_restart_without_failed_requests(ops):
     slowest = max(r.latency for r in during)
     print(f"rolling restart took {took:.0f}s; {len(during)} requests served, 0 failed, "
           f"slowest {slowest:.1f}s")
+
+
+def test_metrics_recorded_on_the_recorder_thread_match_what_was_sent(ops):
+    # The replica deployed by the previous test records its engine metrics on a thread.
+    [replica] = running_replicas()
+    time.sleep(3)
+    before = engine_totals(ops)
+    config = LoadConfig(url=ops.url, num_requests=8, concurrency=4, max_tokens=8,
+                        ignore_eos=True, timeout=120)
+    summary = summarize(run_load_sync(config))
+    assert summary.successes == 8
+    want = {metrics_scrape.REQUEST_SUCCESS: 8, metrics_scrape.GENERATION_TOKENS: 8 * 8,
+            "ray_vllm_time_to_first_token_seconds_count": 8}
+
+    def moved():
+        now = engine_totals(ops)
+        delta = {k: now[k] - before[k] for k in want}
+        return delta if delta == want else None
+
+    wait_until(moved, timeout=45, what="counters recorded on the thread to match the requests")
+    samples, _ = metrics_scrape.scrape([ops.metrics_url])
+    assert metrics_scrape.per_replica(samples)[replica].requests_finished >= 8
