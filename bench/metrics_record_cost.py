@@ -23,7 +23,10 @@ EPILOG = """parts (in one Ray worker, as in a replica):
 run it inside a loopback-only network namespace:
   scripts/loopback.sh .venv/bin/python bench/metrics_record_cost.py
 """
-TAG_KEYS = ("model_name", "engine", "ReplicaId", "application", "deployment", "NodeId")
+from replica.metrics_export import EXTRA_TAG_KEYS  # noqa: E402
+
+# The tags of a replica's engine metric: vLLM's own, then the project's.
+TAG_KEYS = ("model_name", "engine", "ReplicaId", *EXTRA_TAG_KEYS)
 BOUNDARIES = [0.01 * i for i in range(1, 30)]
 
 

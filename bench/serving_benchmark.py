@@ -33,14 +33,12 @@ TARGETS = ("offline", "vllm-serve", "ray", "ray-no-metrics", "ray-metrics-thread
 # The deployment script and its flags of each Ray target (beside the engine's and --ray-args).
 SINGLE_REPLICA = ("ray-single-gpu.py", ["--num-replicas", "1"])
 ONE_BACKEND = ["--num-backends", "1", "--tensor-parallel-size", "1", "--ingress", "haproxy"]
-RAY_TARGETS = {"ray": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy"]),
-               "ray-no-metrics": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy",
-                                                      "--engine-metrics", "false"]),
-               "ray-metrics-thread": (SINGLE_REPLICA[0], [
-                   *SINGLE_REPLICA[1], "--ingress", "haproxy",
-                   "--engine-metrics-recorder", "thread"]),
-               "ray-offline": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "haproxy",
-                                                   "--batch-limits", "offline"]),
+DIRECT = [*SINGLE_REPLICA[1], "--ingress", "haproxy"]  # the default deployment, one replica
+RAY_TARGETS = {"ray": (SINGLE_REPLICA[0], DIRECT),
+               "ray-no-metrics": (SINGLE_REPLICA[0], [*DIRECT, "--engine-metrics", "false"]),
+               "ray-metrics-thread": (SINGLE_REPLICA[0],
+                                      [*DIRECT, "--engine-metrics-recorder", "thread"]),
+               "ray-offline": (SINGLE_REPLICA[0], [*DIRECT, "--batch-limits", "offline"]),
                "ray-proxy": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "proxy"]),
                "ray-router": ("ray-placement-group.py", ONE_BACKEND),
                "ray-router2": ("ray-placement-group.py", [*ONE_BACKEND, "--router-replicas", "2"])}

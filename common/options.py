@@ -9,7 +9,7 @@ from typing import Any
 
 from common.cli import add_flag
 from common.layout import parallel_size
-from replica.config import BATCH_LIMITS, METRICS_RECORDERS, EngineConfig, ServeConfig, apply_cpu_defaults
+from replica.config import ENGINE_CHOICES, EngineConfig, ServeConfig, apply_cpu_defaults
 
 def json_object(text: str) -> dict[str, Any]:
     """A JSON object from the command line (argparse type)."""
@@ -113,12 +113,8 @@ _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
 def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
     for flag, name, env, type_, help_ in table:
         extra: dict[str, Any] = {}
-        if name == "device":
-            extra["choices"] = ["cuda", "cpu"]
-        if name == "batch_limits":
-            extra["choices"] = list(BATCH_LIMITS)
-        if name == "engine_metrics_recorder":
-            extra["choices"] = list(METRICS_RECORDERS)
+        if name in ENGINE_CHOICES:
+            extra["choices"] = list(ENGINE_CHOICES[name])
         if type_ is json_object:
             extra["metavar"] = "JSON"
         add_flag(parser, flag, dest=name, env=env, default=getattr(defaults, name), type=type_,

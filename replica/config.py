@@ -9,6 +9,9 @@ DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
 METRICS_RECORDERS = ("inline", "thread")
+# EngineConfig fields that take one of a few values: their flags' choices and validate()'s check.
+ENGINE_CHOICES = {"device": ("cuda", "cpu"), "batch_limits": BATCH_LIMITS,
+                  "engine_metrics_recorder": METRICS_RECORDERS}
 
 # Env vars that make the CPU build start in seconds and behave on small machines. Only applied
 # for device=cpu, and only where the operator has not set them.
@@ -103,14 +106,11 @@ class EngineConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        if self.batch_limits not in BATCH_LIMITS:
-            problems.append(f"--batch-limits must be one of {', '.join(BATCH_LIMITS)}, "
-                            f"got {self.batch_limits!r}")
-        if self.engine_metrics_recorder not in METRICS_RECORDERS:
-            problems.append(f"--engine-metrics-recorder must be one of "
-                            f"{', '.join(METRICS_RECORDERS)}, got {self.engine_metrics_recorder!r}")
-        if self.device not in ("cuda", "cpu"):
-            problems.append(f"--device must be cuda or cpu, got {self.device!r}")
+        for name, allowed in ENGINE_CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                problems.append(f"--{name.replace('_', '-')} must be one of "
+                                f"{', '.join(allowed)}, got {value!r}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             problems.append("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
         if self.device == "cpu" and self.gpus_per_replica > 1:

@@ -135,6 +135,19 @@ def engine_totals(ops) -> dict[str, float]:
     return totals
 
 
+def assert_totals_move_by(ops, before: dict[str, float], want: dict[str, float]) -> None:
+    """Waits until the exported totals have moved from `before` by exactly `want`."""
+    def delta() -> dict[str, float]:
+        now = engine_totals(ops)
+        return {k: now[k] - before[k] for k in want}
+
+    try:
+        wait_until(lambda: delta() == want, timeout=45,
+                   what="exported counters to match what was sent")
+    except AssertionError:
+        pytest.fail(f"want {want}, got {delta()}")
+
+
 def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
     # Earlier requests must have reached the exporter before "before" is read.
     time.sleep(3)
@@ -152,17 +165,7 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
         "serve": 24 + 1,  # and load_test's one GET /nodes after the run
     }
     assert summary.total_output_tokens == 24 * 16
-
-    def moved():
-        now = engine_totals(ops)
-        delta = {k: now[k] - before[k] for k in want}
-        return delta if delta == want else None
-
-    try:
-        wait_until(moved, timeout=45, what="exported counters to match load_test's totals")
-    except AssertionError:
-        now = engine_totals(ops)
-        pytest.fail(f"want {want}, got {({k: now[k] - before[k] for k in want})}")
+    assert_totals_move_by(ops, before, want)
 
     # Labels: each engine series names its application, deployment, replica and node.
     samples, _ = metrics_scrape.scrape([ops.metrics_url])
@@ -361,12 +364,6 @@ def test_metrics_recorded_on_the_recorder_thread_match_what_was_sent(ops):
     assert summary.successes == 8
     want = {metrics_scrape.REQUEST_SUCCESS: 8, metrics_scrape.GENERATION_TOKENS: 8 * 8,
             "ray_vllm_time_to_first_token_seconds_count": 8}
-
-    def moved():
-        now = engine_totals(ops)
-        delta = {k: now[k] - before[k] for k in want}
-        return delta if delta == want else None
-
-    wait_until(moved, timeout=45, what="counters recorded on the thread to match the requests")
+    assert_totals_move_by(ops, before, want)
     samples, _ = metrics_scrape.scrape([ops.metrics_url])
     assert metrics_scrape.per_replica(samples)[replica].requests_finished >= 8

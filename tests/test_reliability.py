@@ -250,11 +250,14 @@ def test_killed_replica_is_restarted_and_every_request_is_answered(rel):
 
 def test_lost_node_survivors_serve_replica_moves_and_check_cluster_reports_it(sim, rel, capsys):
     c, workers = sim
+
+    def on_two_nodes():
+        by_node = {r.node_id: r for r in running(rel) if r.node_id}
+        return by_node if len(by_node) == 2 else None
+
     # The previous test's replacement replica may still be reported as starting; wait for the
-    # precondition (two replicas on two nodes) instead of reading one snapshot.
-    before = wait_until(lambda: (lambda by_node: by_node if len(by_node) == 2 else None)(
-        {r.node_id: r for r in running(rel) if r.node_id}), timeout=180,
-        what="two running replicas on two nodes")
+    # precondition instead of reading one snapshot.
+    before = wait_until(on_two_nodes, timeout=180, what="two running replicas on two nodes")
     doomed = next(w for w in workers if w.node_id in before)
     survivor = next(n for n in before if n != doomed.node_id)
     c.remove_node(doomed, allow_graceful=False)
