@@ -201,21 +201,30 @@ def stop_demo(args) -> None:
     path.unlink(missing_ok=True)
 
 
+NODE_ID_FLAG = "--node-id="
+
+
 def session_processes(session_dir: str) -> list:
-    """This machine's processes of one Ray session, and their children: every Ray daemon names
-    its session directory on its command line (workers rename themselves, so they are found as
-    children, and so are the processes they start, such as Serve's HAProxy)."""
+    """This machine's processes of one Ray session, and their children: Ray's daemons name the
+    session directory on their command line, except Ray's client server (port 10001), which
+    names only its node's ID (`--node-id=`, which the others carry too); workers rename
+    themselves, so they are found as children, and so are the processes they start, such as
+    Serve's HAProxy."""
     import psutil
 
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid != os.getpid() and any(session_dir in part
-                                           for part in (proc.info["cmdline"] or [])):
-            found[proc.pid] = proc
-            try:
-                found.update({child.pid: child for child in proc.children(recursive=True)})
-            except psutil.Error:
-                pass
+    commands = {proc: proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"])
+                if proc.pid != os.getpid()}
+    named = {proc for proc, cmdline in commands.items()
+             if any(session_dir in part for part in cmdline)}
+    node_flags = {part for proc in named for part in commands[proc]
+                  if part.startswith(NODE_ID_FLAG)}
+    named |= {proc for proc, cmdline in commands.items() if node_flags & set(cmdline)}
+    found: dict[int, psutil.Process] = {proc.pid: proc for proc in named}
+    for proc in named:
+        try:
+            found.update({child.pid: child for child in proc.children(recursive=True)})
+        except psutil.Error:
+            pass
     found.pop(os.getpid(), None)
     return list(found.values())
 

@@ -29,6 +29,23 @@ def processes_under(path: str) -> list[int]:
             if any(path in part for part in (p.info["cmdline"] or []))]
 
 
+def node_id_flags(pids: list[int]) -> set[str]:
+    """The `--node-id=...` arguments of these processes (Ray's daemons name their node)."""
+    flags = set()
+    for pid in pids:
+        try:
+            flags |= {part for part in psutil.Process(pid).cmdline()
+                      if part.startswith("--node-id=")}
+        except psutil.Error:
+            pass
+    return flags
+
+
+def processes_naming(flags: set[str]) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if flags & set(p.info["cmdline"] or [])]
+
+
 @pytest.fixture
 def machine():
     base = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
@@ -88,10 +105,14 @@ def test_demo_stays_up_and_every_printed_command_works(machine, tmp_path):
     assert "starting a local Ray head" not in again.stdout
 
     assert processes_under(str(base))
+    head_node = node_id_flags(processes_under(str(base)))
+    assert head_node
     stopped = run(stop, env)
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert "stopped the demo's Ray head" in stopped.stdout
     assert not processes_under(str(base))
+    # Ray's client server names only the node's ID, not the session directory.
+    assert not processes_naming(head_node)
 
     page = report.read_text()
     assert "engine layout (per replica)" in page and "max model length" in page
