@@ -39,7 +39,7 @@ def build_parser():
                   "alone): nodes with GPUs used/total, replicas per node with their state and "
                   "requests in flight, pending demands and why; in place on a terminal, plain "
                   "frames otherwise; Ctrl-C exits 0")
-    add_flag(parser, "--plan", env="SERVE_CONFIG", default=None, metavar="CONFIG",
+    add_flag(parser, "--plan", env="PLAN_CONFIG", default=None, metavar="CONFIG",
              help="check a Serve config file (from a script's --print-config, or its RayService) "
                   "the way the scripts check before deploying: its builder args, the layout "
                   "against the GPUs, every GPU node's model folder and versions, the replicas "

@@ -32,7 +32,7 @@ class _AppendReplacingDefault(argparse._AppendAction):
 def build_parser():
     parser = make_parser(__doc__, EPILOG)
     add_address_flag(parser)
-    add_flag(parser, "--app", env="SERVE_APP_NAME", default=None, action=_AppendReplacingDefault,
+    add_flag(parser, "--app", env="APP_NAME", default=None, action=_AppendReplacingDefault,
              help="Serve application to stop; repeatable or comma-separated (default: every "
                   "Serve application on the cluster)")
     add_flag(parser, "--timeout", env="STOP_TIMEOUT_S", default=60.0, type=float,

@@ -167,9 +167,9 @@ def run_load_test(name: str, port: int, concurrency: int, num_requests: int, ext
                "-c", str(concurrency), "-n", str(num_requests), "--max-tokens", str(STREAM_TOKENS),
                "--no-progress", "--json", str(out), *extra]
     env = _clean_env()
-    env.pop("LOADGEN_NO_UVLOOP", None)
+    env.pop("DEEPSEEK_SERVE_LOADGEN_NO_UVLOOP", None)
     if not uvloop:
-        env["LOADGEN_NO_UVLOOP"] = "1"
+        env["DEEPSEEK_SERVE_LOADGEN_NO_UVLOOP"] = "1"
     started = time.perf_counter()
     completed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -177,7 +177,7 @@ def run_load_test(name: str, port: int, concurrency: int, num_requests: int, ext
         return {"name": name, "error": f"exit {completed.returncode}: {completed.stderr[-500:]}"}
     data = json.loads(out.read_text())
     summary = data["summary"]
-    prefix = "" if uvloop else "LOADGEN_NO_UVLOOP=1 "
+    prefix = "" if uvloop else "DEEPSEEK_SERVE_LOADGEN_NO_UVLOOP=1 "
     return {"name": name, "client": "load_test.py", "event_loop": data["environment"]["event_loop"],
             "command": prefix + "python " + " ".join(command[1:]).replace(str(REPO_ROOT) + "/", "").replace(str(out), "OUT.json"),
             "exit_code": completed.returncode, "requests": summary["answered"],

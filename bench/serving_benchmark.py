@@ -468,7 +468,9 @@ class Bench:
         if a.enforce_eager or self.cpu:
             settings["enforce_eager"] = True
         if self.cpu:
+            from replica.config import CPU_DEFAULT_DTYPE
             settings["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
+            settings["dtype"] = CPU_DEFAULT_DTYPE   # every target as the project's CPU replicas
         return settings
 
     def cli_engine_flags(self) -> list[str]:

@@ -80,6 +80,35 @@ non_negative_int = int_in_range(0, None, "non-negative integer")
 port_number = int_in_range(0, 65535, "port number (0-65535)")
 
 
+# Every flag's environment fallback carries the project's prefix: generic names (API_KEY, DEVICE,
+# MODEL_PATH, ...) are set by other tools, and a stray one must not turn on auth with someone
+# else's key or put a CPU engine on a GPU cluster. Ray's own variables keep Ray's names.
+ENV_PREFIX = "DEEPSEEK_SERVE_"
+RAY_ENV_NAMES = frozenset({"RAY_ADDRESS"})
+
+
+def env_name(name: str) -> str:
+    """The environment variable a flag reads: NAME -> DEEPSEEK_SERVE_NAME, Ray's own as Ray names them."""
+    return name if name in RAY_ENV_NAMES or name.startswith(ENV_PREFIX) else ENV_PREFIX + name
+
+
+def project_env(name: str, default: str | None = None) -> str | None:
+    """A project setting read from the environment by its prefixed name (env_name)."""
+    return os.environ.get(env_name(name), default)
+
+
+_warned_unprefixed: set[str] = set()
+
+
+def warn_unprefixed(name: str, flag: str) -> None:
+    """Says once on stderr that a generic variable this project no longer reads is set."""
+    old = name.removeprefix(ENV_PREFIX)
+    if old != name and os.environ.get(old) not in (None, "") and old not in _warned_unprefixed:
+        _warned_unprefixed.add(old)
+        print(f"warning: environment variable {old} is ignored (other tools use that name); "
+              f"set {name} for {flag}", file=sys.stderr, flush=True)
+
+
 def env_default(env: str | None, default: Any, convert: Callable[[str], Any] | None) -> Any:
     """The flag's default: the env var's value (converted) when set, else `default`."""
     if env and os.environ.get(env) not in (None, ""):
@@ -103,6 +132,8 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: 
         kwargs.setdefault("nargs", "?")
         kwargs.setdefault("const", True)
     if env:
+        env = env_name(env)
+        warn_unprefixed(env, names[-1] if names else "")
         help = f"{help} [env: {env}]" if help else f"[env: {env}]"
     value = env_default(env, default, type)
     return parser.add_argument(*names, default=value, type=type, help=help, **kwargs)

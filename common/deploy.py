@@ -292,10 +292,10 @@ def script_parser(description: str,
 
     parser = cli.make_parser(description, VLLM_EPILOG)
     cli.add_address_flag(parser)
-    cli.add_flag(parser, "--proxy-location", env="SERVE_PROXY_LOCATION", default="EveryNode",
+    cli.add_flag(parser, "--proxy-location", env="PROXY_LOCATION", default="EveryNode",
                  choices=["EveryNode", "HeadOnly", "Disabled"],
                  help="where Serve runs HTTP proxies (EveryNode: any node's IP answers)")
-    cli.add_flag(parser, "--ingress", env="SERVE_INGRESS", default=DEFAULT_INGRESS,
+    cli.add_flag(parser, "--ingress", env="INGRESS", default=DEFAULT_INGRESS,
                  choices=list(INGRESSES),
                  help="what answers on --port: haproxy = Serve's HAProxy in front of replicas "
                       "that serve HTTP themselves (direct ingress: no Python proxy hop; replicas "

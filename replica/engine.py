@@ -49,6 +49,19 @@ def build_engine(config: EngineConfig, args: Any):
         stat_loggers=engine_stat_loggers(config))
 
 
+async def first_generation(engine: Any) -> None:
+    """One token from a one-token prompt before the replica says it is ready: an engine whose
+    core dies on its first forward pass (a kernel the processor rejects) then fails the replica's
+    start, and the deploy reports it, instead of a RUNNING replica answering every request 503."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    async for _ in engine.generate(TokensPrompt(prompt_token_ids=[0]), params,
+                                   request_id=f"first-generation-{os.getpid()}"):
+        pass
+
+
 def check_stage_placement(placement_group: Any, config: EngineConfig) -> None:
     """Log which node holds which pipeline stage, and refuse (RuntimeError: Serve then retries
     the replica in a new group) a group where a tensor-parallel group would span nodes."""

@@ -75,7 +75,7 @@ class LLMServer:
     async def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
 
-        from replica.engine import build_engine, serve_log_handlers_kept
+        from replica.engine import build_engine, first_generation, serve_log_handlers_kept
 
         self.engine_config = engine_config
         self.serve_config = serve_config
@@ -91,6 +91,13 @@ class LLMServer:
                 args.reasoning_parser = parser
                 args.structured_outputs_config.reasoning_parser = parser
             self.engine = build_engine(engine_config, args)
+            try:
+                await first_generation(self.engine)
+            except Exception as exc:  # noqa: BLE001 - any failure: the replica must not start
+                self.engine.shutdown()
+                raise RuntimeError(f"the vLLM engine started but failed its first generation "
+                                   f"({type(exc).__name__}: {exc}); the replica does not start"
+                                   ) from exc
             openai_app = await vllm_app.build_openai_app(self.engine, args)
         self.aborted = 0
         self._count_aborts()

@@ -34,6 +34,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Run as a script (the CPU build's `vllm` command) this folder, not the project's, is on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES  # noqa: E402
+
 LOCAL_IP = "127.0.0.1"
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
@@ -54,10 +58,12 @@ CPU_ENV = {
     "DO_NOT_TRACK": "1",
 }
 
-# Flags every CPU `vllm serve` here needs: no torch.compile (25-45 s per start on CPU) and a fixed
-# small KV cache (otherwise vLLM reserves 92% of the NUMA node's RAM and refuses to start).
-# Callers may override either by passing the flag themselves.
-CPU_FLAGS = {"--enforce-eager": None, "--kv-cache-memory-bytes": str(64 * 2**20)}
+# Flags every CPU `vllm serve` here needs, as the project's replicas run (replica/config.py,
+# apply_cpu_defaults): no torch.compile (25-45 s per start on CPU), a fixed small KV cache
+# (otherwise vLLM reserves 92% of the NUMA node's RAM and refuses to start) and float32 (bf16
+# answers differently on CPUs with AMX). Callers may override any by passing the flag themselves.
+CPU_FLAGS = {"--enforce-eager": None, "--kv-cache-memory-bytes": str(CPU_DEFAULT_KV_CACHE_BYTES),
+             "--dtype": CPU_DEFAULT_DTYPE}
 
 
 def _patch_vllm_version() -> None:

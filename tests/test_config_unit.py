@@ -12,7 +12,7 @@ from common.deploy import deployment_options, replica_resources
 
 def parse(argv, env=None, monkeypatch=None):
     for key, value in (env or {}).items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(cli.env_name(key), value)
     parser = cli.make_parser("test")
     add_engine_args(parser)
     add_serve_args(parser)
@@ -29,7 +29,7 @@ def test_defaults_follow_the_guide(monkeypatch):
 
 def test_env_vars_are_fallbacks_and_flags_win(monkeypatch):
     env = {"MODEL_PATH": "/models/r1", "SERVED_MODEL_NAME": "r1", "TENSOR_PARALLEL_SIZE": "8",
-           "MAX_MODEL_LEN": "4096", "ENFORCE_EAGER": "true", "SERVE_PORT": "9000"}
+           "MAX_MODEL_LEN": "4096", "ENFORCE_EAGER": "true", "PORT": "9000"}
     engine, serve_config = parse(["--served-model-name", "flag-wins"], env, monkeypatch)
     assert engine.model == "/models/r1" and engine.served_model_name == "flag-wins"
     assert engine.tensor_parallel_size == 8 and engine.max_model_len == 4096
@@ -37,10 +37,30 @@ def test_env_vars_are_fallbacks_and_flags_win(monkeypatch):
 
 
 def test_invalid_env_value_exits_with_a_message(monkeypatch):
-    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "eight")
+    monkeypatch.setenv("DEEPSEEK_SERVE_TENSOR_PARALLEL_SIZE", "eight")
     with pytest.raises(cli.ScriptError) as exc:
         parse([], monkeypatch=monkeypatch)
-    assert "TENSOR_PARALLEL_SIZE" in str(exc.value) and exc.value.code == cli.EXIT_USAGE
+    assert "DEEPSEEK_SERVE_TENSOR_PARALLEL_SIZE" in str(exc.value)
+    assert exc.value.code == cli.EXIT_USAGE
+
+
+def test_generic_env_names_change_nothing_and_are_named(monkeypatch, capsys):
+    # Other tools set API_KEY, DEVICE, MODEL_PATH...: a stray one must not turn on auth with
+    # someone else's key or deploy a CPU engine on a GPU cluster.
+    monkeypatch.setattr(cli, "_warned_unprefixed", set())
+    stray = {"API_KEY": "someone-elses", "DEVICE": "cpu", "MODEL_PATH": "/elsewhere",
+             "DTYPE": "float16", "SEED": "7", "PORT": "1"}
+    for key, value in stray.items():
+        monkeypatch.setenv(key, value)
+    engine, serve_config = parse([], monkeypatch=monkeypatch)
+    defaults_engine, defaults_serve = EngineConfig(), ServeConfig()
+    assert serve_config.api_key is None and serve_config.port == defaults_serve.port
+    assert (engine.device, engine.model, engine.dtype, engine.seed) == (
+        defaults_engine.device, defaults_engine.model, defaults_engine.dtype, defaults_engine.seed)
+    err = capsys.readouterr().err
+    assert ("warning: environment variable API_KEY is ignored (other tools use that name); "
+            "set DEEPSEEK_SERVE_API_KEY for --api-key") in err
+    assert all(f"variable {key} is ignored" in err for key in stray)
 
 
 def test_a_script_error_becomes_one_line_and_its_exit_code(capsys):
@@ -58,15 +78,16 @@ def test_help_shows_defaults_and_env_names(capsys):
     add_serve_args(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
-    text = capsys.readouterr().out
-    assert "[env: MODEL_PATH]" in text and "default: DeepSeek-R1" in text
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines anywhere
+    assert "[env: DEEPSEEK_SERVE_MODEL_PATH]" in text and "default: DeepSeek-R1" in text
     assert "--max-ongoing-requests" in text and "--api-key" in text
 
 
 def test_cpu_device_gets_small_kv_cache_and_eager(monkeypatch):
     engine, _ = parse(["--device", "cpu"], monkeypatch=monkeypatch)
     kwargs = engine.engine_kwargs()
-    assert kwargs["kv_cache_memory_bytes"] == 64 * 2**20 and kwargs["enforce_eager"] is True
+    assert kwargs["kv_cache_memory_bytes"] == 128 * 2**20 and kwargs["enforce_eager"] is True
+    assert kwargs["dtype"] == "float32"  # the same answers on CPUs with and without AMX
     assert "distributed_executor_backend" not in kwargs
     assert replica_env(engine)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 

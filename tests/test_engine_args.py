@@ -78,4 +78,4 @@ def test_script_help_points_to_help_vllm(capsys):
     with pytest.raises(SystemExit):
         script_main(["--help"], description="test", build=lambda *_: None)
     text = capsys.readouterr().out
-    assert "--help-vllm" in text and "--engine-kwargs" in text and "[env: ENGINE_KWARGS]" in text
+    assert "--help-vllm" in text and "--engine-kwargs" in text and "DEEPSEEK_SERVE_ENGINE_KWARGS]" in text

@@ -17,7 +17,7 @@ def test_engine_kwargs_flag_and_env_fallback(monkeypatch):
     assert parse([]).extra_engine_kwargs == {}
     engine = parse(["--engine-kwargs", '{"kv_cache_dtype": "fp8", "max_num_partial_prefills": 2}'])
     assert engine.extra_engine_kwargs == {"kv_cache_dtype": "fp8", "max_num_partial_prefills": 2}
-    monkeypatch.setenv("ENGINE_KWARGS", '{"quantization": "fp8"}')
+    monkeypatch.setenv("DEEPSEEK_SERVE_ENGINE_KWARGS", '{"quantization": "fp8"}')
     assert parse([]).extra_engine_kwargs == {"quantization": "fp8"}
     # The engine's own kwargs stay ours; the extras travel apart (replica/vllm_app.serve_args).
     assert "quantization" not in parse([]).engine_kwargs()
@@ -28,7 +28,7 @@ def test_engine_kwargs_must_be_a_json_object(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             parse(["--engine-kwargs", text])
         assert "--engine-kwargs" in capsys.readouterr().err
-    monkeypatch.setenv("ENGINE_KWARGS", "fp8")
+    monkeypatch.setenv("DEEPSEEK_SERVE_ENGINE_KWARGS", "fp8")
     with pytest.raises(cli.ScriptError) as refused:
         parse([])
     assert "ENGINE_KWARGS" in str(refused.value) and refused.value.code == cli.EXIT_USAGE

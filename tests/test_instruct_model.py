@@ -69,7 +69,7 @@ def test_complete_folder_is_returned_without_building(tmp_path, monkeypatch):
     (target / demo_model.INSTRUCT_MARKER).write_text(demo_model.INSTRUCT_MODEL_VERSION + "\n")
     monkeypatch.setattr(demo_model, "_download_instruct_wheel", None)  # any call would fail
     monkeypatch.setattr(demo_model, "_convert_gguf", None)
-    monkeypatch.setenv("INSTRUCT_MODEL_DIR", str(target))
+    monkeypatch.setenv("DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR", str(target))
     assert ensure_instruct_model() == target
 
 

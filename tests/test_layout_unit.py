@@ -20,7 +20,7 @@ VERSIONS = {"ray": "2.60.0", "vllm": "0.26.0", "torch": "2.9.0+cu128", "cuda": "
 
 def engine_from(argv, monkeypatch=None, env=None):
     for key, value in (env or {}).items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(cli.env_name(key), value)
     parser = cli.make_parser("test")
     add_engine_args(parser)
     return engine_config_from_args(parser.parse_args(argv))

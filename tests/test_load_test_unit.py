@@ -390,7 +390,7 @@ def test_bad_flags_exit_usage(args, capsys):
 
 def test_help_exits_zero(capsys):
     assert load_test.main(["--help"]) == 0
-    assert "[env: SERVICE_URL]" in capsys.readouterr().out
+    assert "DEEPSEEK_SERVE_SERVICE_URL]" in capsys.readouterr().out
 
 
 def test_programmatic_entry_point(service):
