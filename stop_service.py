@@ -34,7 +34,10 @@ def build_parser():
     add_address_flag(parser)
     add_flag(parser, "--app", env="APP_NAME", default=None, action=_AppendReplacingDefault,
              help="Serve application to stop; repeatable or comma-separated (default: every "
-                  "Serve application on the cluster)")
+                  "application this project's scripts deployed; others are listed and left "
+                  "running)")
+    add_flag(parser, "--all", type=bool, default=False,
+             help="stop every Serve application on the cluster, this project's or not")
     add_flag(parser, "--timeout", env="STOP_TIMEOUT_S", default=60.0, type=float,
              help="seconds to wait for the applications to drain and disappear")
     add_flag(parser, "--shutdown", type=bool, default=False,
@@ -69,10 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     connect(args.address)
     from ray import serve
 
-    serve_running = cluster._serve_client() is not None
+    serve_running = cluster.serve_client() is not None
     apps = cluster.serve_apps() if serve_running else {}
     wanted = _names(args.app)
-    targets = [n for n in wanted if n in apps] if wanted else sorted(apps)
+    if wanted:
+        targets = [n for n in wanted if n in apps]
+    else:
+        targets = sorted(n for n, a in apps.items() if args.all or a["ours"])
+        others = sorted(set(apps) - set(targets))
+        if others:
+            print(f"left running (not deployed by this project; --all stops them too): "
+                  f"{', '.join(others)}")
     for name in wanted:
         if name not in apps:
             print(f"not running: application {name!r}")
@@ -83,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif wanted:
             print(f"Nothing is running under {', '.join(map(repr, wanted))}"
                   f" (running: {', '.join(sorted(apps)) or 'none'}).")
+        elif apps:
+            print("Nothing to stop: no application of this project is running.")
         else:
             print("Nothing is running: Serve has no applications.")
         if args.shutdown and serve_running:

@@ -18,6 +18,7 @@ import requests
 
 from common import cli
 from common.ray_connect import split_host_port
+from replica import ray_compat
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ROOT / ".cache" / "demo"
@@ -56,11 +57,9 @@ def live_cluster() -> str | None:
     """The address of a running Ray cluster this machine points at (RAY_ADDRESS, else the one
     `ray start` recorded last), if something answers there. A recorded address whose processes
     were killed is ignored rather than taken for a cluster."""
-    from ray._private.utils import read_ray_address
-
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
-    recorded = read_ray_address()
+    recorded = ray_compat.recorded_cluster_address()
     target = split_host_port(recorded) if recorded else None
     return recorded if target and port_open(*target) else None
 
@@ -104,10 +103,7 @@ def stop_command(http_port: int) -> str:
 
 def session_dir_of_driver() -> str | None:
     """The Ray session directory of the cluster this process is connected to."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    return node.get_session_dir_path() if node is not None else None
+    return ray_compat.session_dir()
 
 
 def deploy(model: Path, address: str, http_port: int) -> None:

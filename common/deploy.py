@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from common import cli, layout, preflight, replica_layout
 from common.replica_layout import MultiNodeLayout
+from replica import ray_compat
 from replica.api import RETRY_AFTER_S
 from replica.parallel_layout import TP_ENV
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
@@ -175,21 +176,12 @@ def replica_package_dir() -> Path:
     return Path(replica.__file__).resolve().parent
 
 
-def with_version(deployment: Any, version: str) -> Any:
-    """deployment.options(version=...): Serve's public API no longer takes it (its declarative
-    config path sets it internally); where this Ray refuses, every redeploy restarts replicas."""
-    try:
-        return deployment.options(version=version, _internal=True)
-    except (TypeError, ValueError):
-        return deployment
-
-
 def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: ServeConfig,
               options: dict[str, Any], version_note: str = "") -> Any:
     """An LLM deployment with its options and the version that keeps in-place updates working;
     `options` from deployment_options(), possibly pinned (common/placement.py); `version_note`:
     any other constructor argument whose change must restart the replicas."""
-    return with_version(deployment.options(name=name, **options),
+    return ray_compat.with_version(deployment.options(name=name, **options),
                         deployment_version(engine, serve_config) + version_note)
 
 
@@ -413,7 +405,7 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     from ops import cluster
 
     with cluster.state_snapshot():
-        running = cluster.serve_ingress() if cluster._serve_client() is not None else None
+        running = cluster.serve_ingress() if cluster.serve_client() is not None else None
         spreads = cluster.serve_spreads_load() if running == "proxy" else None
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "

@@ -8,6 +8,7 @@ import socket
 import sys
 from typing import Any
 
+from replica import ray_compat
 from common.cli import EXIT_RAY_AUTH, EXIT_RAY_UNREACHABLE, ScriptError, project_env
 
 # Drivers of this project share one namespace so that named/detached actors one script
@@ -62,9 +63,7 @@ def _stderr_silenced():
 def token_available() -> bool:
     """True when this process can find a Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token), whether or not token auth is switched on in it."""
-    from ray._raylet import AuthenticationTokenLoader
-
-    return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
+    return ray_compat.token_available()
 
 
 def _match_cluster_auth(target: str, tried: str) -> str:
@@ -82,9 +81,7 @@ def _match_cluster_auth(target: str, tried: str) -> str:
             raise _auth_refused(tried, "RAY_AUTH_MODE=disabled is set here; unset it")
         if not token_available():
             raise _auth_refused(tried, "no token found on this machine")
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-
-        _enable_token_auth()
+        ray_compat.enable_token_auth()
     if _gcs_refuses(target):
         raise _auth_refused(tried, f"the token from {token_source()} was refused (not the "
                                    "head's token)")
@@ -93,12 +90,11 @@ def _match_cluster_auth(target: str, tried: str) -> str:
 
 def _gcs_refuses(target: str) -> bool:
     """True when the GCS at `target` refuses this process's credentials (or lack of them)."""
-    from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
     try:
         with _stderr_silenced():
-            GcsClient(address=target)
+            ray_compat.gcs_client(target)
     except AuthenticationError:
         return True
     except Exception:  # noqa: BLE001 - anything else is ray.init's to report
@@ -126,9 +122,8 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
     tried = address or "auto"
     target = address or "auto"
     if not target.startswith("ray://"):
-        from ray._private.services import canonicalize_bootstrap_address_or_die
         try:
-            target = canonicalize_bootstrap_address_or_die(target)
+            target = ray_compat.bootstrap_address(target)
         except (ConnectionError, ValueError) as exc:
             raise _unreachable(tried, exc)
     probe = split_host_port(target[len("ray://"):] if target.startswith("ray://") else target)

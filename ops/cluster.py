@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from common.cli import ScriptError
+from replica import ray_compat
+from replica.config import PROJECT_MARKER_ENV
+
 UNKNOWN = "unknown"
 _HEAD_MARKER = "node:__internal_head__"
 _REPLICA_CLASS_PREFIX = "ServeReplica:"
@@ -166,8 +170,7 @@ def _cluster_status():
 
 
 def _raw_actors() -> dict:
-    import ray._private.state
-    return _read("actors", ray._private.state.actors)
+    return _read("actors", ray_compat.actor_table)
 
 
 def _placement_group_table() -> dict:
@@ -180,13 +183,9 @@ def _gcs_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def _serve_client():
+def serve_client():
     """The Serve controller's client, or None when Serve is not running (never starts it)."""
-    try:
-        from ray.serve.context import _get_global_client
-        return _get_global_client(raise_if_no_controller_running=False)
-    except Exception:  # noqa: BLE001 - no Serve means nothing to report, not a failure
-        return None
+    return ray_compat.serve_client()
 
 
 def serve_ingress() -> str | None:
@@ -227,10 +226,9 @@ def _available_per_node() -> dict[str, dict]:
                for n in list(status.active_nodes) + list(status.idle_nodes) if n.node_id}
         if out:
             return out
-    except Exception:  # noqa: BLE001 - fall through to the older GCS call
+    except Exception:  # noqa: BLE001 - the GCS's own table below holds the same figures
         pass
-    import ray._private.state
-    return _read("available", ray._private.state.available_resources_per_node)
+    return _read("available", ray_compat.available_resources_per_node)
 
 
 def list_nodes() -> list[NodeInfo]:
@@ -266,16 +264,23 @@ def list_nodes() -> list[NodeInfo]:
 
 
 def _serve_details() -> dict:
+    """The Serve controller's state ({} when no Serve runs); a controller that does not answer
+    is an error (ServeUnreadable), never taken for "nothing is running"."""
     def fetch() -> dict:
-        client = _serve_client()
+        client = serve_client()
         if client is None:
             return {}
         try:
-            return client.get_serve_details() or {}
-        except Exception:  # noqa: BLE001 - a controller that is going away has nothing to show
-            return {}
+            return ray_compat.serve_details(client)
+        except Exception as exc:  # noqa: BLE001 - any failure: the operator must see it
+            raise ServeUnreadable(f"could not read Serve's state from its controller: "
+                                  f"{type(exc).__name__}: {exc}") from exc
 
     return _read("serve_details", fetch)
+
+
+class ServeUnreadable(ScriptError):
+    """Serve's controller runs but its state could not be read."""
 
 
 def serve_apps() -> dict:
@@ -296,22 +301,18 @@ def serve_apps() -> dict:
                 "target_replicas": dep.get("target_num_replicas"),
             }
         apps[name] = {"status": _enum_str(app.get("status", UNKNOWN)), "message": app.get("message") or "",
-                      "route_prefix": app.get("route_prefix"), "deployments": deployments}
-    if apps or details:
-        return apps
-    # No details (older controller?): the public status call still gives counts.
-    try:
-        from ray import serve
-        status = serve.status()
-    except Exception:  # noqa: BLE001
-        return {}
-    for name, app in status.applications.items():
-        apps[name] = {"status": _enum_str(app.status), "message": app.message or "", "route_prefix": None,
-                      "deployments": {d: {"status": _enum_str(s.status), "message": s.message or "",
-                                          "replica_states": {_enum_str(k): v for k, v in s.replica_states.items()},
-                                          "target_replicas": None}
-                                      for d, s in app.deployments.items()}}
+                      "route_prefix": app.get("route_prefix"), "deployments": deployments,
+                      "ours": any(deployed_by_project(dep)
+                                  for dep in (app.get("deployments") or {}).values())}
     return apps
+
+
+def deployed_by_project(deployment: dict) -> bool:
+    """Whether a deployment of Serve's details was deployed by this project's scripts (its
+    replicas carry PROJECT_MARKER_ENV, replica/config.py)."""
+    options = (deployment.get("deployment_config") or {}).get("ray_actor_options") or {}
+    env = ((options.get("runtime_env") or {}).get("env_vars") or {})
+    return all(env.get(k) == v for k, v in PROJECT_MARKER_ENV.items())
 
 
 def _replica_resources(dep: dict) -> dict:
@@ -346,21 +347,10 @@ def _replica_tensor_parallel_size(dep: dict) -> int | None:
 
 def _actor_table() -> dict[str, dict]:
     """Actor id -> {state, node_id, ip, pid, class_name, name}, from the state API or the GCS."""
-    try:
-        raw = _raw_actors()
-        return {aid: {"state": a.get("State"), "node_id": (a.get("Address") or {}).get("NodeID"),
-                      "ip": (a.get("Address") or {}).get("IPAddress"), "pid": a.get("Pid"),
-                      "class_name": a.get("ActorClassName", ""), "name": a.get("Name", "")}
-                for aid, a in raw.items()}
-    except Exception:  # noqa: BLE001 - try the dashboard-backed API instead
-        pass
-    try:
-        from ray.util.state import list_actors
-        return {a.actor_id: {"state": a.state, "node_id": a.node_id, "ip": None, "pid": a.pid,
-                             "class_name": a.class_name, "name": a.name}
-                for a in list_actors(limit=10000, raise_on_missing_output=False)}
-    except Exception:  # noqa: BLE001
-        return {}
+    return {aid: {"state": a.get("State"), "node_id": (a.get("Address") or {}).get("NodeID"),
+                  "ip": (a.get("Address") or {}).get("IPAddress"), "pid": a.get("Pid"),
+                  "class_name": a.get("ActorClassName", ""), "name": a.get("Name", "")}
+            for aid, a in _raw_actors().items()}
 
 
 _NIL_NODE = "0" * 56
@@ -370,10 +360,7 @@ def _replica_group_bundles() -> dict[str, dict]:
     """Bundles of each replica's own placement group, by name: Serve names a replica's group
     after its actor, and its details do not list the bundles (a TP=8 replica would otherwise show
     only the CPU its actor takes, not the 8 GPUs its group holds)."""
-    try:
-        table = _placement_group_table()
-    except Exception:  # noqa: BLE001 - no table: resources from the deployment config only
-        return {}
+    table = _placement_group_table()
     return {g.get("name"): {"placement_group_bundles": [dict(b) for b in
                                                           (g.get("bundles") or {}).values()],
                             "deployment_config": {"placement_group_strategy": g.get("strategy")},
@@ -436,10 +423,7 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
 
 
 def list_placement_groups() -> list[PlacementGroupInfo]:
-    try:
-        table = _placement_group_table()
-    except Exception:  # noqa: BLE001
-        return []
+    table = _placement_group_table()
     groups = []
     for pg_id, pg in table.items():
         bundle_map = pg.get("bundles") or {}
@@ -584,7 +568,8 @@ def pending_demands(nodes: list[NodeInfo] | None = None) -> list[PendingDemand]:
     demands: list[PendingDemand] = []
     try:
         summary = _cluster_status().resource_demands
-    except Exception:  # noqa: BLE001 - fall back to what the placement group table shows
+    except Exception:  # noqa: BLE001 - the autoscaler's view is optional: the placement group
+        # table below still explains every pending group
         summary = None
     if summary is not None:
         for demand in summary.ray_task_actor_demand:

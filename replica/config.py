@@ -23,6 +23,9 @@ CPU_ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
 }
+# Every replica this project deploys carries this mark, so stop_service.py can tell the
+# applications it deployed from others on the same cluster.
+PROJECT_MARKER_ENV = {"DEEPSEEK_SERVE_DEPLOYMENT": "1"}
 # Serve runs user code on a separate thread by default; with an asyncio engine the extra hop
 # between event loops costs throughput (figures: bench/README.md).
 SERVE_REPLICA_ENV = {
@@ -30,6 +33,7 @@ SERVE_REPLICA_ENV = {
     # Behind HAProxy a replica serves HTTP itself and answers backpressure with Serve's own plain
     # text; Serve wraps that server in the middlewares this callable returns (JSON errors).
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "replica.serve_errors:json_error_middlewares",
+    **PROJECT_MARKER_ENV,
 }
 
 

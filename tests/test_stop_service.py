@@ -14,7 +14,9 @@ import requests
 from ray import serve
 
 import stop_service
-from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE
+from common.cli import EXIT_FAILURE, EXIT_OK, EXIT_RAY_UNREACHABLE
+from replica import ray_compat
+from replica.config import PROJECT_MARKER_ENV
 
 SLEEP_S = 2.0
 
@@ -72,14 +74,47 @@ def test_nothing_running_exits_0(sim, capsys):
     assert "nothing is running" in out and "no-such-app" in out
 
 
-def test_default_stops_every_app_and_shutdown_stops_serve(sim, capsys):
-    serve.run(Slow.options(name="A").bind(), name="first", route_prefix="/first")
-    serve.run(Slow.options(name="B").bind(), name="second", route_prefix="/second")
-    code = stop_service.main(["--address", sim[0].address, "--timeout", "30", "--shutdown"])
+def ours(name: str):
+    """Slow, marked as the project's scripts mark their deployments."""
+    return Slow.options(name=name, ray_actor_options={
+        "num_cpus": 0, "runtime_env": {"env_vars": dict(PROJECT_MARKER_ENV)}})
+
+
+def test_default_stops_only_the_projects_apps_and_all_stops_the_rest(sim, capsys):
+    serve.run(ours("A").bind(), name="first", route_prefix="/first")
+    serve.run(ours("B").bind(), name="second", route_prefix="/second")
+    serve.run(Slow.options(name="C").bind(), name="unrelated", route_prefix="/unrelated")
+    code = stop_service.main(["--address", sim[0].address, "--timeout", "30"])
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
-    assert "first" in out and "second" in out and "shut down" in out
+    assert "Stopped first, second" in out and "left running" in out and "unrelated" in out
+    assert list(serve.status().applications) == ["unrelated"]
+    assert requests.post("http://127.0.0.1:8000/unrelated", timeout=30).text == "finished"
+
+    code = stop_service.main(["--address", sim[0].address, "--timeout", "30"])
+    assert code == EXIT_OK and "no application of this project" in capsys.readouterr().out
+    code = stop_service.main(["--address", sim[0].address, "--timeout", "30", "--all",
+                              "--shutdown"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    assert "Stopped unrelated" in out and "shut down" in out
     assert serve.status().applications == {}
+
+
+def test_a_controller_that_does_not_answer_fails_the_stop(sim, capsys, monkeypatch):
+    serve.run(ours("A").bind(), name="kept", route_prefix="/kept")
+
+    def unreadable(client):
+        raise TimeoutError("the controller did not answer")
+
+    monkeypatch.setattr(ray_compat, "serve_details", unreadable)
+    code = stop_service.main(["--address", sim[0].address, "--timeout", "10"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILURE
+    assert "could not read Serve's state" in err and "did not answer" in err
+    monkeypatch.undo()
+    assert "kept" in serve.status().applications
+    serve.delete("kept")
 
 
 def test_unreachable_exits_3():

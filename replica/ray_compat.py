@@ -1,0 +1,133 @@
+"""The one module that touches Ray's private interfaces, each checked against the installed Ray."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+from replica import versions
+
+
+class RayIncompatible(RuntimeError):
+    """The installed Ray lacks an internal this project needs: one message names what is missing,
+    the installed version and the tested ones."""
+
+
+def ray_version() -> str:
+    import ray
+
+    return str(ray.__version__)
+
+
+def _incompatible(what: str) -> RayIncompatible:
+    return RayIncompatible(
+        f"the installed Ray {ray_version()} lacks {what}, which this project needs; tested "
+        f"pairs: {versions.tested_table()}. Install a tested Ray (requirements.txt).")
+
+
+def _symbol(module: str, name: str) -> Any:
+    """`module.name` of the installed Ray, or RayIncompatible naming it."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise _incompatible(f"{module}.{name}") from None
+
+
+# Every private symbol used below, so check() can list all that are missing at once.
+_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("ray._private.state", "actors"),
+    ("ray._private.state", "available_resources_per_node"),
+    ("ray._private.utils", "read_ray_address"),
+    ("ray._private.worker", "_global_node"),
+    ("ray._private.services", "canonicalize_bootstrap_address_or_die"),
+    ("ray._private.authentication.authentication_token_setup", "_enable_token_auth"),
+    ("ray._raylet", "AuthenticationTokenLoader"),
+    ("ray._raylet", "GcsClient"),
+    ("ray.serve.context", "_get_global_client"),
+)
+
+
+def check() -> list[str]:
+    """Problems with the installed Ray: each internal this project needs that is missing."""
+    problems = []
+    for module, name in _SYMBOLS:
+        try:
+            _symbol(module, name)
+        except RayIncompatible as err:
+            problems.append(str(err))
+    options = inspect.signature(_symbol("ray.serve.deployment", "Deployment").options)
+    if "_internal" not in options.parameters:
+        problems.append(str(_incompatible("Deployment.options(_internal=...)")))
+    return problems
+
+
+# ---- cluster state (GCS) ----------------------------------------------------------------------
+
+
+def actor_table() -> dict:
+    """Actor ID -> the GCS's record of every actor (state, class, node, pid, ...)."""
+    return _symbol("ray._private.state", "actors")()
+
+
+def available_resources_per_node() -> dict[str, dict]:
+    return _symbol("ray._private.state", "available_resources_per_node")()
+
+
+def recorded_cluster_address() -> str | None:
+    """The address `ray start` recorded last on this machine (/tmp/ray/ray_current_cluster)."""
+    return _symbol("ray._private.utils", "read_ray_address")()
+
+
+def session_dir() -> str | None:
+    """The session directory of the cluster this driver is connected to (None: not connected)."""
+    node = _symbol("ray._private.worker", "_global_node")
+    return node.get_session_dir_path() if node is not None else None
+
+
+def bootstrap_address(address: str) -> str:
+    """'auto' or host:port as Ray resolves it (ConnectionError/ValueError when it cannot)."""
+    return _symbol("ray._private.services", "canonicalize_bootstrap_address_or_die")(address)
+
+
+# ---- token auth -----------------------------------------------------------------------------
+
+
+def token_available() -> bool:
+    """True when Ray finds an auth token here, whether or not token auth is on in this process."""
+    loader = _symbol("ray._raylet", "AuthenticationTokenLoader")
+    return bool(loader.instance().has_token(ignore_auth_mode=True))
+
+
+def enable_token_auth() -> None:
+    """Token auth on in this process (what RAY_AUTH_MODE=token does at import)."""
+    _symbol("ray._private.authentication.authentication_token_setup", "_enable_token_auth")()
+
+
+def gcs_client(address: str) -> Any:
+    """A GCS client, which raises ray.exceptions.AuthenticationError on refused credentials."""
+    return _symbol("ray._raylet", "GcsClient")(address=address)
+
+
+# ---- Serve ----------------------------------------------------------------------------------
+
+
+def serve_client() -> Any:
+    """The Serve controller's client, or None when no controller runs (never starts one)."""
+    get_client: Callable[..., Any] = _symbol("ray.serve.context", "_get_global_client")
+    return get_client(raise_if_no_controller_running=False)
+
+
+def serve_details(client: Any) -> dict:
+    """The controller's whole state (applications, deployments, replicas, proxies)."""
+    return client.get_serve_details() or {}
+
+
+def with_version(deployment: Any, version: str) -> Any:
+    """deployment.options(version=...): a replica whose version is unchanged is updated in place
+    on redeploy instead of restarted. Serve's public API takes it only through this keyword
+    (its declarative path sets it itself); without it every redeploy, even a --num-replicas
+    change, restarts every replica, so a Ray that refuses it is an error, not a fallback."""
+    try:
+        return deployment.options(version=version, _internal=True)
+    except (TypeError, ValueError) as exc:
+        raise _incompatible(f"Deployment.options(version=..., _internal=True) ({exc})") from None
