@@ -347,9 +347,20 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
                               "demo run `make demo`, or add --device cpu --model "
                               ".cache/demo-model")
-    layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv)
+    check_upstreams(args.allow_untested_versions)
+    layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
+                          args.allow_untested_versions)
     app = build(args, engine, serve_config)
     return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress)
+
+
+def check_upstreams(allow_untested: bool) -> None:
+    """Before anything is reserved: this machine's Ray and vLLM are a tested pair (or the
+    operator allowed otherwise), and have every internal the project relies on."""
+    layout.check_tested_versions([("this machine", layout.installed_versions())], allow_untested)
+    problems = ray_compat.check()
+    if problems:
+        raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
 
 
 def replica_code_runtime_env() -> dict[str, Any]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from common import cli, planner
+from replica import versions
 from replica.config import EngineConfig, ServeConfig
 
 AUTO = "auto"
@@ -35,6 +36,37 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
     cli.add_flag(parser, "--gpu-memory-gib", env="GPU_MEMORY_GIB", type=float, default=None,
                  help="memory of one GPU in GiB, for planning the layout (Ray does not report "
                       "it; default: asked of nvidia-smi on each GPU node)")
+    cli.add_flag(parser, versions.ALLOW_UNTESTED_FLAG, env="ALLOW_UNTESTED_VERSIONS", type=bool,
+                 default=False,
+                 help="deploy even where this machine or a GPU node runs a Ray/vLLM pair this "
+                      "project is not tested with (replica/versions.py; refused otherwise); "
+                      "every deploy and every replica start then warns")
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Ray's and vLLM's versions in this process's environment, from package metadata."""
+    return _probe_this_node(None)["versions"]
+
+
+def check_tested_versions(where_versions: Sequence[tuple[str, dict]], allow_untested: bool
+                          ) -> None:
+    """Refuses (or, allowed, warns about) every place that runs an untested Ray/vLLM pair."""
+    untested = [versions.untested_message(v["ray"], v["vllm"], where)
+                for where, v in where_versions
+                if v.get("ray") and v.get("vllm") and not versions.is_tested(v["ray"], v["vllm"])]
+    missing = [where for where, v in where_versions if not v.get("vllm")]
+    if missing:
+        raise cli.ScriptError(f"vLLM is not installed on {', '.join(missing)} (requirements.txt)",
+                              cli.EXIT_UNHEALTHY)
+    if not untested:
+        return
+    if not allow_untested:
+        raise cli.ScriptError("\nerror: ".join(untested) + f"; install a tested pair, or pass "
+                              f"{versions.ALLOW_UNTESTED_FLAG} to deploy anyway",
+                              cli.EXIT_UNHEALTHY)
+    for message in untested:
+        print(f"warning: {message}; deploying because of {versions.ALLOW_UNTESTED_FLAG}",
+              file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -238,7 +270,8 @@ def _note(text: str) -> None:
 
 
 def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: ServeConfig,
-                   memory_gib: float | None, argv: Sequence[str] | None = None) -> None:
+                   memory_gib: float | None, argv: Sequence[str] | None = None,
+                   allow_untested: bool = False) -> None:
     """After connecting, before building: the per-node checks, `auto` resolved, an explicit
     layout checked against the planner, the deploy timeout derived. CPU engines: nothing."""
     if engine.device != "cuda":
@@ -253,6 +286,8 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
     problems = node_problems(reports, model_path)
     if problems:
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
+    check_tested_versions([(f"GPU node {r.name}", r.versions) for r in reports if r.versions],
+                          allow_untested)
 
     try:
         model = local_footprint(engine)
