@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=int(os.environ.get("TEST_SHARDS", "2")),
                         help="shards run at once (env TEST_SHARDS); 1: a single pytest run")
     parser.add_argument("--tests", default=str(ROOT / "tests"), help="the tests folder")
+    parser.add_argument("modules", nargs="*",
+                        help="test modules to run (default: every test_*.py in --tests)")
     return parser
 
 
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    files = sorted(str(p.resolve().relative_to(ROOT))
-                   for p in Path(args.tests).glob("test_*.py"))
+    found = [Path(m) for m in args.modules] or list(Path(args.tests).glob("test_*.py"))
+    files = sorted(str(p.resolve().relative_to(ROOT)) for p in found)
     shards = max(1, args.shards)
     if shards > 1 and not can_isolate():
         print("note: no network namespaces here (needs root or user namespaces): one shard, "
