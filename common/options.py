@@ -103,7 +103,8 @@ _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "vLLM's per-request log in the replica logs, prompt text included (off: Serve's access "
      "log only: request IDs, routes, statuses, latencies)"),
     ("--reasoning-parser", "reasoning_parser", "REASONING_PARSER", str,
-     "vLLM reasoning parser for /v1/chat/completions (reasoning_content); auto: deepseek_r1 "
+     "vLLM reasoning parser for /v1/chat/completions (the reasoning comes back in "
+     "message.reasoning, delta.reasoning when streaming); auto: deepseek_r1 "
      "when the model's chat template opens the answer with <think> (DeepSeek-R1 and its "
      "distills), none otherwise; or any parser name vLLM knows"),
     ("--max-surge-percent", "max_surge_percent", "MAX_SURGE_PERCENT", int,
