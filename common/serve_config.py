@@ -22,7 +22,14 @@ BUILDERS = {
 # Flags that say how to reach or start Serve, or what to print: no part of the application.
 _NOT_APP_ARGS = {"help", "address", "proxy_location", "ingress", "print_config", "kuberay",
                  "working_dir", "gpu_memory_gib", "timeout_s", "image", "image_workdir",
-                 "gpus_per_node", "auth_secret"}
+                 "gpus_per_node", "auth_secret", "pod_cpus", "pod_memory_gib",
+                 "allow_untested_versions"}
+# A worker pod's default size (--pod-cpus, --pod-memory-gib): a GPU pod gets CPUs for vLLM's
+# per-GPU workers, tokenization and Serve, and host memory for the weights read through it.
+POD_CPUS_PER_GPU = 4.0
+POD_GIB_PER_GPU = 32.0
+POD_SPARE_CPUS = 2.0
+POD_GIB_PER_CPU_REPLICA = 8.0
 # Set at the config file's top level (http_options) or on the application (name, route_prefix).
 _CONFIG_LEVEL_ARGS = {"host", "port", "app_name", "route_prefix"}
 # Deployment options Serve updates on running replicas without restarting them: they go into the
@@ -58,6 +65,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                  help="with --kuberay: GPUs of one worker pod (one Kubernetes node)")
     cli.add_flag(group, "--auth-secret", env="KUBERAY_AUTH_SECRET", default="ray-auth-token",
                  help="with --kuberay: Kubernetes secret whose key `token` holds the Ray auth token")
+    cli.add_flag(group, "--pod-cpus", env="KUBERAY_POD_CPUS", type=float, default=None,
+                 help=f"with --kuberay: CPUs of one worker pod; default: {POD_CPUS_PER_GPU:g} per "
+                      f"GPU (a GPU pod), or the replicas' CPUs + {POD_SPARE_CPUS:g} (a CPU pod)")
+    cli.add_flag(group, "--pod-memory-gib", env="KUBERAY_POD_MEMORY_GIB", type=float,
+                 default=None,
+                 help=f"with --kuberay: memory of one worker pod in GiB; default: "
+                      f"{POD_GIB_PER_GPU:g} per GPU (weights pass through host memory while "
+                      f"loading), or {POD_GIB_PER_CPU_REPLICA:g} per replica (a CPU pod)")
 
 
 def script_name(script_file: str) -> str:
@@ -294,13 +309,10 @@ def _ray_container(name: str, image: str, env: list[dict[str, Any]], resources: 
 
 def worker_groups(engine: EngineConfig, deployments: list[dict[str, Any]],
                   gpus_per_node: int) -> tuple[int, int]:
-    """(worker pods, GPUs per pod) for the topology: enough nodes for the most replicas the
-    application can run, each pod one whole node of `gpus_per_node` GPUs (CPU: one pod per
-    replica, no GPU)."""
-    replicas = 0
-    for entry in deployments:
-        autoscaling = entry.get("autoscaling_config")
-        replicas += autoscaling["max_replicas"] if autoscaling else entry.get("num_replicas", 1)
+    """(worker pods, GPUs per pod) for the topology: enough nodes for the most engine replicas
+    the application can run (the placement-group router holds no engine and no GPU), each pod
+    one whole node of `gpus_per_node` GPUs (CPU: one pod per replica, no GPU)."""
+    replicas = engine_replicas(deployments)
     if engine.device == "cpu":
         return max(replicas, 1), 0
     per_replica = engine.gpus_per_replica
@@ -316,9 +328,36 @@ def worker_groups(engine: EngineConfig, deployments: list[dict[str, Any]],
     return pods, gpus_per_node
 
 
+def worker_pod_resources(engine: EngineConfig, serve_config: ServeConfig, pods: int,
+                         gpus: int, replicas: int, cpus: float | None, memory_gib: float | None
+                         ) -> dict[str, Any]:
+    """A worker pod's Kubernetes resources: the flags where given, else derived (POD_*)."""
+    if gpus:
+        cpus = cpus if cpus is not None else POD_CPUS_PER_GPU * gpus
+        memory_gib = memory_gib if memory_gib is not None else POD_GIB_PER_GPU * gpus
+        return {"cpu": f"{cpus:g}", "memory": f"{memory_gib:g}Gi", "nvidia.com/gpu": gpus}
+    per_pod = -(-replicas // max(pods, 1))
+    cpus = cpus if cpus is not None else per_pod * serve_config.cpus_per_replica + POD_SPARE_CPUS
+    memory_gib = memory_gib if memory_gib is not None else POD_GIB_PER_CPU_REPLICA * per_pod
+    return {"cpu": f"{cpus:g}", "memory": f"{memory_gib:g}Gi"}
+
+
+def engine_replicas(deployments: list[dict[str, Any]]) -> int:
+    """The most engine replicas the application runs (autoscaling: its maximum)."""
+    total = 0
+    for entry in deployments:
+        if entry.get("name") == ROUTER_DEPLOYMENT:
+            continue
+        autoscaling = entry.get("autoscaling_config")
+        total += autoscaling["max_replicas"] if autoscaling else entry.get("num_replicas", 1)
+    return total
+
+
 def rayservice_manifest(document: dict[str, Any], engine: EngineConfig, controller_env: dict[str, str],
                         image: str, gpus_per_node: int, auth_secret: str,
-                        name: str = "deepseek") -> dict[str, Any]:
+                        name: str = "deepseek", serve_config: ServeConfig | None = None,
+                        pod_cpus: float | None = None, pod_memory_gib: float | None = None
+                        ) -> dict[str, Any]:
     """A KubeRay RayService: `serveConfigV2` is the config file itself, the head (no GPUs: it
     schedules nothing) and one worker group sized from the topology; every Ray container gets
     Serve's controller settings and token auth from a Kubernetes secret."""
@@ -329,9 +368,9 @@ def rayservice_manifest(document: dict[str, Any], engine: EngineConfig, controll
     env = _env_list({"RAY_AUTH_MODE": "token", **controller_env}) + [token]
     port = document["http_options"]["port"]
     head_resources = {"cpu": "8", "memory": "32Gi"}
-    worker_resources: dict[str, Any] = {"cpu": "32", "memory": "256Gi"}
-    if gpus:
-        worker_resources["nvidia.com/gpu"] = gpus
+    worker_resources = worker_pod_resources(engine, serve_config or ServeConfig(), pods, gpus,
+                                            engine_replicas(deployments), pod_cpus,
+                                            pod_memory_gib)
     head = {
         # num-gpus 0 on the head: replicas go to the GPU workers.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0",
@@ -389,7 +428,8 @@ def print_config(script_file: str, parser: argparse.ArgumentParser, args: argpar
     if args.kuberay:
         manifest = rayservice_manifest(document, engine, controller_env(args.ingress),
                                        args.image, args.gpus_per_node, args.auth_secret,
-                                       name=serve_config.app_name)
+                                       name=serve_config.app_name, serve_config=serve_config,
+                                       pod_cpus=args.pod_cpus, pod_memory_gib=args.pod_memory_gib)
         print(to_yaml(manifest), end="")
     else:
         print(to_yaml(document), end="")

@@ -175,6 +175,42 @@ def test_rayservice_holds_the_config(capsys):
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
+def requested_gpus(manifest: dict) -> int:
+    return sum(group["replicas"] * group["template"]["spec"]["containers"][0]["resources"]
+               ["limits"].get("nvidia.com/gpu", 0)
+               for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("ray-force-multi.py", []),
+    ("ray-single-gpu.py", ["--num-replicas", "16"]),
+    ("ray-placement-group.py", []),
+    ("ray-product", []),
+])
+def test_rayservice_asks_for_the_gpus_the_guides_topology_uses(script, argv, capsys):
+    """The guide's defaults use 2 x 8 GPUs; the placement-group router holds none."""
+    manifest = yaml.safe_load(printed(script, ["--print-config", "--kuberay", *argv], capsys))
+    assert requested_gpus(manifest) == 16
+    [workers] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    resources = workers["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"] == resources["requests"]
+    assert resources["limits"]["cpu"] == "32" and resources["limits"]["memory"] == "256Gi"
+
+
+def test_worker_pod_size_from_flags(capsys):
+    manifest = yaml.safe_load(printed("ray-force-multi.py", [
+        "--print-config", "--kuberay", "--pod-cpus", "96", "--pod-memory-gib", "1024"], capsys))
+    [workers] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert (limits["cpu"], limits["memory"], limits["nvidia.com/gpu"]) == ("96", "1024Gi", 8)
+    cpu = yaml.safe_load(printed("ray-force-multi.py", [
+        "--print-config", "--kuberay", *CPU_ARGS, "--num-replicas", "2"], capsys))
+    [workers] = cpu["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits and workers["replicas"] == 2
+    assert (limits["cpu"], limits["memory"]) == ("3", "8Gi")
+
+
 def test_worker_groups_from_the_topology():
     from replica.config import EngineConfig
 
@@ -187,6 +223,10 @@ def test_worker_groups_from_the_topology():
                                       8) == (2, 8)
     assert serve_config.worker_groups(EngineConfig(device="cpu"), [{"num_replicas": 2}],
                                       8) == (2, 0)
+    router = {"name": "Router", "num_replicas": 1}
+    assert serve_config.worker_groups(EngineConfig(tensor_parallel_size=8),
+                                      [{"num_replicas": 1}, {"num_replicas": 1}, router],
+                                      8) == (2, 8)
     with pytest.raises(cli.ScriptError, match="GPUs on one node"):
         serve_config.worker_groups(EngineConfig(tensor_parallel_size=16), [{}], 8)
 
@@ -229,3 +269,30 @@ def test_router_replicas_run_like_engine_replicas(monkeypatch):
         "replica.serve_errors:json_error_middlewares")
     assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "1"
     assert env["X"] == "1"
+
+
+def test_the_image_recipe_installs_a_tested_pair_where_the_manifest_looks():
+    """The Dockerfile the README builds for --kuberay: Ray as pinned, a tested vLLM, the project
+    at --image-workdir's default."""
+    import re
+    from pathlib import Path
+
+    from replica import versions
+
+    root = Path(serve_config.PROJECT_ROOT)
+    recipe = (root / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", recipe, re.M))
+    ray_pin = re.search(r"^ray\[serve\]==(\S+)$", (root / "requirements.txt").read_text(), re.M)
+    assert ray_pin and args["RAY_VERSION"] == ray_pin.group(1)
+    assert versions.is_tested(args["RAY_VERSION"], args["VLLM_VERSION"])
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", recipe, re.M)
+    assert f"WORKDIR {script_default('--image-workdir')}" in recipe
+    build = f"docker build -t {script_default('--image')} ."
+    assert build in recipe and build in (root / "README.md").read_text()
+
+
+def script_default(flag: str):
+    from common.deploy import script_parser
+
+    parser = script_parser("test")
+    return next(a.default for a in parser._actions if flag in a.option_strings)
