@@ -5,7 +5,8 @@ import json
 import sys
 from typing import Sequence
 
-from ops import cluster
+from ops import cluster, startup_failures
+from ops.startup_failures import explain_failed_start
 from ops.cluster_format import format_report
 from common.ray_connect import connect
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, ScriptError,
@@ -83,6 +84,12 @@ def _engine_summary(app: str | None, as_json: bool):
         return None if as_json else f"ENGINE: metrics not readable ({type(exc).__name__}: {exc})"
 
 
+def failed_apps(report: cluster.ClusterReport) -> list[str]:
+    """Applications whose replicas failed to start or became unhealthy."""
+    return sorted(name for name, app in report.apps.items()
+                  if app["status"] in ("DEPLOY_FAILED", "UNHEALTHY"))
+
+
 @exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
@@ -114,12 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.gpu_memory_utilization)
     if args.json:
         data = cluster.report_to_dict(report)
+        data["start_failures"] = {name: startup_failures.failures_as_data(name)
+                                  for name in failed_apps(report)}
         data["engine_metrics"] = engine
         if planned is not None:
             data["layout"] = planned
         print(json.dumps(data, indent=2, default=str))
     else:
         print(format_report(report))
+        for name in failed_apps(report):
+            print(explain_failed_start(name, None))
         if engine:
             print("\n" + engine)
         if planned is not None:

@@ -351,7 +351,8 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
     layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
                           args.allow_untested_versions)
     app = build(args, engine, serve_config)
-    return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress)
+    return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress,
+                  engine=engine)
 
 
 def check_upstreams(allow_untested: bool) -> None:
@@ -433,7 +434,7 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
 
 
 def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode",
-           ingress: str = DEFAULT_INGRESS) -> int:
+           ingress: str = DEFAULT_INGRESS, engine: EngineConfig | None = None) -> int:
     """Start Serve if needed, deploy the app without blocking, wait until it runs or fails."""
     from ray import serve
     from ray.serve.api import RunTarget
@@ -445,7 +446,7 @@ def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode
                               route_prefix=serve_config.route_prefix)],
                    wait_for_ingress_deployment_creation=False,
                    wait_for_applications_running=False)
-    wait_ready(serve_config.app_name, serve_config.timeout_s)
+    wait_ready(serve_config.app_name, serve_config.timeout_s, engine=engine)
     print_ready(serve_config)
     return cli.EXIT_OK
 
@@ -458,9 +459,13 @@ def _replica_summary(app_status) -> str:
     return "; ".join(parts)
 
 
-def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
+def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0,
+               engine: EngineConfig | None = None) -> None:
     """Poll Serve until the app is RUNNING, printing each change; raise a ScriptError saying why
-    when it fails (EXIT_FAILURE) or the wait runs out (EXIT_TIMEOUT)."""
+    when it fails (EXIT_FAILURE: Serve's message and each dead replica's own root cause, with
+    the remedy for `engine`'s settings) or the wait runs out (EXIT_TIMEOUT)."""
+    from ops.startup_failures import explain_failed_start
+
     from ray import serve
 
     started = time.monotonic()
@@ -477,9 +482,10 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
             if state == "RUNNING":
                 return
             if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-                details = "".join(f"\n  {name}: {dep.message}"
+                details = "".join(f"\n  {name}: {serve_message_summary(dep.message)}"
                                   for name, dep in status.deployments.items() if dep.message)
-                raise cli.ScriptError(f"application {app_name!r} is {state}{details}",
+                causes = explain_failed_start(app_name, engine)
+                raise cli.ScriptError(f"application {app_name!r} is {state}{details}{causes}",
                                       cli.EXIT_FAILURE)
         if elapsed > timeout_s:
             break
@@ -490,6 +496,15 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0) -> None:
                           "the application stays deployed and Serve keeps trying; inspect with "
                           "`python check_cluster.py`, remove with `python stop_service.py`",
                           cli.EXIT_TIMEOUT)
+
+
+def serve_message_summary(message: str) -> str:
+    """Serve's deployment message without the replica's traceback it may carry (the root cause
+    is printed apart): its first line and the traceback's last."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} [...] {lines[-1].strip()}"
 
 
 def _pending_lines() -> str:

@@ -43,14 +43,15 @@ def cpu_args(port: int, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int = 2):
-    """A one-node Ray on 127.0.0.1 for the API tests."""
+def local_ray(num_cpus: int = 2, dashboard: bool = False):
+    """A one-node Ray on 127.0.0.1 for the API tests (with the dashboard, which serves Ray's
+    state API, for tests that read replicas' logs)."""
     from ray import serve
 
     # address="local": a new cluster even when another Ray on this machine left its address in
     # /tmp/ray/ray_current_cluster (ray.init would try to join that one and refuse num_cpus).
     context = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOCAL_IP,
-                       include_dashboard=False, namespace="serve", logging_level="WARNING",
+                       include_dashboard=dashboard, namespace="serve", logging_level="WARNING",
                        log_to_driver=False)
     try:
         yield
