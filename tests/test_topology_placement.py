@@ -165,6 +165,30 @@ def test_single_gpu_refuses_r1_on_80gb_gpus_before_deploying(sim, capsys):
     assert "r1single" not in serve.status().applications
 
 
+def test_single_gpu_refuses_the_default_hub_model_on_80gb_gpus_before_deploying(
+        sim, capsys, monkeypatch, tmp_path):
+    """`python ray-single-gpu.py` as the README shows it: the default Hugging Face ID is read
+    from the Hub (a stand-in on loopback) and planned like a local folder."""
+    import huggingface_hub.constants
+
+    from _stand_in_hub import r1_repository, stand_in_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    argv = [a for a in gpu_args("r1hub") if a not in ("--model", "unused-by-probe")]
+    with stand_in_hub({"deepseek-ai/DeepSeek-R1": r1_repository()}) as (url, asked):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        code = deploy_script("ray-single-gpu.py", *argv, "--gpu-memory-gib", "80")
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE, err
+    assert any(path.endswith("/model.safetensors.index.json") for path in asked)
+    assert "will download 163 of 163 weight files of deepseek-ai/DeepSeek-R1" in err
+    assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 cannot serve" in err
+    assert "A layout that fits: --tensor-parallel-size 8 --pipeline-parallel-size 2" in err
+    assert "r1hub" not in serve.status().applications
+
+
 def test_force_multi_auto_tensor_parallel_from_the_checkpoint(sim, capsys):
     code = deploy_script("ray-force-multi.py", *gpu_args("auto70b"), "--model", LLAMA70B_CONFIG,
                          "--tensor-parallel-size", "auto", "--gpu-memory-gib", "80",
