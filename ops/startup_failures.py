@@ -118,7 +118,7 @@ def replica_start_failures(app: str, engine: EngineConfig | None = None,
     try:
         actors = list_actors(address=address, filters=[("state", "=", "DEAD")], detail=True,
                              limit=10000, raise_on_missing_output=False)
-    except Exception as exc:  # noqa: BLE001 - the state API raises several types: one message
+    except Exception as exc:  # the state API raises several types: one message for all
         raise LogsUnreadable(f"{type(exc).__name__}: {exc}") from exc
     dead = [a for a in actors if str(getattr(a, "class_name", "")).startswith(prefix)]
     dead.sort(key=lambda a: getattr(a, "end_time_ms", 0) or 0, reverse=True)

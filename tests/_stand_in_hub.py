@@ -52,10 +52,10 @@ def stand_in_hub(repositories: dict[str, dict[str, bytes]]):
             if with_body:
                 self.wfile.write(body)
 
-        def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+        def do_HEAD(self) -> None:
             self._answer(with_body=False)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             self._answer(with_body=True)
 
         def log_message(self, *args) -> None:
