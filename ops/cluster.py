@@ -272,7 +272,7 @@ def _serve_details() -> dict:
             return {}
         try:
             return ray_compat.serve_details(client)
-        except Exception as exc:  # noqa: BLE001 - any failure: the operator must see it
+        except Exception as exc:  # any failure: the operator must see it (re-raised)
             raise ServeUnreadable(f"could not read Serve's state from its controller: "
                                   f"{type(exc).__name__}: {exc}") from exc
 
