@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import socket
 import threading
 
@@ -36,10 +37,16 @@ def demo_model() -> str:
     return str(ensure_demo_model(quiet=True))
 
 
+# DEEPSEEK_SERVE_TEST_DEVICE=cuda runs the engine tests' deployments on a GPU with the CUDA build of
+# vLLM (the same demo model; one replica per GPU), to check the replica path against that build.
+TEST_DEVICE = os.environ.get("DEEPSEEK_SERVE_TEST_DEVICE", "cpu")
+
+
 def cpu_args(port: int, *extra: str) -> list[str]:
-    """Flags every CPU deployment in the tests shares: demo model, loopback, one proxy."""
-    return ["--device", "cpu", "--model", demo_model(), "--host", LOCAL_IP, "--port", str(port),
-            "--proxy-location", "HeadOnly", "--timeout", "300", *extra]
+    """Flags every engine deployment in the tests shares: demo model, loopback, one proxy, the
+    CPU build (or TEST_DEVICE)."""
+    return ["--device", TEST_DEVICE, "--model", demo_model(), "--host", LOCAL_IP,
+            "--port", str(port), "--proxy-location", "HeadOnly", "--timeout", "300", *extra]
 
 
 @contextlib.contextmanager
