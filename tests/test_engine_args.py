@@ -6,6 +6,7 @@ import json
 import pytest
 
 from common.deploy import check_vllm_args
+from common.demo_model import ensure_demo_model
 from replica.config import EngineConfig
 from replica.vllm_app import serve_args
 
@@ -28,8 +29,9 @@ def test_the_same_options_pass_as_engine_kwargs_and_reach_the_engine_args():
 
     extra = {"quantization": "fp8", "kv_cache_dtype": "fp8", "enable_expert_parallel": True,
              "enable_prefix_caching": True, "speculative_config": SPECULATIVE}
-    engine = EngineConfig(tensor_parallel_size=8, pipeline_parallel_size=2,
-                          extra_engine_kwargs=extra)
+    # A local checkpoint: AsyncEngineArgs of vLLM 0.26 looks a Hugging Face ID up on the Hub.
+    engine = EngineConfig(model=str(ensure_demo_model(quiet=True)), tensor_parallel_size=8,
+                          pipeline_parallel_size=2, extra_engine_kwargs=extra)
     assert check_vllm_args(engine, []) == []
     engine_args = AsyncEngineArgs.from_cli_args(
         serve_args(engine.engine_kwargs(), [], extra=engine.extra_engine_kwargs))
