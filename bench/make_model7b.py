@@ -71,16 +71,18 @@ def _cover_vocab(path: Path, vocab_size: int) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
 
-def write_model(target: Path) -> Path:
-    """Write config.json, generation_config.json and the tokenizer files into `target`."""
+def write_model(target: Path, shape: dict | None = None) -> Path:
+    """Write config.json (`shape`, default the 7B one), generation_config.json and the tokenizer
+    files (covering the shape's vocabulary) into `target`."""
     from common.demo_model import _build_tokenizer
 
+    shape = shape or QWEN2_7B_SHAPE
     target.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(vocab_size=512)
-    tokenizer.model_max_length = QWEN2_7B_SHAPE["max_position_embeddings"]
+    tokenizer.model_max_length = shape["max_position_embeddings"]
     tokenizer.save_pretrained(target)
-    _cover_vocab(target / "tokenizer.json", QWEN2_7B_SHAPE["vocab_size"])
-    config = dict(QWEN2_7B_SHAPE, bos_token_id=tokenizer.eos_token_id,
+    _cover_vocab(target / "tokenizer.json", shape["vocab_size"])
+    config = dict(shape, bos_token_id=tokenizer.eos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (target / "generation_config.json").write_text(json.dumps(

@@ -23,26 +23,12 @@ def r1_shape(layers: int) -> dict:
 
 
 def write_model(target: Path, layers: int = DEFAULT_LAYERS) -> Path:
-    """config.json, generation_config.json and the tokenizer files (R1-style chat template that
-    opens <think>) into `target`."""
+    """config.json, generation_config.json and the tokenizer files (the demo's chat template,
+    which opens <think> as R1's does) into `target`."""
     sys.path.insert(0, str(HERE))
-    from make_model7b import _cover_vocab
+    import make_model7b
 
-    from common.demo_model import _build_tokenizer
-
-    target.mkdir(parents=True, exist_ok=True)
-    shape = r1_shape(layers)
-    tokenizer = _build_tokenizer(vocab_size=512)
-    tokenizer.model_max_length = shape["max_position_embeddings"]
-    tokenizer.save_pretrained(target)
-    _cover_vocab(target / "tokenizer.json", shape["vocab_size"])
-    config = dict(shape, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (target / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        indent=2) + "\n")
-    return target
+    return make_model7b.write_model(target, r1_shape(layers))
 
 
 def main(argv: list[str] | None = None) -> int:
