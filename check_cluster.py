@@ -80,7 +80,7 @@ def _engine_summary(app: str | None, as_json: bool):
             return {k: vars(v) for k, v in metrics_scrape.per_replica(samples).items()
                     if k in live}
         return metrics_scrape.summary_for_cluster(app, timeout=3.0)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - informational: shown as not readable, report stands
         return None if as_json else f"ENGINE: metrics not readable ({type(exc).__name__}: {exc})"
 
 

@@ -52,9 +52,10 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
         backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
                                   options, version_note=f"-port{args.backend_port}")
                         .bind(engine, serve_config, args.backend_port))
-    return RoundRobinRouter.options(**router_options(serve_config, args.num_backends,
-                                                     args.router_replicas)).bind(serve_config,
-                                                                                 *backends)
+    # @serve.deployment makes the class a Deployment; mypy keeps a decorated class's own type
+    router = RoundRobinRouter.options(  # type: ignore[attr-defined]
+        **router_options(serve_config, args.num_backends, args.router_replicas))
+    return router.bind(serve_config, *backends)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in targets:
             serve.delete(name, _blocking=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure: one line with the reason for the operator
         raise ScriptError(f"could not ask Serve to delete {targets}: {type(exc).__name__}: "
                           f"{exc}", EXIT_FAILURE) from None
 

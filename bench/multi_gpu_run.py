@@ -144,7 +144,7 @@ def step(rec: Recorder, name: str, script: str, argv: list[str], app: str, args,
         else:
             entry["load"] = run_load(app, args)
         entry["placement_after_load"] = format_placement(cluster.list_replicas(app))
-    except Exception:  # record and go on to the next step
+    except Exception:  # noqa: BLE001 - the traceback is recorded in the step's entry; the next step runs
         entry["error"] = traceback.format_exc()
     finally:
         rec.save()

@@ -582,7 +582,7 @@ class Bench:
                 log(f"vllm serve ready in {time.monotonic() - started:.0f}s")
                 return self._drive("vllm-serve", port, "/v1/completions",
                                    f"http://{HOST}:{port}/metrics")
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure becomes one line pointing at the server's log
                 raise RuntimeError(f"vllm serve failed; see {logpath}") from None
             finally:
                 stop_group(process)
@@ -624,7 +624,7 @@ class Bench:
                               target) as metrics_url:
                 log(f"{target} ready in {time.monotonic() - started:.0f}s")
                 return self._drive(target, port, endpoint, metrics_url)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure becomes one line pointing at the helper's log
             raise RuntimeError(f"{target} target failed: {exc}; see {logpath}") from None
 
     def _drive(self, name: str, port: int, endpoint: str, metrics_url: str | None
@@ -695,7 +695,7 @@ class Bench:
                 started = time.monotonic()
                 try:
                     rows = runners[target](rep)
-                except Exception as exc:  # keep going: one failed target must not lose the rest
+                except Exception as exc:  # noqa: BLE001 - logged, kept in its row: the other targets run
                     log(f"  {target} FAILED: {exc}")
                     rows = {target: {"error": str(exc)}}
                 for row, data in rows.items():

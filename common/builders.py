@@ -20,6 +20,8 @@ def load_script(script_file: str) -> ModuleType:
     path = str(PROJECT_ROOT / name)
     loader = importlib.machinery.SourceFileLoader(module_name, path)
     spec = importlib.util.spec_from_loader(module_name, loader)
+    if spec is None:  # never, with a file loader given; module_from_spec needs a spec
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     sys.modules[module_name] = module

@@ -46,7 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults in --help and keeps the description's line breaks."""
 
 
-def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+def make_parser(description: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
     # No abbreviations: a `vllm serve` flag passed through must never match a prefix of ours.
     return argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                    formatter_class=HelpFormatter)
@@ -136,7 +136,9 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: 
         warn_unprefixed(env, names[-1] if names else "")
         help = f"{help} [env: {env}]" if help else f"[env: {env}]"
     value = env_default(env, default, type)
-    return parser.add_argument(*names, default=value, type=type, help=help, **kwargs)
+    if type is not None:  # argparse's own default is None; its stubs do not accept None
+        kwargs["type"] = type
+    return parser.add_argument(*names, default=value, help=help, **kwargs)
 
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -35,6 +36,8 @@ def load_script(name: str):
     loader = importlib.machinery.SourceFileLoader(name.replace("-", "_").replace(".py", ""),
                                                   str(path))
     spec = importlib.util.spec_from_loader(loader.name, loader)
+    if spec is None:  # never, with a file loader given; module_from_spec needs a spec
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
@@ -120,7 +123,7 @@ def deploy(model: Path, address: str, http_port: int) -> None:
 
 def show_answer(http_port: int) -> None:
     url = f"http://127.0.0.1:{http_port}/"
-    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
+    body: dict[str, Any] = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
     print(f"\n$ curl -X POST {url} -H 'Content-Type: application/json' "
           f"-d '{json.dumps(body, ensure_ascii=False)}'")
     started = time.perf_counter()

@@ -275,8 +275,8 @@ class VllmHelpAction(argparse.Action):
         parser.exit()
 
 
-def script_parser(description: str,
-                  add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
+def script_parser(description: str | None,
+                  add_topology_args: Callable[[argparse._ArgumentGroup], None] | None = None,
                   engine_defaults: EngineConfig | None = None,
                   serve_defaults: ServeConfig | None = None) -> argparse.ArgumentParser:
     """A deployment script's flags (also what its application builder parses: common/builders.py)."""
@@ -324,7 +324,7 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
 
 @cli.exits_with_codes
 def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
-                add_topology_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                add_topology_args: Callable[[argparse._ArgumentGroup], None] | None = None,
                 engine_defaults: EngineConfig | None = None,
                 serve_defaults: ServeConfig | None = None) -> int:
     """Parse flags, connect to Ray, build the app, deploy it (or, with --print-config, print its
@@ -335,10 +335,14 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         from common.serve_config import print_config
 
         if engine.device == "cuda":
-            engine.tensor_parallel_size = requested_layout.tp
-            engine.pipeline_parallel_size = requested_layout.pp
-        return print_config(sys.modules[build.__module__].__file__, parser, args, engine,
-                            serve_config, requested_layout, argv)
+            # 'auto' goes back in for print_config's resolve_autos, which makes it a number again
+            engine.tensor_parallel_size = requested_layout.tp  # type: ignore[assignment]
+            engine.pipeline_parallel_size = requested_layout.pp  # type: ignore[assignment]
+        script_file = sys.modules[build.__module__].__file__
+        if script_file is None:
+            raise RuntimeError(f"{build.__module__} has no source file to name in the config")
+        return print_config(script_file, parser, args, engine, serve_config, requested_layout,
+                            argv)
 
     from common.ray_connect import connect
 

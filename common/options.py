@@ -113,7 +113,7 @@ _SERVE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
 ]
 
 
-def _add_flags(parser: argparse._ActionsContainer, table, defaults) -> None:
+def _add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, table, defaults) -> None:
     for flag, name, env, type_, help_ in table:
         extra: dict[str, Any] = {}
         if name in ENGINE_CHOICES:

@@ -230,7 +230,7 @@ def _dense_layers(config: dict, quant: _Quant, dtype_bytes: int
 
 
 def _deepseek_layers(config: dict, quant: _Quant, dtype_bytes: int
-                     ) -> tuple[list[LayerBytes], list[int], int]:
+                     ) -> tuple[list[LayerBytes], list[int], list[int], int]:
     """DeepSeek V2/V3 decoder layers (MLA attention; dense MLP in the first
     first_k_dense_replace layers, MoE after): (layers, params per layer, active params per layer,
     kv elems per token)."""

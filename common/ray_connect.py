@@ -125,7 +125,7 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
         try:
             target = ray_compat.bootstrap_address(target)
         except (ConnectionError, ValueError) as exc:
-            raise _unreachable(tried, exc)
+            raise _unreachable(tried, exc) from exc
     probe = split_host_port(target[len("ray://"):] if target.startswith("ray://") else target)
     if probe is None:
         raise _unreachable(tried, "not a host:port address")
@@ -134,7 +134,7 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
         socket.create_connection(probe, timeout=timeout_s).close()
     except OSError as exc:
         raise _unreachable(tried, f"nothing answers at {probe[0]}:{probe[1]} "
-                                  f"({exc.strerror or exc})")
+                                  f"({exc.strerror or exc})") from exc
     auth = "" if target.startswith("ray://") else _match_cluster_auth(target, tried)
     # Something listens but may not be a GCS: keep ray.init's own retry loop short too.
     saved = os.environ.get("RAY_gcs_server_port_wait_time_s")
@@ -142,8 +142,8 @@ def connect(address: str = "auto", *, namespace: str = NAMESPACE,
     try:
         ray.init(address=target, namespace=namespace, logging_level=logging.WARNING,
                  log_to_driver=False, runtime_env=runtime_env)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable" to the operator
-        raise _unreachable(tried, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # any failure here means "not reachable" to the operator (re-raised)
+        raise _unreachable(tried, f"{type(exc).__name__}: {exc}") from exc
     finally:
         if saved is None:
             os.environ.pop("RAY_gcs_server_port_wait_time_s", None)

@@ -277,7 +277,7 @@ def validate_document(document: dict[str, Any]) -> None:
 
 def to_yaml(document: dict[str, Any]) -> str:
     """Block YAML without anchors (repeated bundles written out), multi-line strings as `|`."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
 
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:
@@ -320,7 +320,7 @@ def worker_groups(engine: EngineConfig, deployments: list[dict[str, Any]],
         raise cli.ScriptError(f"a replica needs {per_replica} GPUs on one node, a pod has "
                               f"--gpus-per-node {gpus_per_node}", cli.EXIT_USAGE)
     per_node = gpus_per_node // per_replica
-    cap = min((e.get("max_replicas_per_node") for e in deployments
+    cap = min((e["max_replicas_per_node"] for e in deployments
                if e.get("max_replicas_per_node")), default=None)
     if cap:
         per_node = min(per_node, cap)
@@ -402,11 +402,11 @@ def rayservice_manifest(document: dict[str, Any], engine: EngineConfig, controll
 
 
 def _ray_version() -> str:
-    try:
-        import importlib.metadata
+    import importlib.metadata
 
+    try:
         return importlib.metadata.version("ray")
-    except Exception:  # noqa: BLE001 - the manifest still works without it
+    except importlib.metadata.PackageNotFoundError:  # the manifest still works without it
         return "2.60.0"
 
 

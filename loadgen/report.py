@@ -157,18 +157,17 @@ def distributions(result: LoadResult, summary: Summary) -> list[Distribution]:
     successes = [r for r in result.results if r.ok]
     shaped = [Distribution("e2el", "End-to-end latency",
                            histogram(_ms(r.latency for r in successes)), summary.latency)]
-    if result.config.stream and summary.ttft is not None:
+    # summarize() describes the three together, for a streamed run
+    ttft, tpot, itl = summary.ttft, summary.tpot, summary.itl
+    if result.config.stream and ttft is not None and tpot is not None and itl is not None:
         tpots = [stats.tpot(r.latency, r.ttft, r.output_tokens) for r in successes]
         shaped += [
             Distribution("ttft", "Time to first token",
-                         histogram(_ms(r.ttft for r in successes if r.ttft is not None)),
-                         summary.ttft),
+                         histogram(_ms(r.ttft for r in successes if r.ttft is not None)), ttft),
             Distribution("tpot", "Time per output token (excl. 1st)",
-                         histogram(_ms(value for value in tpots if value is not None)),
-                         summary.tpot),
+                         histogram(_ms(value for value in tpots if value is not None)), tpot),
             Distribution("itl", "Inter-token latency",
-                         histogram(_ms(gap for r in successes if r.itl for gap in r.itl)),
-                         summary.itl),
+                         histogram(_ms(gap for r in successes if r.itl for gap in r.itl)), itl),
         ]
     return shaped
 
@@ -208,7 +207,7 @@ def server_settings(server: dict[str, Any] | None) -> dict[str, Any]:
         roots = {str(m.get("root")) for m in models if m.get("root")}
         if roots:
             settings["model path"] = ", ".join(sorted(roots))
-        lengths = {m.get("max_model_len") for m in models if m.get("max_model_len")}
+        lengths = {m["max_model_len"] for m in models if m.get("max_model_len")}
         if lengths:
             settings["max model length"] = ", ".join(str(value) for value in sorted(lengths))
     elif nodes.get("model"):

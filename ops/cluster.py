@@ -534,16 +534,16 @@ def explain(bundles: list[dict], strategy: str | None, nodes: list[NodeInfo] | N
         return "fits on a node now; should be scheduled shortly (if it stays pending, check label selectors)"
     s = strategy.upper()
     if s == "STRICT_PACK":
-        shape: dict = {}
+        packed: dict = {}
         for b in bundles:
             for k, v in b.items():
-                shape[k] = shape.get(k, 0.0) + v
+                packed[k] = packed.get(k, 0.0) + v
         if not _place(bundles, totals, s):
             return (f"infeasible: STRICT_PACK puts all {len(bundles)} bundles on one node; "
-                    f"{_shortfall(shape, totals, 'total')}")
+                    f"{_shortfall(packed, totals, 'total')}")
         if not _place(bundles, frees, s):
             return (f"waiting for resources: STRICT_PACK puts all {len(bundles)} bundles on one node; "
-                    f"{_shortfall(shape, frees, 'free')}")
+                    f"{_shortfall(packed, frees, 'free')}")
     elif s == "STRICT_SPREAD":
         if len(bundles) > alive:
             return f"infeasible: STRICT_SPREAD needs {len(bundles)} distinct nodes; only {alive} alive"

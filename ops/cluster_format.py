@@ -8,10 +8,10 @@ from ops.cluster import (UNKNOWN, ClusterReport, ReplicaInfo, _capacity, _fmt_nu
 
 
 def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
-    rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     return "\n".join(lines)
 
 
@@ -98,13 +98,13 @@ def format_report(report: ClusterReport) -> str:
     out.append("")
     out.append("PLACEMENT GROUPS")
     if report.placement_groups:
-        rows = []
+        pg_rows = []
         for g in report.placement_groups:
             for i, (b, node) in enumerate(zip(g.bundles, g.bundle_nodes)):
-                rows.append((short_id(g.pg_id, 12) if i == 0 else "", g.name if i == 0 else "",
-                             g.state if i == 0 else "", g.strategy if i == 0 else "", i,
-                             format_shape(b), short_id(node) if node else "(unplaced)"))
-        out.append(_table(["PG", "NAME", "STATE", "STRATEGY", "BUNDLE", "RESOURCES", "NODE"], rows))
+                pg_rows.append((short_id(g.pg_id, 12) if i == 0 else "", g.name if i == 0 else "",
+                                g.state if i == 0 else "", g.strategy if i == 0 else "", i,
+                                format_shape(b), short_id(node) if node else "(unplaced)"))
+        out.append(_table(["PG", "NAME", "STATE", "STRATEGY", "BUNDLE", "RESOURCES", "NODE"], pg_rows))
     else:
         out.append("(none)")
 

@@ -79,13 +79,15 @@ def snapshot_frame(app: str | None, spread: set, header: str) -> str:
     try:
         with cluster.state_snapshot():
             report = cluster.collect_report(app=app, spread_deployments=spread)
+            in_flight: dict[str, float] | None
+            engine: dict[str, metrics_scrape.ReplicaEngineStats] | None
             try:
                 samples, _ = metrics_scrape.scrape_cluster(timeout=2.0)
                 in_flight = in_flight_per_replica(samples)
                 engine = metrics_scrape.per_replica(samples)
             except Exception:  # noqa: BLE001 - the metrics are extra; the state is the view
                 in_flight = engine = None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - shown in the frame: the view keeps refreshing
         return f"{header}\n\ncould not read the cluster state: {type(exc).__name__}: {exc}"
     return watch_frame(report, in_flight, engine, header)
 

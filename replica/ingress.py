@@ -159,7 +159,7 @@ class RoundRobinRouter:
         try:
             url = await asyncio.wait_for(self.backends[index].endpoint.remote(),
                                          timeout=PROBE_TIMEOUT_S)
-        except Exception:  # timeout, no replica, replica died: all mean "down" to the router
+        except Exception:  # noqa: BLE001 - timeout, no replica, replica died: all mean "down"
             url = None
         alive = url is not None
         if alive != self.up[index]:

@@ -9,11 +9,10 @@ import tempfile
 import time
 from typing import Callable, TypeVar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import ray
 from ray.cluster_utils import Cluster
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_IP = "127.0.0.1"
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 
-from _cluster_fixtures import LOCAL_IP, ended_after, wait_until  # noqa: F401
+from _cluster_fixtures import LOCAL_IP, ended_after, wait_until
 
 import ray
 import requests

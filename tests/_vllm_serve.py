@@ -36,7 +36,7 @@ from pathlib import Path
 
 # Run as a script (the CPU build's `vllm` command) this folder, not the project's, is on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES  # noqa: E402
+from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES
 
 LOCAL_IP = "127.0.0.1"
 READY_TIMEOUT_S = 300.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 # The benchmark runs as a script beside its own helper modules (bench/machine.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from serving_benchmark import engine_stage_totals, stage_means_ms, wave_ttft_p50_ms  # noqa: E402
+from serving_benchmark import engine_stage_totals, stage_means_ms, wave_ttft_p50_ms
 
 VLLM_SERVE_SCRAPE = """\
 # TYPE vllm:time_to_first_token_seconds histogram

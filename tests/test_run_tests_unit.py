@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import run_tests  # noqa: E402
+import run_tests
 
 
 def test_every_module_lands_in_exactly_one_shard_and_the_shards_are_balanced():

@@ -145,7 +145,7 @@ def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys
                 **({"stream": True} if stream else {})}
         send_and_hang_up(f"{URL}/pg/", body, stream,
                          lambda: any(s["engine_unfinished_requests"] for s in backend_status("pg")))
-        wait_until(lambda: backends_aborted_all("pg", before), timeout=60,
+        wait_until(lambda before=before: backends_aborted_all("pg", before), timeout=60,
                    what=f"the backend's engine request aborted (stream={stream})")
     # stop_service drains the backends' own servers too.
     assert_stop_drains("pg", streams=1)
