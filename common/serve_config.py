@@ -277,7 +277,7 @@ def validate_document(document: dict[str, Any]) -> None:
 
 def to_yaml(document: dict[str, Any]) -> str:
     """Block YAML without anchors (repeated bundles written out), multi-line strings as `|`."""
-    import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
+    import yaml
 
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:

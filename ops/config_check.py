@@ -12,7 +12,7 @@ _SCRIPT_OF = {function: script for script, function in BUILDERS.items()}
 
 
 def read_config(path: str) -> dict[str, Any]:
-    import yaml  # type: ignore[import-untyped]  # no stubs installed (types-PyYAML)
+    import yaml
 
     try:
         document = yaml.safe_load(Path(path).read_text())
