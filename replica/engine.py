@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from replica import vllm_compat
 from replica.config import EngineConfig
 
 logger = logging.getLogger("ray.serve")
@@ -22,13 +23,9 @@ def build_engine(config: EngineConfig, args: Any):
     for itself and vLLM would create a second placement group for its workers: the same GPUs
     booked twice, which is why a second TP=8 replica could never be placed on a 2 x 8 GPU cluster.
     """
-    from vllm import AsyncEngineArgs
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    engine_args = AsyncEngineArgs.from_cli_args(args)
+    engine_args = vllm_compat.engine_args_from_cli(args)
     apply_offline_batch_limits(engine_args, config)
-    vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    vllm_config = vllm_compat.create_engine_config(engine_args)
     if config.uses_ray_workers:
         import ray.util
 
@@ -38,28 +35,19 @@ def build_engine(config: EngineConfig, args: Any):
                 "tensor/pipeline parallelism needs the replica to run in its own placement group "
                 "(placement_group_bundles); deploy it through common.deploy")
         check_stage_placement(placement_group, config)
-        vllm_config.parallel_config.placement_group = placement_group
+        vllm_compat.set_placement_group(vllm_config, placement_group)
     logger.info("starting vLLM engine: model=%s tp=%d pp=%d device=%s pid=%d",
                 config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
                 config.device, os.getpid())
-    return AsyncLLM.from_vllm_config(
-        vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
-        enable_log_requests=engine_args.enable_log_requests,
-        disable_log_stats=engine_args.disable_log_stats,
-        stat_loggers=engine_stat_loggers(config))
+    return vllm_compat.start_engine(vllm_config, engine_args, engine_stat_loggers(config))
 
 
 async def first_generation(engine: Any) -> None:
     """One token from a one-token prompt before the replica says it is ready: an engine whose
     core dies on its first forward pass (a kernel the processor rejects) then fails the replica's
     start, and the deploy reports it, instead of a RUNNING replica answering every request 503."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=1, temperature=0.0)
-    async for _ in engine.generate(TokensPrompt(prompt_token_ids=[0]), params,
-                                   request_id=f"first-generation-{os.getpid()}"):
-        pass
+    await vllm_compat.generate_greedy(engine, [0], max_tokens=1,
+                                      request_id=f"first-generation-{os.getpid()}")
 
 
 def check_stage_placement(placement_group: Any, config: EngineConfig) -> None:
@@ -87,20 +75,15 @@ def check_stage_placement(placement_group: Any, config: EngineConfig) -> None:
 def engine_stat_loggers(config: EngineConfig) -> list | None:
     """vLLM's Prometheus metrics recorded through Ray's metrics API, so that every replica's
     engine metrics leave through the node's Ray metrics endpoint (vLLM's own prometheus_client
-    registry has no HTTP server inside a Serve replica). Feature-detected: a vLLM without the
-    Ray logger, or a disabled flag, keeps vLLM's default loggers and the replica still starts."""
+    registry has no HTTP server inside a Serve replica). None (vLLM's default loggers) only when
+    the flag is off: a vLLM that cannot export them with --engine-metrics true is an error
+    (VllmIncompatible, which the deploy's vllm_compat.check reports before reserving GPUs)."""
     if not config.engine_metrics:
-        return None
-    try:
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-    except Exception as exc:  # noqa: BLE001 - an old/new vLLM must not stop the replica
-        logger.warning("engine metrics not exported: vLLM has no RayPrometheusStatLogger (%s)",
-                       exc)
         return None
     from replica.metrics_export import RECORDER, labelled_stat_logger
 
     recorder = RECORDER if config.engine_metrics_recorder == "thread" else None
-    return [labelled_stat_logger(RayPrometheusStatLogger, recorder)]
+    return [labelled_stat_logger(vllm_compat.ray_stat_logger(), recorder)]
 
 
 @contextlib.contextmanager
@@ -130,29 +113,8 @@ def apply_offline_batch_limits(engine_args: Any, config: EngineConfig) -> None:
     """With --batch-limits offline on GPUs, the batch limits vLLM picks for its offline `LLM` class
     where the operator set none: on H100/H200-class GPUs twice the tokens per step of the
     API-server context, more throughput with hundreds of requests in flight, later first tokens
-    (bench/README.md). Feature-detected (`get_batch_defaults`, present in vLLM 0.26 and 0.32): a
-    release without it keeps its own defaults."""
+    (bench/README.md). A vLLM without `get_batch_defaults(world_size)` is an error
+    (VllmIncompatible): the operator asked for these limits."""
     if config.batch_limits != "offline" or config.device != "cuda":
         return
-    get_defaults = getattr(type(engine_args), "get_batch_defaults", None)
-    if get_defaults is None:
-        return
-    from vllm.usage.usage_lib import UsageContext
-
-    try:
-        tokens, seqs = get_defaults(config.gpus_per_replica)
-    except Exception as exc:  # noqa: BLE001 - a changed signature must not stop the replica
-        logger.info("keeping vLLM's batch defaults (%s: %s)", type(exc).__name__, exc)
-        return
-    if engine_args.max_num_batched_tokens is None and UsageContext.LLM_CLASS in tokens:
-        engine_args.max_num_batched_tokens = tokens[UsageContext.LLM_CLASS]
-    if engine_args.max_num_seqs is None and UsageContext.LLM_CLASS in seqs:
-        engine_args.max_num_seqs = seqs[UsageContext.LLM_CLASS]
-
-
-def unfinished_requests(engine: Any) -> int:
-    """Requests the engine still holds (for /health and the disconnect test)."""
-    processor = getattr(engine, "output_processor", None)
-    if processor is None:
-        return -1
-    return int(processor.get_num_unfinished_requests())
+    vllm_compat.apply_batch_defaults(engine_args, config.gpus_per_replica)

@@ -86,7 +86,6 @@ RECORDER = MetricRecorder()
 # replica ID, the `replica` label of ray_serve_* metrics), `model_name` and `engine`; Ray adds
 # `NodeAddress`, `WorkerId` and `SessionName`.
 EXTRA_TAG_KEYS = ("application", "deployment", "NodeId")
-_WRAPPER_ATTRS = ("_gauge_cls", "_counter_cls", "_histogram_cls")
 
 
 def replica_tags() -> dict[str, str]:
@@ -111,74 +110,14 @@ def replica_tags() -> dict[str, str]:
     return tags
 
 
-def _labelled_wrapper(wrapper: type, extra: dict[str, str],
-                      recorder: MetricRecorder | None = None) -> type | None:
-    """A subclass of one of vLLM's Ray metric wrappers that declares and fills EXTRA_TAG_KEYS,
-    and records through `recorder` when one is given.
-
-    Ray drops tags that were not declared when the metric was created, so the keys must go in
-    at construction. This relies on the wrapper's `_get_tag_keys`/`_build_tags`/`_tags` (vLLM
-    0.11 to 0.32 at least); None when they are missing, and the caller keeps vLLM's own."""
-    if not all(hasattr(wrapper, name) for name in ("_get_tag_keys", "_build_tags")):
-        return None
-    base_keys = wrapper._get_tag_keys
-
-    class Labelled(wrapper):  # type: ignore[misc, valid-type]
-        @staticmethod
-        def _get_tag_keys(labelnames):
-            return tuple(base_keys(labelnames)) + EXTRA_TAG_KEYS
-
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            # Unlabelled metrics record with self._tags: every declared key needs a value.
-            self._tags = {**getattr(self, "_tags", {}), **extra}
-
-        def _build_tags(self, *labels: Any, **labelskwargs: Any) -> dict[str, str]:
-            if labels:
-                # vLLM's positional check counts declared keys; map positionals to the
-                # metric's own label names (declared first) before it runs.
-                own = [k for k in self.metric._tag_keys
-                       if k not in EXTRA_TAG_KEYS and k != "ReplicaId"]
-                if len(labels) != len(own):
-                    raise ValueError(f"expected {len(own)} label values, got {len(labels)}")
-                labelskwargs.update(zip(own, labels))
-            tags = wrapper._build_tags(self, **labelskwargs)
-            tags.update(extra)
-            return tags
-
-    if recorder is not None:
-        # vLLM's wrappers call the Ray metric's own set/inc/observe with self._tags; the same
-        # call goes to the recorder thread instead.
-        if hasattr(wrapper, "observe"):
-            def observe(self, value):
-                recorder.submit(self.metric.observe, value, self._tags)
-            Labelled.observe = observe
-        if hasattr(wrapper, "inc"):
-            def inc(self, value=1.0):
-                if value:
-                    recorder.submit(self.metric.inc, value, self._tags)
-            Labelled.inc = inc
-        if hasattr(wrapper, "set"):
-            def set_(self, value):
-                recorder.submit(self.metric.set, value, self._tags)
-            Labelled.set = set_
-
-    Labelled.__name__ = Labelled.__qualname__ = "Labelled" + wrapper.__name__
-    return Labelled
-
-
 def labelled_stat_logger(base: type, recorder: MetricRecorder | None = None) -> type:
-    """vLLM's RayPrometheusStatLogger with EXTRA_TAG_KEYS on its gauges, counters and
-    histograms, recording through `recorder` if given; `base` itself where this vLLM's wrappers
-    look different (then the metrics carry vLLM's and Ray's labels only, which still name the
-    replica and node, and are recorded inline)."""
-    if not all(hasattr(base, name) for name in _WRAPPER_ATTRS):
-        return base
-    extra = replica_tags()
-    wrappers = {name: _labelled_wrapper(getattr(base, name), extra, recorder)
-                for name in _WRAPPER_ATTRS}
-    if any(w is None for w in wrappers.values()):
-        logger.info("engine metrics without application/deployment labels: this vLLM's Ray "
-                    "metric wrappers differ from the ones this project knows")
-        return base
-    return type("Labelled" + base.__name__, (base,), dict(wrappers))
+    """vLLM's RayPrometheusStatLogger (replica.vllm_compat.ray_stat_logger) with EXTRA_TAG_KEYS on
+    its gauges, counters and histograms, recording through `recorder` if given. The subclassing
+    of vLLM's metric wrappers is the vLLM seam's (replica/vllm_compat.py): a vLLM whose wrappers
+    differ is an error there, not metrics quietly missing these labels."""
+    from replica import vllm_compat
+
+    tags = replica_tags()
+    extra = {key: tags[key] for key in EXTRA_TAG_KEYS}
+    return vllm_compat.labelled_stat_logger(base, extra,
+                                            recorder.submit if recorder is not None else None)

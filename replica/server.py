@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replica import vllm_app
+from replica import vllm_app, vllm_compat
 from replica.config import EngineConfig, ServeConfig
 
 logger = logging.getLogger("ray.serve")
@@ -85,20 +85,19 @@ class LLMServer:
             args = vllm_app.serve_args(engine_config.engine_kwargs(), engine_config.vllm_args,
                                        extra=engine_config.extra_engine_kwargs)
             # vLLM's own request log carries the prompt text: only when the operator asks.
-            args.enable_log_requests = serve_config.log_prompts
+            vllm_compat.set_request_logging(args, serve_config.log_prompts)
             parser = reasoning_parser_for(serve_config.reasoning_parser, engine_config.model)
             if parser:
-                args.reasoning_parser = parser
-                args.structured_outputs_config.reasoning_parser = parser
+                vllm_compat.set_reasoning_parser(args, parser)
             self.engine = build_engine(engine_config, args)
             try:
                 await first_generation(self.engine)
-            except Exception as exc:  # noqa: BLE001 - any failure: the replica must not start
-                self.engine.shutdown()
+            except Exception as exc:  # any failure (re-raised): the replica must not start
+                vllm_compat.shutdown_engine(self.engine)
                 raise RuntimeError(f"the vLLM engine started but failed its first generation "
                                    f"({type(exc).__name__}: {exc}); the replica does not start"
                                    ) from exc
-            openai_app = await vllm_app.build_openai_app(self.engine, args)
+            openai_app = await vllm_compat.build_openai_app(self.engine, args)
         self.aborted = 0
         self._count_aborts()
         self.replica_app = vllm_app.ReplicaApp(
@@ -106,39 +105,34 @@ class LLMServer:
             api_key=serve_config.api_key, max_body_bytes=serve_config.max_body_bytes,
             engine=self.engine, status=self.status, replica_nodes=app_replica_nodes)
         logger.info("replica ready on node %s: model %s, context %d tokens, reasoning parser %s",
-                    self.node_id, self.model_name, self.engine.model_config.max_model_len,
+                    self.node_id, self.model_name, vllm_compat.max_model_len(self.engine),
                     parser or "none")
 
     def _count_aborts(self) -> None:
         """Count the engine's aborts (a client that went away, a cancelled stream): GET /nodes
         reports them, so an operator can see that dropped clients free the GPU."""
-        abort = self.engine.abort
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
+        def aborted() -> None:
             self.aborted += 1
-            return await abort(*args, **kwargs)
 
-        self.engine.abort = counted
+        vllm_compat.count_aborts(self.engine, aborted)
 
     def status(self) -> dict[str, Any]:
-        from replica.engine import unfinished_requests
-
         return {"node": self.node_id, "model": self.model_name,
-                "engine_alive": not self.engine.errored,
-                "engine_unfinished_requests": unfinished_requests(self.engine),
+                "engine_alive": not vllm_compat.engine_errored(self.engine),
+                "engine_unfinished_requests": vllm_compat.unfinished_requests(self.engine),
                 "engine_aborted_requests": self.aborted,
                 "engine_layout": {"device": self.engine_config.device,
                                   "tensor_parallel_size": self.engine_config.tensor_parallel_size,
                                   "pipeline_parallel_size": self.engine_config.pipeline_parallel_size,
-                                  "max_model_len": self.engine.model_config.max_model_len}}
+                                  "max_model_len": vllm_compat.max_model_len(self.engine)}}
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
-        if self.engine.errored:
-            raise RuntimeError(f"vLLM engine is dead: {self.engine.dead_error}")
+        if vllm_compat.engine_errored(self.engine):
+            raise RuntimeError(f"vLLM engine is dead: {vllm_compat.engine_dead_error(self.engine)}")
 
     def __del__(self):
         # Serve calls this when it stops the replica: end the engine's processes with it.
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown()
+            vllm_compat.shutdown_engine(engine)

@@ -5,11 +5,12 @@ import asyncio
 import hmac
 import json
 import logging
-import types
 from argparse import Namespace
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, cast
 
-from replica import api
+from replica import api, vllm_compat
+# vllm_version: common/deploy.py imports it from here too.
+from replica.vllm_compat import vllm_version
 
 logger = logging.getLogger("ray.serve")
 
@@ -22,30 +23,13 @@ _COMPLETION_PATH = "/v1/completions"
 NODE_HEADER = "x-serve-node"
 
 
-def vllm_entrypoints() -> tuple[Callable, Callable, Callable]:
-    """(make_arg_parser, build_app, init_app_state) of the installed vLLM: 0.27 moved them from
-    vllm.entrypoints.openai to vllm.entrypoints.launchers (0.32 keeps deprecated aliases)."""
-    try:
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.app import build_app
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    except ImportError:
-        from vllm.entrypoints.openai.api_server import build_app, init_app_state
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
-    return make_arg_parser, build_app, init_app_state
-
-
 def serve_args(engine_kwargs: dict[str, Any], vllm_cli: list[str] | None = None,
                exit_on_error: bool = True, extra: dict[str, Any] | None = None) -> Namespace:
     """The Namespace `vllm serve` would build: vLLM's own parser over the operator's extra vLLM
     flags, then the settings the project's flags chose (ours win, so --help tells the truth),
     then `extra` (--engine-kwargs: AsyncEngineArgs field names, checked before deploying;
     AsyncEngineArgs.from_cli_args reads every field from the Namespace, flag or not)."""
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    make_arg_parser, _, _ = vllm_entrypoints()
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve",
-                                                    exit_on_error=exit_on_error))
+    parser = vllm_compat.serve_arg_parser(exit_on_error=exit_on_error)
     cli = ["--model", str(engine_kwargs["model"]), *(vllm_cli or [])]
     if exit_on_error:
         args = parser.parse_args(cli)
@@ -64,30 +48,7 @@ def serve_args(engine_kwargs: dict[str, Any], vllm_cli: list[str] | None = None,
 
 def serve_help() -> str:
     """`vllm serve --help` of the installed vLLM: its own option groups."""
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    make_arg_parser, _, _ = vllm_entrypoints()
-    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).format_help()
-
-
-def vllm_version() -> str:
-    try:
-        from vllm import __version__
-        return str(__version__)
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-async def build_openai_app(engine_client: Any, args: Namespace):
-    """vLLM's FastAPI app over an engine this process already runs, as `vllm serve` builds it."""
-    _, build_app, init_app_state = vllm_entrypoints()
-    supported_tasks = await engine_client.get_supported_tasks()
-    app = build_app(args, supported_tasks, engine_client.model_config)
-    await init_app_state(engine_client, app.state, args, supported_tasks)
-    # vLLM's engine-error handler tells the HTTP server it runs under to exit; here Serve owns
-    # the server (and replaces the replica through check_health), so a stand-in takes the call.
-    app.state.server = types.SimpleNamespace(should_exit=False)
-    return app
+    return vllm_compat.serve_arg_parser().format_help()
 
 
 # ---- in-process ASGI calls ------------------------------------------------------------------
@@ -117,7 +78,7 @@ def replay_body(body: bytes, then: Receive, gone: asyncio.Event) -> Receive:
                 if not waiting.done():
                     waiting.cancel()
         if waits[0] in done:
-            return waits[0].result()
+            return cast(dict, waits[0].result())
         return _DISCONNECT
 
     return receive
@@ -234,7 +195,7 @@ class ReplicaApp:
                     raise api.ApiError(405, f"{method} is not allowed on /; use POST",
                                        headers={"allow": "POST"})
                 return await self._guide_completion(body, scope, receive, send)
-            if self.engine.errored:
+            if vllm_compat.engine_errored(self.engine):
                 raise _engine_dead()
         except api.ApiError as err:
             return await send_json(send, err.status, err.body(),
@@ -247,7 +208,7 @@ class ReplicaApp:
             if replaced:
                 return
             if message["type"] == "http.response.start":
-                if message["status"] >= 500 and self.engine.errored:
+                if message["status"] >= 500 and vllm_compat.engine_errored(self.engine):
                     # The engine died under this request: a retryable 503, like every request
                     # after it, rather than vLLM's 500 (Serve is replacing the replica).
                     replaced = True
@@ -326,6 +287,7 @@ class GuideAnswer:
         more = message.get("more_body", False)
         self._done = not more
         if self._streaming:
+            assert self._shaper is not None  # _streaming says so
             out = self._shaper.feed(message.get("body", b""))
             if not more:
                 out += self._shaper.close()
@@ -342,7 +304,7 @@ class GuideAnswer:
 
     async def _send_whole(self) -> None:
         replica = self._replica
-        if self._status >= 500 and replica.engine.errored:
+        if self._status >= 500 and vllm_compat.engine_errored(replica.engine):
             err = _engine_dead()
             return await send_json(self._send, err.status, err.body(),
                                    {**err.headers, **replica._header_dict()})
