@@ -1,5 +1,5 @@
 # Two commands from a fresh clone on a CPU-only machine: `make demo` and `make test`.
-# Both need `make setup`, which creates/updates .venv and builds the demo models (the one step that uses the network).
+# Both need `make setup`, which creates/updates .venv and builds the three demo models (the one step that uses the network).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -135,7 +135,7 @@ COMPAT_STAMP := $(COMPAT_VENV)/.setup-done
 REPLICA_TESTS := tests/test_openai_parity.py tests/test_api_http.py tests/test_operations.py \
 	tests/test_engine_args.py tests/test_instruct_model.py tests/test_vllm_compat_unit.py \
 	tests/test_metrics_export_unit.py tests/test_versions_unit.py tests/test_engine_args_unit.py \
-	tests/test_api_unit.py tests/test_config_unit.py
+	tests/test_api_unit.py tests/test_config_unit.py tests/test_r1_architecture.py
 
 setup-compat: setup $(COMPAT_STAMP)
 
