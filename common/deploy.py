@@ -231,18 +231,16 @@ def check_engine_kwargs(engine: EngineConfig) -> list[str]:
     """--engine-kwargs keys that are no AsyncEngineArgs field of the installed vLLM (with the
     close matches), or that a flag of ours sets (the flag must be used: one place per
     setting, so --help and the deployed replica cannot disagree)."""
-    import dataclasses
     import difflib
 
     extra = engine.extra_engine_kwargs
     if not extra:
         return []
-    from vllm import AsyncEngineArgs
-
     from common.options import flag_of_engine_field
-    from replica.vllm_app import vllm_version
+    from replica import vllm_compat
+    from replica.vllm_compat import vllm_version
 
-    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    fields = vllm_compat.engine_arg_fields()
     ours = set(engine.engine_kwargs())
     problems = []
     for key in extra:
@@ -351,7 +349,7 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
         raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
                               "demo run `make demo`, or add --device cpu --model "
                               ".cache/demo-model")
-    check_upstreams(args.allow_untested_versions)
+    check_upstreams(args.allow_untested_versions, engine)
     layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
                           args.allow_untested_versions)
     app = build(args, engine, serve_config)
@@ -359,11 +357,16 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
                   engine=engine)
 
 
-def check_upstreams(allow_untested: bool) -> None:
+def check_upstreams(allow_untested: bool, engine: EngineConfig | None = None) -> None:
     """Before anything is reserved: this machine's Ray and vLLM are a tested pair (or the
-    operator allowed otherwise), and have every internal the project relies on."""
+    operator allowed otherwise), and have every internal the project relies on for `engine`'s
+    settings (engine metrics, batch limits)."""
+    from replica import vllm_compat
+
     layout.check_tested_versions([("this machine", layout.installed_versions())], allow_untested)
-    problems = ray_compat.check()
+    engine = engine or EngineConfig()
+    problems = ray_compat.check() + vllm_compat.check(engine.engine_metrics, engine.batch_limits,
+                                                      engine.device)
     if problems:
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replica import vllm_app, vllm_compat
+from replica import versions, vllm_app, vllm_compat
 from replica.config import EngineConfig, ServeConfig
 
 logger = logging.getLogger("ray.serve")
@@ -27,10 +27,11 @@ def app_replica_nodes() -> dict[str, int]:
     if time.monotonic() - cached_at < _REPLICA_NODES_TTL_S:
         return nodes
     from ray import serve
-    from ray.serve.context import _get_global_client
+
+    from replica import ray_compat
 
     app_name = serve.get_replica_context().app_name
-    details = _get_global_client().get_serve_details() or {}
+    details = ray_compat.serve_details(ray_compat.serve_client())
     app = (details.get("applications") or {}).get(app_name) or {}
     nodes = {}
     for name, deployment in (app.get("deployments") or {}).items():
@@ -42,6 +43,16 @@ def app_replica_nodes() -> dict[str, int]:
                 nodes[replica["node_id"]] = nodes.get(replica["node_id"], 0) + 1
     _replica_nodes_cache = (time.monotonic(), nodes)
     return nodes
+
+
+def warn_if_untested(ray_version: str, vllm_version: str, node_id: str) -> None:
+    """Every replica start on a Ray/vLLM pair outside the tested table says so in its log (the
+    deploy refused it unless the operator passed --allow-untested-versions)."""
+    if not versions.is_tested(ray_version, vllm_version):
+        logger.warning("%s; starting anyway (deployed with %s)",
+                       versions.untested_message(ray_version, vllm_version,
+                                                 f"node {node_id[:12]}"),
+                       versions.ALLOW_UNTESTED_FLAG)
 
 
 def chat_template_of(model: str) -> str:
@@ -81,6 +92,7 @@ class LLMServer:
         self.serve_config = serve_config
         self.model_name = engine_config.served_model_name
         self.node_id = ray.get_runtime_context().get_node_id()
+        warn_if_untested(ray.__version__, vllm_compat.vllm_version(), self.node_id)
         with serve_log_handlers_kept():
             args = vllm_app.serve_args(engine_config.engine_kwargs(), engine_config.vllm_args,
                                        extra=engine_config.extra_engine_kwargs)

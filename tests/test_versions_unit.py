@@ -81,3 +81,17 @@ def test_the_version_keyword_reaches_the_deployment():
         pass
 
     assert ray_compat.with_version(Versioned, "abc").version == "abc"
+
+
+def test_a_replica_on_an_untested_pair_warns_at_every_start(caplog):
+    import logging
+
+    from replica.server import warn_if_untested
+
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        warn_if_untested("2.60.0", "0.32.0+cpu", "a" * 56)
+        assert not caplog.records
+        warn_if_untested("2.60.0", "0.34.0", "a" * 56)
+    [record] = caplog.records
+    assert "Ray 2.60.0 + vLLM 0.34.0 on node aaaaaaaaaaaa is not a pair" in record.getMessage()
+    assert "--allow-untested-versions" in record.getMessage()
