@@ -28,22 +28,20 @@ MODEL7B = REPO_ROOT / "bench" / "model7b"
 DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
-TARGETS = ("offline", "vllm-serve", "ray", "ray-no-metrics", "ray-metrics-thread", "ray-offline",
-           "ray-proxy", "ray-router", "ray-router2", "serve-llm", "serve-llm-direct")
+TARGETS = ("offline", "vllm-serve", "ray", "ray-no-metrics", "ray-offline", "ray-proxy",
+           "ray-router", "ray-router2", "serve-llm", "serve-llm-direct")
 # The deployment script and its flags of each Ray target (beside the engine's and --ray-args).
 SINGLE_REPLICA = ("ray-single-gpu.py", ["--num-replicas", "1"])
 ONE_BACKEND = ["--num-backends", "1", "--tensor-parallel-size", "1", "--ingress", "haproxy"]
 DIRECT = [*SINGLE_REPLICA[1], "--ingress", "haproxy"]  # the default deployment, one replica
 RAY_TARGETS = {"ray": (SINGLE_REPLICA[0], DIRECT),
                "ray-no-metrics": (SINGLE_REPLICA[0], [*DIRECT, "--engine-metrics", "false"]),
-               "ray-metrics-thread": (SINGLE_REPLICA[0],
-                                      [*DIRECT, "--engine-metrics-recorder", "thread"]),
                "ray-offline": (SINGLE_REPLICA[0], [*DIRECT, "--batch-limits", "offline"]),
                "ray-proxy": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "proxy"]),
                "ray-router": ("ray-placement-group.py", ONE_BACKEND),
                "ray-router2": ("ray-placement-group.py", [*ONE_BACKEND, "--router-replicas", "2"])}
 # Ray targets also compared with `ray` itself.
-RAY_VARIANTS = ("ray-no-metrics", "ray-metrics-thread", "ray-router", "ray-router2")
+RAY_VARIANTS = ("ray-no-metrics", "ray-router", "ray-router2")
 # ray.serve.llm targets: the environment of their Ray head.
 SERVE_LLM_ENV = {"serve-llm": {},
                  "serve-llm-direct": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
@@ -65,8 +63,6 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
               streaming row over /v1/completions, on prompts of its own: ray-stream-v1)
   ray-no-metrics  the same with --engine-metrics false (vLLM's stats stay in the replica's
               own /metrics instead of going out through Ray's metrics API)
-  ray-metrics-thread  the same with --engine-metrics-recorder thread (engine metric points
-              recorded on a thread of the replica, not on its event loop)
   ray-offline the same with --batch-limits offline (vLLM's offline LLM class's batch limits)
   ray-proxy   the same with --ingress proxy (Serve's Python proxy actor in front)
   ray-router  ray-placement-group.py --num-backends 1 --tensor-parallel-size 1: the guide's

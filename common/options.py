@@ -69,11 +69,6 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint (a histogram "
      "observation per streamed token on the replica's event loop: off for the lowest streaming "
      "latency); see docs/operations.md"),
-    ("--engine-metrics-recorder", "engine_metrics_recorder", "ENGINE_METRICS_RECORDER", str,
-     "where those metrics are recorded: inline = where vLLM observes them, on the event loop "
-     "that serves the streams; thread = on a recorder thread of the replica (the loop only "
-     "queues each point; under a load that leaves the loop no idle time the thread falls behind "
-     "and the metrics lag; see docs/operations.md)"),
     ("--engine-kwargs", "extra_engine_kwargs", "ENGINE_KWARGS", json_object,
      "any other vLLM engine argument, as a JSON object of AsyncEngineArgs field names (as "
      "ray.serve.llm's engine_kwargs), e.g. '{\"kv_cache_dtype\": \"fp8\"}'; checked against "

@@ -8,10 +8,8 @@ from typing import Any
 DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
-METRICS_RECORDERS = ("inline", "thread")
 # EngineConfig fields that take one of a few values: their flags' choices and validate()'s check.
-ENGINE_CHOICES = {"device": ("cuda", "cpu"), "batch_limits": BATCH_LIMITS,
-                  "engine_metrics_recorder": METRICS_RECORDERS}
+ENGINE_CHOICES = {"device": ("cuda", "cpu"), "batch_limits": BATCH_LIMITS}
 
 # Env vars that make the CPU build start in seconds and behave on small machines. Only applied
 # for device=cpu, and only where the operator has not set them.
@@ -63,10 +61,6 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU: a fixed KV cache instead of a RAM fraction
     enable_prefix_caching: bool | None = None
     engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
-    # "inline": recorded where vLLM observes it, on the loop that serves the streams;
-    # "thread": each point goes to a recorder thread (the loop only queues it; figures and the
-    # thread's lag under load: bench/README.md).
-    engine_metrics_recorder: str = "inline"
     # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
     vllm_args: list[str] = field(default_factory=list)
     # Any vLLM engine argument by its AsyncEngineArgs field name (--engine-kwargs JSON, as

@@ -80,10 +80,9 @@ def engine_stat_loggers(config: EngineConfig) -> list | None:
     (VllmIncompatible, which the deploy's vllm_compat.check reports before reserving GPUs)."""
     if not config.engine_metrics:
         return None
-    from replica.metrics_export import RECORDER, labelled_stat_logger
+    from replica.metrics_export import labelled_stat_logger
 
-    recorder = RECORDER if config.engine_metrics_recorder == "thread" else None
-    return [labelled_stat_logger(vllm_compat.ray_stat_logger(), recorder)]
+    return [labelled_stat_logger(vllm_compat.ray_stat_logger())]
 
 
 @contextlib.contextmanager

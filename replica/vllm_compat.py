@@ -427,9 +427,6 @@ def count_aborts(engine: Any, aborted: Callable[[], None]) -> None:
 # ---- engine metrics -----------------------------------------------------------------------------
 
 
-Record = Callable[..., Any]
-Submit = Callable[[Record, float, dict[str, str]], None]
-
 
 def ray_stat_logger() -> type:
     """vLLM's RayPrometheusStatLogger, with the wrapper hooks labelled_stat_logger overrides."""
@@ -439,9 +436,9 @@ def ray_stat_logger() -> type:
     return base
 
 
-def labelled_stat_logger(base: type, extra: dict[str, str], submit: Submit | None = None) -> type:
+def labelled_stat_logger(base: type, extra: dict[str, str]) -> type:
     """A subclass of `base` (a vLLM Prometheus stat logger) whose gauges, counters and histograms
-    declare and fill the `extra` labels, and hand their points to `submit` when given. A class
+    declare and fill the `extra` labels. A class
     without metric wrappers has nothing to label and comes back as it is; one whose wrappers lack
     the hooks is VllmIncompatible."""
     present = [name for name in METRIC_WRAPPERS if hasattr(base, name)]
@@ -454,7 +451,7 @@ def labelled_stat_logger(base: type, extra: dict[str, str], submit: Submit | Non
         if missing:
             raise _incompatible(", ".join(f"{base.__name__}.{name}.{m}" for m in missing)
                                 + f" ({need.use})", ENGINE_METRICS_OFF)
-        wrappers[name] = _labelled_wrapper(wrapper, extra, submit)
+        wrappers[name] = _labelled_wrapper(wrapper, extra)
     return type("Labelled" + base.__name__, (base,), wrappers)
 
 
@@ -462,7 +459,7 @@ def labelled_stat_logger(base: type, extra: dict[str, str], submit: Submit | Non
 _VLLM_OWN_TAG = "ReplicaId"
 
 
-def _labelled_wrapper(wrapper: Any, extra: dict[str, str], submit: Submit | None) -> type:
+def _labelled_wrapper(wrapper: Any, extra: dict[str, str]) -> type:
     """A subclass of one of vLLM's Ray metric wrappers that declares and fills `extra`'s keys.
 
     Ray drops tags that were not declared when the metric was created, so the keys must go in
@@ -498,23 +495,6 @@ def _labelled_wrapper(wrapper: Any, extra: dict[str, str], submit: Submit | None
             tags = wrapper._build_tags(self, **labelskwargs)
             tags.update(extra)
             return tags
-
-    if submit is not None:
-        # vLLM's wrappers call the Ray metric's own set/inc/observe with self._tags; the same
-        # call goes to `submit` (a recorder thread) instead.
-        if hasattr(wrapper, "observe"):
-            def observe(self, value):
-                submit(self.metric.observe, value, self._tags)
-            Labelled.observe = observe
-        if hasattr(wrapper, "inc"):
-            def inc(self, value=1.0):
-                if value:
-                    submit(self.metric.inc, value, self._tags)
-            Labelled.inc = inc
-        if hasattr(wrapper, "set"):
-            def set_(self, value):
-                submit(self.metric.set, value, self._tags)
-            Labelled.set = set_
 
     Labelled.__name__ = Labelled.__qualname__ = "Labelled" + wrapper.__name__
     return Labelled

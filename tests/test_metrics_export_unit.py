@@ -103,45 +103,8 @@ class FakeMetric:
         self._note("set", value, tags)
 
 
-def test_recorder_records_in_order_on_its_own_thread_and_survives_a_bad_point():
-    import time
-
-    from replica.metrics_export import MetricRecorder
-
-    recorder = MetricRecorder(idle_sleep_s=0.001)
-    metric = FakeMetric()
-    for i in range(100):
-        recorder.submit(metric.observe, float(i), {"k": "v"})
-    recorder.submit(metric.set, None, {})            # raises in the recorder: counted, not fatal
-    recorder.submit(metric.inc, 2.0, {"k": "w"})
-    deadline = time.monotonic() + 10
-    while recorder.pending() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)
-    assert [p[1] for p in metric.points] == [float(i) for i in range(100)] + [2.0]
-    assert {p[3] for p in metric.points} == {"engine-metrics-recorder"}
-    assert recorder.failed == 1 and recorder.dropped == 0
-
-
-def test_recorder_drops_beyond_its_bound_instead_of_growing():
-    from replica.metrics_export import MetricRecorder
-
-    recorder = MetricRecorder(max_pending=3)
-    recorder._thread = object()  # never drained: as if the loop never let the thread run
-    metric = FakeMetric()
-    for i in range(5):
-        recorder.submit(metric.observe, float(i), {})
-    assert recorder.pending() == 3 and recorder.dropped == 2
-    recorder.drain()
-    assert [p[1] for p in metric.points] == [0.0, 1.0, 2.0]
-
-
-def test_labelled_wrappers_hand_their_points_to_the_recorder():
-    from replica.metrics_export import MetricRecorder
-
-    recorder = MetricRecorder()
-    recorder._thread = object()  # drained by hand below
-    logger_cls = labelled_stat_logger(vllm_compat.ray_stat_logger(), recorder)
+def test_labelled_wrappers_record_with_the_extra_labels():
+    logger_cls = labelled_stat_logger(vllm_compat.ray_stat_logger())
     histogram = logger_cls._histogram_cls("ops_unit_hist", "doc", labelnames=["model_name"],
                                           buckets=[0.1, 1.0]).labels("m")
     counter = logger_cls._counter_cls("ops_unit_counter2", "doc",
@@ -153,8 +116,6 @@ def test_labelled_wrappers_hand_their_points_to_the_recorder():
     counter.inc(0)    # vLLM's wrapper skips zero increments; so does ours
     counter.inc(3)
     gauge.set(7)
-    assert recorder.pending() == 3 and not histogram.metric.points
-    recorder.drain()
     assert histogram.metric.points[0][:2] == ("observe", 0.5)
     assert histogram.metric.points[0][2]["model_name"] == "m"
     assert set(histogram.metric.points[0][2]) >= set(EXTRA_TAG_KEYS)
