@@ -311,6 +311,8 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
     engine = engine_config_from_args(args)
     serve_config = serve_config_from_args(args)
     requested_layout = layout.set_aside_auto(engine)
+    requested_layout.min_sequences = args.min_sequences
+    requested_layout.check = not args.no_layout_check
     problems = engine.validate()
     if vllm_args or engine.extra_engine_kwargs:
         problems += check_vllm_args(engine, vllm_args)

@@ -36,6 +36,15 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
     cli.add_flag(parser, "--gpu-memory-gib", env="GPU_MEMORY_GIB", type=float, default=None,
                  help="memory of one GPU in GiB, for planning the layout (Ray does not report "
                       "it; default: asked of nvidia-smi on each GPU node)")
+    cli.add_flag(parser, "--min-sequences", env="MIN_SEQUENCES", type=cli.positive_int,
+                 default=planner.MIN_SEQUENCES,
+                 help="full-length (--max-model-len) sequences the planner wants KV room for at "
+                      "once: `auto` picks the smallest layout that holds them; an explicit layout "
+                      "with less room deploys after a warning (vLLM itself needs one)")
+    cli.add_flag(parser, "--no-layout-check", type=bool, default=False,
+                 help="deploy an explicit --tensor-parallel-size/--pipeline-parallel-size without "
+                      "the planner's check (it refuses only a layout whose weights alone exceed "
+                      "--gpu-memory-utilization of a GPU)")
     cli.add_flag(parser, versions.ALLOW_UNTESTED_FLAG, env="ALLOW_UNTESTED_VERSIONS", type=bool,
                  default=False,
                  help="deploy even where this machine or a GPU node runs a Ray/vLLM pair this "
@@ -72,10 +81,12 @@ def check_tested_versions(where_versions: Sequence[tuple[str, dict]], allow_unte
 @dataclass
 class LayoutRequest:
     """The tensor/pipeline sizes as given (a number or 'auto'), kept aside while EngineConfig
-    holds a number until the cluster is known."""
+    holds a number until the cluster is known, and how the planner checks them."""
 
     tp: int | str
     pp: int | str
+    min_sequences: int = planner.MIN_SEQUENCES
+    check: bool = True          # False: --no-layout-check
 
     @property
     def auto(self) -> bool:
@@ -265,13 +276,14 @@ def kv_cache_dtype(vllm_args: Sequence[str]) -> str | None:
     return None
 
 
-def settings_for(engine: EngineConfig) -> planner.Settings:
+def settings_for(engine: EngineConfig, min_sequences: int = planner.MIN_SEQUENCES
+                 ) -> planner.Settings:
     """The planner's settings from everything that reaches the engine: our flags, the flags
     passed through to vLLM and --engine-kwargs (a KV-cache dtype may come from either)."""
     return planner.Settings(gpu_memory_utilization=engine.gpu_memory_utilization,
                             max_model_len=engine.max_model_len,
                             kv_cache_dtype=engine.extra_engine_kwargs.get("kv_cache_dtype")
-                            or kv_cache_dtype(engine.vllm_args))
+                            or kv_cache_dtype(engine.vllm_args), min_sequences=min_sequences)
 
 
 def local_footprint(engine: EngineConfig, checkpoint: hub.HubCheckpoint | None = None
@@ -332,6 +344,9 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         engine.tensor_parallel_size = 1 if request.tp == AUTO else engine.tensor_parallel_size
         engine.pipeline_parallel_size = 1 if request.pp == AUTO else engine.pipeline_parallel_size
         return
+    if not request.check and request.auto:
+        raise cli.ScriptError("--no-layout-check skips the planner, which `auto` needs: give "
+                              "numbers", cli.EXIT_USAGE)
     model_path = engine.model if os.path.isabs(engine.model) else None
     checkpoint = hub_checkpoint(engine, request.auto)
     reports = probe_gpu_nodes(model_path, checkpoint)
@@ -345,6 +360,9 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
     check_tested_versions([(f"GPU node {r.name}", r.versions) for r in reports if r.versions],
                           allow_untested)
+    if not request.check:
+        _note("layout not checked (--no-layout-check)")
+        return
 
     try:
         model = local_footprint(engine, checkpoint)
@@ -374,12 +392,19 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         _note("layout not checked against GPU memory: it is unknown (no nvidia-smi on the GPU "
               "nodes); --gpu-memory-gib checks it")
         return
+    settings = settings_for(engine, request.min_sequences)
     try:
-        plan = planner.plan_layout(model, nodes, settings_for(engine), request.tp, request.pp)
+        plan = planner.plan_layout(model, nodes, settings, request.tp, request.pp)
+        print(f"layout: {plan.reason}", flush=True)
+    except planner.PlanDoubt as doubt:
+        plan = doubt.plan
+        _note(f"warning: {doubt} Deploying the layout as given: vLLM measures its own memory "
+              f"at start (a failure there names its cause); --min-sequences sets how many "
+              f"full-length sequences the planner wants room for (now {settings.min_sequences})")
     except planner.PlanningError as exc:
-        raise cli.ScriptError(f"{exc} (README: 故障排除)", cli.EXIT_USAGE) from None
+        raise cli.ScriptError(f"{exc} (README: 故障排除; --no-layout-check deploys anyway)",
+                              cli.EXIT_USAGE) from None
     engine.tensor_parallel_size, engine.pipeline_parallel_size = plan.tp, plan.pp
-    print(f"layout: {plan.reason}", flush=True)
     if not timeout_given(argv):
         timeout = derived_timeout_s(plan, max(n.gpus for n in nodes))
         if timeout > serve_config.timeout_s:

@@ -594,6 +594,15 @@ def _fp8_weights(model: ModelFootprint) -> ModelFootprint:
     return replace(model, layers=layers, quantization="fp8")
 
 
+class PlanDoubt(PlanningError):
+    """An explicit layout without the KV room the planner wants, whose weights still fit in the
+    memory vLLM may use: vLLM decides (the deploy warns with the numbers)."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
+
+
 def plan_layout(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Settings,
                 tp: int | str = "auto", pp: int | str = "auto") -> Plan:
     """The layout for tp/pp (each an int or "auto"): the first candidate that fits, or the given
@@ -612,7 +621,12 @@ def plan_layout(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Setti
         if plan.fits:
             plan.reason = _reason(model, plan, settings, nodes, memory)
             return plan
-        raise PlanningError(_refusal(model, plan, nodes, memory, settings))
+        message = _refusal(model, plan, nodes, memory, settings)
+        # Weights alone over what vLLM may use: its start certainly fails. Anything else (KV
+        # room, the runtime reserve) is the planner's estimate against vLLM's own measurement.
+        if plan.weights_per_gpu <= memory * settings.gpu_memory_utilization:
+            raise PlanDoubt(message, plan)
+        raise PlanningError(message)
     layouts = [(t, p) for t, p in candidate_layouts(model, gpn, len(nodes))
                if (not given_tp or t == int(tp)) and (not given_pp or p == int(pp))]
     if given_tp and not layouts:

@@ -23,7 +23,7 @@ BUILDERS = {
 _NOT_APP_ARGS = {"help", "address", "proxy_location", "ingress", "print_config", "kuberay",
                  "working_dir", "gpu_memory_gib", "timeout_s", "image", "image_workdir",
                  "gpus_per_node", "auth_secret", "pod_cpus", "pod_memory_gib",
-                 "allow_untested_versions"}
+                 "allow_untested_versions", "min_sequences", "no_layout_check"}
 # A worker pod's default size (--pod-cpus, --pod-memory-gib): a GPU pod gets CPUs for vLLM's
 # per-GPU workers, tokenization and Serve, and host memory for the weights read through it.
 POD_CPUS_PER_GPU = 4.0

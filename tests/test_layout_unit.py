@@ -112,6 +112,36 @@ def test_single_gpu_r1_on_80gb_is_refused_before_deploying(two_nodes):
     assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 cannot serve" in str(err.value)
 
 
+def resolve_checked(engine, min_sequences=planner.MIN_SEQUENCES, check=True, memory_gib=None):
+    request = layout.set_aside_auto(engine)
+    request.min_sequences, request.check = min_sequences, check
+    layout.resolve_layout(request, engine, ServeConfig(), memory_gib, [])
+
+
+def test_an_explicit_layout_short_of_kv_room_deploys_after_a_warning(two_nodes, capsys):
+    """R1 on 2 x 8 x 64 GB at TP8 x PP2: the weights fit, 4 full-length sequences do not."""
+    engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2)
+    resolve_checked(engine, memory_gib=64)
+    err = capsys.readouterr().err
+    assert (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (8, 2)
+    assert "warning: --tensor-parallel-size 8 --pipeline-parallel-size 2 cannot serve" in err
+    assert "Deploying the layout as given" in err and "(now 4)" in err
+    # With room for fewer full-length sequences asked, the planner has no doubt.
+    resolve_checked(engine, min_sequences=1, memory_gib=64)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_weights_over_the_gpu_are_refused_unless_the_check_is_skipped(two_nodes, capsys):
+    engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=1)
+    with pytest.raises(cli.ScriptError, match="--no-layout-check deploys anyway"):
+        resolve_checked(engine)
+    resolve_checked(engine, check=False)
+    assert "layout not checked (--no-layout-check)" in capsys.readouterr().err
+    assert (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (8, 1)
+    with pytest.raises(cli.ScriptError, match="--no-layout-check skips the planner"):
+        resolve_checked(EngineConfig(model=R1, tensor_parallel_size="auto"), check=False)
+
+
 def test_memory_flag_overrides_the_probe(two_nodes):
     engine = EngineConfig(model=QWEN7B, tensor_parallel_size="auto")
     resolve(engine, memory_gib=24)

@@ -213,3 +213,14 @@ def test_explicit_tp_vllm_cannot_split_is_refused(r1):
         planner.plan_layout(r1, cluster(2, 8, 80), Settings(), tp=6, pp=2)
     with pytest.raises(PlanningError, match="fp8 quantization block"):
         planner.plan_layout(r1, cluster(8, 32, 80), Settings(), tp=32, pp=1)
+
+
+def test_an_explicit_layout_is_doubted_when_only_kv_room_is_short_and_refused_when_weights_are():
+    r1 = planner.read_checkpoint(R1)
+    nodes_64 = [GpuNode(8, 64 * GIB), GpuNode(8, 64 * GIB)]
+    with pytest.raises(planner.PlanDoubt) as doubt:
+        planner.plan_layout(r1, nodes_64, Settings(), 8, 2)
+    assert doubt.value.plan.weights_per_gpu < 64 * GIB * 0.9
+    with pytest.raises(PlanningError) as refused:
+        planner.plan_layout(r1, nodes_64, Settings(), 8, 1)
+    assert not isinstance(refused.value, planner.PlanDoubt)
