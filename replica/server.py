@@ -92,8 +92,9 @@ class LLMServer:
         self.serve_config = serve_config
         self.model_name = engine_config.served_model_name
         self.node_id = ray.get_runtime_context().get_node_id()
-        warn_if_untested(ray.__version__, vllm_compat.vllm_version(), self.node_id)
         with serve_log_handlers_kept():
+            # Inside: the first import of vLLM reconfigures logging (serve_log_handlers_kept).
+            warn_if_untested(ray.__version__, vllm_compat.vllm_version(), self.node_id)
             args = vllm_app.serve_args(engine_config.engine_kwargs(), engine_config.vllm_args,
                                        extra=engine_config.extra_engine_kwargs)
             # vLLM's own request log carries the prompt text: only when the operator asks.
