@@ -30,7 +30,7 @@ def replica_tags() -> dict[str, str]:
         # is_initialized first: get_runtime_context() would start a local Ray otherwise.
         if ray.is_initialized():
             tags["NodeId"] = ray.get_runtime_context().get_node_id() or ""
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a label left empty beats a replica that cannot start
         pass
     return tags
 
