@@ -41,7 +41,7 @@ def add_layout_flags(parser: argparse.ArgumentParser) -> None:
                  help="full-length (--max-model-len) sequences the planner wants KV room for at "
                       "once: `auto` picks the smallest layout that holds them; an explicit layout "
                       "with less room deploys after a warning (vLLM itself needs one)")
-    cli.add_flag(parser, "--no-layout-check", type=bool, default=False,
+    cli.add_flag(parser, "--no-layout-check", env="NO_LAYOUT_CHECK", type=bool, default=False,
                  help="deploy an explicit --tensor-parallel-size/--pipeline-parallel-size without "
                       "the planner's check (it refuses only a layout whose weights alone exceed "
                       "--gpu-memory-utilization of a GPU)")
