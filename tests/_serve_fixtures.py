@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -77,7 +78,6 @@ def send_and_hang_up(url: str, body: dict, stream: bool, generating) -> None:
     """POST `body` to `url` over a raw socket and hang up: for a stream once its first bytes
     came, else once `generating()` says the engine runs it (a client gone before that leaves
     nothing to abort, and a test would prove nothing)."""
-    import json
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -120,3 +120,13 @@ def background_load(send, workers: int):
 def wait_for_replicas(list_running, count: int, timeout: float) -> list:
     return wait_until(lambda: (lambda r: r if len(r) == count else None)(list_running()),
                       timeout=timeout, what=f"{count} running replicas")
+
+
+def read_sse(response: requests.Response) -> list:
+    """The events of a server-sent-events response: JSON payloads, and "[DONE]" as text."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[len(b"data: "):]
+            events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
+    return events

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from _serve_fixtures import (LOCAL_IP, cpu_args, demo_model, deploy_script, free_port, health,
+from _serve_fixtures import (LOCAL_IP, read_sse, cpu_args, demo_model, deploy_script, free_port, health,
                              send_and_hang_up,
                              local_ray, wait_until)
 
@@ -75,15 +75,6 @@ def test_sampling_options_are_accepted_and_seeded_output_repeats(service):
     first = post(f"{service}/", body).json()
     second = post(f"{service}/", body).json()
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
-
-
-def read_sse(response: requests.Response) -> list:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith(b"data: "):
-            payload = line[len(b"data: "):]
-            events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
-    return events
 
 
 def test_stream_answers_sse_chunks_ending_with_done(service):

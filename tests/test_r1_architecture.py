@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from _serve_fixtures import (LOCAL_IP, TEST_DEVICE, cpu_args, deploy_script, free_port,
+from _serve_fixtures import (LOCAL_IP, read_sse, TEST_DEVICE, cpu_args, deploy_script, free_port,
                              local_ray)
 
 import ray
@@ -72,14 +72,9 @@ def post(url: str, body: dict, **kwargs) -> requests.Response:
     return requests.post(url, json=body, timeout=120, **kwargs)
 
 
-def read_sse(response: requests.Response) -> list:
+def read_ok_sse(response: requests.Response) -> list:
     assert response.status_code == 200, response.text
-    events = []
-    for line in response.iter_lines():
-        if line.startswith(b"data: "):
-            payload = line[len(b"data: "):]
-            events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
-    return events
+    return read_sse(response)
 
 
 def safetensors_header(path: Path) -> dict:
@@ -276,7 +271,7 @@ def chat_and_raw(service: str, body: dict) -> tuple[dict, str]:
 
 
 def streamed(service: str, body: dict) -> tuple[str, str]:
-    events = read_sse(post(f"{service}/v1/chat/completions", {**body, "stream": True},
+    events = read_ok_sse(post(f"{service}/v1/chat/completions", {**body, "stream": True},
                            stream=True))
     assert events[-1] == "[DONE]"
     deltas = [c["choices"][0]["delta"] for c in events[:-1] if c["choices"]]
