@@ -260,10 +260,14 @@ def ensure_r1_model(path: str | os.PathLike | None = None, quiet: bool = False) 
 
     _build_beside(target, write, _r1_complete)
     if not quiet:
-        size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
-        print(f"R1-shaped model written to {target} ({size / 2**20:.1f} MiB, DeepSeek-V3 "
-              f"architecture, random weights) in {time.monotonic() - started:.0f} s")
+        _say_built("R1-shaped model", target, "DeepSeek-V3 architecture, random weights", started)
     return target
+
+
+def _say_built(what: str, target: Path, kind: str, started: float) -> None:
+    size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
+    print(f"{what} written to {target} ({size / 2**20:.1f} MiB, {kind}) in "
+          f"{time.monotonic() - started:.0f} s")
 
 
 def _build_beside(target: Path, write, complete) -> None:
@@ -401,9 +405,7 @@ def ensure_instruct_model(path: str | os.PathLike | None = None, quiet: bool = F
 
     _build_beside(target, write, _instruct_complete)
     if not quiet:
-        size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
-        print(f"instruct model written to {target} ({size / 2**20:.0f} MiB, "
-              f"SmolLM2-135M-Instruct, bf16) in {time.monotonic() - started:.0f} s")
+        _say_built("instruct model", target, "SmolLM2-135M-Instruct, bf16", started)
     return target
 
 

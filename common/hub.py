@@ -59,11 +59,3 @@ def fetch_metadata(repo_id: str, revision: str | None = None) -> HubCheckpoint:
     files = tuple(sorted(set((index.get("weight_map") or {}).values())))
     total = (index.get("metadata") or {}).get("total_size")
     return HubCheckpoint(repo_id, config.parent, files, float(total) if total else None)
-
-
-def cached_files(repo_id: str, files: tuple[str, ...]) -> int:
-    """How many of `files` this machine's Hugging Face cache holds (runs on each node)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return sum(1 for name in files
-               if isinstance(try_to_load_from_cache(repo_id, name), str))

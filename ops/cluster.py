@@ -13,7 +13,7 @@ from replica.config import PROJECT_MARKER_ENV
 
 UNKNOWN = "unknown"
 _HEAD_MARKER = "node:__internal_head__"
-_REPLICA_CLASS_PREFIX = "ServeReplica:"
+REPLICA_CLASS_PREFIX = "ServeReplica:"
 _REPLICA_NAME_PREFIX = "SERVE_REPLICA::"
 # Resources that describe a node rather than capacity a request competes for.
 _IGNORED_RESOURCE_PREFIXES = ("node:", "accelerator_type:", "bundle_group_")
@@ -403,7 +403,7 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
         return replicas
     # No controller answer: replica actors still tell where they are.
     for actor_id, a in actors.items():
-        if not a["class_name"].startswith(_REPLICA_CLASS_PREFIX) or a["state"] == "DEAD":
+        if not a["class_name"].startswith(REPLICA_CLASS_PREFIX) or a["state"] == "DEAD":
             continue
         if a["name"].startswith(_REPLICA_NAME_PREFIX) and a["name"].count("#") >= 2:
             app_name, dname, rid = a["name"][len(_REPLICA_NAME_PREFIX):].split("#", 2)

@@ -5,9 +5,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ops.cluster import REPLICA_CLASS_PREFIX
 from replica.config import EngineConfig
 
-_REPLICA_CLASS_PREFIX = "ServeReplica:"
 LOG_TAIL_LINES = 400
 # The last line of a Python traceback: "SomeError: message" (optionally module-qualified).
 _ERROR_LINE = re.compile(r"^(?:.*\] )?(?P<error>(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|"
@@ -114,7 +114,7 @@ def replica_start_failures(app: str, engine: EngineConfig | None = None,
     from ray.util.state import get_log, list_actors
 
     address = ray.get_runtime_context().gcs_address
-    prefix = f"{_REPLICA_CLASS_PREFIX}{app}:"
+    prefix = f"{REPLICA_CLASS_PREFIX}{app}:"
     try:
         actors = list_actors(address=address, filters=[("state", "=", "DEAD")], detail=True,
                              limit=10000, raise_on_missing_output=False)

@@ -1,6 +1,8 @@
 """Unit tests: a Hugging Face ID planned like a local folder, through a stand-in Hub on loopback."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import huggingface_hub.constants
 import pytest
 
@@ -48,7 +50,7 @@ def test_an_unknown_repository_is_a_clear_error(hub_cache, monkeypatch):
 
 
 def test_each_node_says_whether_it_will_download_the_weights():
-    checkpoint = hub.HubCheckpoint(R1, hub.Path("."), tuple(f"f{i}" for i in range(4)), 400e9)
+    checkpoint = hub.HubCheckpoint(R1, Path("."), tuple(f"f{i}" for i in range(4)), 400e9)
     reports = [NodeReport("a" * 40, "10.0.0.1", 8, hub_files_cached=4),
                NodeReport("b" * 40, "10.0.0.2", 8, hub_files_cached=1)]
     notes = layout.hub_download_notes(reports, checkpoint)
