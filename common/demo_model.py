@@ -238,9 +238,7 @@ def ensure_r1_model(path: str | os.PathLike | None = None, quiet: bool = False) 
     target = Path(path or os.environ.get("DEEPSEEK_SERVE_R1_MODEL_DIR") or DEFAULT_R1_DIR)
     if _r1_complete(target):
         return target
-    if target.exists() and not (target / R1_MARKER).is_file() and any(target.iterdir()):
-        raise RuntimeError(f"{target} exists and is not an R1-shaped model this project built: "
-                           f"remove it or choose another path (R1_MODEL_DIR)")
+    _refuse_foreign(target, R1_MARKER, "an R1-shaped model", "DEEPSEEK_SERVE_R1_MODEL_DIR")
     started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep_dead_builds(target.parent, target.name)
@@ -262,6 +260,14 @@ def ensure_r1_model(path: str | os.PathLike | None = None, quiet: bool = False) 
     if not quiet:
         _say_built("R1-shaped model", target, "DeepSeek-V3 architecture, random weights", started)
     return target
+
+
+def _refuse_foreign(target: Path, marker: str, what: str, env: str) -> None:
+    """Replacing a stale build deletes the folder: never do that to one this module did not
+    write (a non-empty folder without its marker)."""
+    if target.exists() and not (target / marker).is_file() and any(target.iterdir()):
+        raise RuntimeError(f"{target} exists and is not {what} this project built: remove it or "
+                           f"choose another path ({env})")
 
 
 def _say_built(what: str, target: Path, kind: str, started: float) -> None:
@@ -383,10 +389,8 @@ def ensure_instruct_model(path: str | os.PathLike | None = None, quiet: bool = F
     target = Path(path or os.environ.get("DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR") or DEFAULT_INSTRUCT_DIR)
     if _instruct_complete(target):
         return target
-    # Replacing a stale build deletes the folder: never do that to one this module did not write.
-    if target.exists() and not (target / INSTRUCT_MARKER).is_file() and any(target.iterdir()):
-        raise RuntimeError(f"{target} exists and is not an instruct model this project built: "
-                           f"remove it or choose another path (INSTRUCT_MODEL_DIR)")
+    _refuse_foreign(target, INSTRUCT_MARKER, "an instruct model",
+                    "DEEPSEEK_SERVE_INSTRUCT_MODEL_DIR")
     started = time.monotonic()
     wheel = _download_instruct_wheel(quiet)
     target.parent.mkdir(parents=True, exist_ok=True)
