@@ -530,7 +530,7 @@ def read_stream(base: str, path: str, body: dict) -> Answer:
 def stream_summary(chunks: list[dict], done: bool, junk: list[str]) -> dict:
     """What of a stream's chunks must match vllm serve's."""
     texts: dict[int, str] = {}
-    tool_calls: dict[int, list] = {}
+    tool_calls: dict[int, dict[int, dict]] = {}
     finish: dict[int, str] = {}
     usage = None
     for chunk in chunks:
@@ -544,8 +544,7 @@ def stream_summary(chunks: list[dict], done: bool, junk: list[str]) -> dict:
             else:
                 texts[i] = texts.get(i, "") + (delta.get("content") or "")
                 for call in delta.get("tool_calls") or []:
-                    tool_calls.setdefault(i, []).append(
-                        {k: v for k, v in call.items() if k not in VOLATILE})
+                    merge_tool_call_delta(tool_calls.setdefault(i, {}), call)
             if choice.get("finish_reason"):
                 finish[i] = choice["finish_reason"]
     forms = [finish_without_text(c) for c in chunks]
@@ -553,9 +552,28 @@ def stream_summary(chunks: list[dict], done: bool, junk: list[str]) -> dict:
     structures = sorted({json.dumps(shape(form), sort_keys=True) for form in forms})
     return {"text": {str(k): v for k, v in sorted(texts.items())},
             "finish_reason": {str(k): v for k, v in sorted(finish.items())},
-            "tool_calls": {str(k): v for k, v in sorted(tool_calls.items())},
+            "tool_calls": {str(k): [calls[n] for n in sorted(calls)]
+                           for k, calls in sorted(tool_calls.items())},
             "usage": usage, "done": done, "not_data_lines": junk,
             "chunk_structures": [json.loads(s) for s in structures]}
+
+
+def merge_tool_call_delta(calls: dict[int, dict], delta: dict) -> None:
+    """Adds one streamed tool-call delta to the call it continues. Arguments are compared whole,
+    like text: how many tokens one delta carries depends on how far the client reading the
+    engine's outputs lags (vLLM merges the outputs that queue up), not on the server."""
+    call = calls.setdefault(delta.get("index", 0), {"function": {"arguments": ""}})
+    for key, value in delta.items():
+        if key in VOLATILE:
+            continue
+        if key != "function":
+            call[key] = value
+            continue
+        for part, text in (value or {}).items():
+            if part == "arguments":
+                call["function"]["arguments"] += text or ""
+            else:
+                call["function"][part] = text
 
 
 def finish_without_text(chunk: dict) -> dict:
