@@ -283,7 +283,10 @@ def settings_for(engine: EngineConfig, min_sequences: int = planner.MIN_SEQUENCE
     return planner.Settings(gpu_memory_utilization=engine.gpu_memory_utilization,
                             max_model_len=engine.max_model_len,
                             kv_cache_dtype=engine.extra_engine_kwargs.get("kv_cache_dtype")
-                            or kv_cache_dtype(engine.vllm_args), min_sequences=min_sequences)
+                            or kv_cache_dtype(engine.vllm_args), min_sequences=min_sequences,
+                            max_num_batched_tokens=engine.max_num_batched_tokens
+                            or engine.extra_engine_kwargs.get("max_num_batched_tokens"),
+                            offline_batch=engine.batch_limits == "offline")
 
 
 def local_footprint(engine: EngineConfig, checkpoint: hub.HubCheckpoint | None = None
@@ -318,10 +321,37 @@ def gpu_nodes_for_planning(reports: Sequence[NodeReport], memory_gib: float | No
                             r.name) for r in reports]
 
 
-def timeout_given(argv: Sequence[str] | None) -> bool:
+def flag_given(argv: Sequence[str] | None, flag: str, env: str) -> bool:
+    """Whether the operator set `flag` (on the command line or by its env fallback)."""
     args = sys.argv[1:] if argv is None else argv
-    return bool(cli.project_env("DEPLOY_TIMEOUT")) or any(
-        a == "--timeout" or a.startswith("--timeout=") for a in args)
+    return bool(cli.project_env(env)) or any(a == flag or a.startswith(f"{flag}=")
+                                             for a in args)
+
+
+def timeout_given(argv: Sequence[str] | None) -> bool:
+    return flag_given(argv, "--timeout", "DEPLOY_TIMEOUT")
+
+
+def lower_default_utilization(engine: EngineConfig, model: planner.ModelFootprint,
+                              nodes: Sequence[planner.GpuNode],
+                              argv: Sequence[str] | None) -> None:
+    """The script's default --gpu-memory-utilization, lowered (and said so) where it would not
+    leave what vLLM allocates beyond it for this kind of model; a value the operator gave is
+    kept (the planner then warns)."""
+    if flag_given(argv, "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION") or \
+            "gpu_memory_utilization" in engine.extra_engine_kwargs:
+        return
+    memory = min(n.memory_bytes for n in nodes if n.memory_bytes)
+    highest = planner.highest_utilization(model, memory)
+    if engine.gpu_memory_utilization > highest:
+        profile = planner.runtime_profile(model)
+        print(f"gpu-memory-utilization: {highest:.2f} instead of the default "
+              f"{engine.gpu_memory_utilization:g}, leaving {planner.gib(memory * (1 - highest))} "
+              f"of each {memory / planner.GIB:.0f} GiB GPU for what vLLM allocates beyond its "
+              f"budget for a {profile.name} model (about "
+              f"{planner.gib(profile.outside_budget_bytes)}; --gpu-memory-utilization sets it)",
+              flush=True)
+        engine.gpu_memory_utilization = highest
 
 
 def derived_timeout_s(plan: planner.Plan, gpus_per_node: int) -> float:
@@ -392,6 +422,7 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         _note("layout not checked against GPU memory: it is unknown (no nvidia-smi on the GPU "
               "nodes); --gpu-memory-gib checks it")
         return
+    lower_default_utilization(engine, model, nodes, argv)
     settings = settings_for(engine, request.min_sequences)
     try:
         plan = planner.plan_layout(model, nodes, settings, request.tp, request.pp)
@@ -405,6 +436,10 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
         raise cli.ScriptError(f"{exc} (README: 故障排除; --no-layout-check deploys anyway)",
                               cli.EXIT_USAGE) from None
     engine.tensor_parallel_size, engine.pipeline_parallel_size = plan.tp, plan.pp
+    engine.planned_kv_cache_tokens = plan.kv_tokens
+    headroom = planner.headroom_warning(model, plan, settings)
+    if headroom:
+        _note(f"warning: {headroom}")
     if not timeout_given(argv):
         timeout = derived_timeout_s(plan, max(n.gpus for n in nodes))
         if timeout > serve_config.timeout_s:

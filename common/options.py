@@ -44,7 +44,9 @@ _ENGINE_FLAGS: list[tuple[str, str, str | None, Any, str]] = [
      "weights/activations dtype (auto, bfloat16, float16, ...); auto is float32 on --device cpu "
      "(vLLM's bf16 CPU kernels answer differently on processors with AMX)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", "GPU_MEMORY_UTILIZATION", float,
-     "fraction of each GPU's memory vLLM may use (weights + KV cache)"),
+     "fraction of each GPU's memory vLLM may use (weights + KV cache); unset, the default is "
+     "lowered (and said so) where it leaves less than vLLM allocates beyond it for the model "
+     "(MLA models: about 14 GiB)"),
     ("--max-model-len", "max_model_len", "MAX_MODEL_LEN", int,
      "context length (prompt + max_tokens); default: the model's"),
     ("--max-num-seqs", "max_num_seqs", "MAX_NUM_SEQS", int,

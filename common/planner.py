@@ -2,11 +2,11 @@
 
 The rule
 --------
-Every GPU of a replica holds its share of the weights, a fixed runtime reserve and the KV cache.
+Every GPU of a replica holds its share of the weights, a runtime reserve and the KV cache.
 vLLM gives itself `gpu_memory_utilization x GPU memory` per GPU, so a layout (tp, pp) fits when,
 on every pipeline stage,
 
-    usable   = memory_per_gpu x gpu_memory_utilization - RUNTIME_RESERVE_BYTES
+    usable   = memory_per_gpu x gpu_memory_utilization - runtime reserve (below)
     kv_room  = usable - weights on one GPU of the stage
     kv_room >= MIN_SEQUENCES x max_model_len x KV bytes per token on one GPU of the stage
 
@@ -20,7 +20,8 @@ on every pipeline stage,
   2 x head_dim x (kv_heads / tp, at least 1) per layer. Elements are the KV cache dtype's bytes
   (`auto`: the model's activation dtype; fp8: 1).
 - max_model_len defaults to the model's max_position_embeddings.
-- MIN_SEQUENCES = 4 full-length sequences at once: below that a replica batches almost nothing.
+- MIN_SEQUENCES = 2 full-length sequences at once (vLLM itself needs room for one): a replica
+  that holds only one full-length request at a time stalls every other request behind it.
 
 `auto` picks the first layout that fits in this order: fewest pipeline stages first (each stage
 is a node of its own: pipeline parallelism crosses nodes, where the link is slow and only the
@@ -30,14 +31,24 @@ tp is always preferred. tp must divide the attention heads (and the KV heads, or
 them), and with fp8 block quantization every sharded dimension must stay a multiple of the block.
 The replicas the cluster holds count each node's free tp-GPU slots, stages on distinct nodes.
 
-RUNTIME_RESERVE_BYTES (4 GiB per GPU) stands for what vLLM's memory profile sees besides weights
-and KV cache: the activation peak of a max_num_batched_tokens prefill (it grows with the hidden
-size, and MoE dispatch adds buffers), the CUDA context, NCCL and custom all-reduce buffers, and
-the CUDA graphs captured after the KV cache is allocated. Apart from the activation peak these
-are a few hundred MiB to about a GiB each; 4 GiB leaves room for DeepSeek-size activations while
-staying a small share of a data-center GPU (5% of 80 GiB), so it does not hide a layout that
-fits. It is an estimate, not a measurement: vLLM's log line "Available KV cache memory" on the
-target GPUs is the number to compare with the planner's KV room.
+The runtime reserve is what vLLM's memory profile counts besides weights and KV cache, per GPU:
+
+    reserve = profile.fixed + profile.factor x activation bytes per token x max_num_batched_tokens
+
+- activation bytes per token: the widest per-token activation of a layer, in the model's dtype:
+  a dense MLP's hidden + 3 x intermediate / tp (gate/up output and the activation), a MoE
+  layer's top_k x (hidden + 3 x moe_intermediate / tp) (the fused-MoE kernel's workspaces).
+- max_num_batched_tokens: the flag, else what vLLM picks for `vllm serve` on that GPU (8192 on
+  70-160 GiB GPUs other than the A100, 16384 above, 2048 below; batch_limits "offline": the
+  LLM class's).
+- profile (RUNTIME_PROFILES): `fixed` holds non-torch memory, the sampler's pass and CUDA-graph
+  memory as vLLM estimates it; `factor` how many such widths are live at the activation peak;
+  `outside_budget` what vLLM allocates beyond gpu_memory_utilization (graph capture beyond its
+  estimate, MLA's prefill workspace after capture), which the GPU must have free on top.
+  Calibrated against vLLM 0.26's own figures on an H200 (bench/results/
+  r1-shape-h200-memory-20261204.md): a DeepSeek-V3-architecture model (MLA + MoE, fp8) and a
+  Qwen2-7B-shaped one (dense, bf16). It is an estimate: the replica reports the KV cache vLLM
+  allocated beside the planner's figure (GET /nodes, check_cluster.py), so every deploy checks it.
 
 Weights come from the checkpoint when it has them (the safetensors index's metadata.total_size,
 or the safetensors headers), else they are estimated from config.json: llama/qwen2/mistral-style
@@ -57,8 +68,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 GIB = 2**30
-RUNTIME_RESERVE_BYTES = 4 * GIB
-MIN_SEQUENCES = 4
+MIN_SEQUENCES = 2
 # Layouts beyond this many nodes are not worth suggesting.
 _MAX_SUGGESTED_NODES = 64
 
@@ -116,6 +126,22 @@ class ModelFootprint:
     tp_multiples: tuple[int, ...] = ()  # sharded dims that must stay multiples of `tp_block`
     tp_block: int = 1
     mla: bool = False
+    hidden_size: int = 0
+    intermediate_size: int = 0       # the dense MLP's (0: no dense layer)
+    moe_intermediate_size: int = 0   # one expert's (0: no MoE layer)
+    experts_per_token: int = 0
+
+    @property
+    def moe(self) -> bool:
+        return self.moe_intermediate_size > 0 and self.experts_per_token > 0
+
+    def activation_bytes_per_token(self, tp: int) -> float:
+        """The widest per-token activation of a layer on one of `tp` ranks (see the module
+        docstring)."""
+        dense = self.hidden_size + 3 * self.intermediate_size / tp if self.intermediate_size else 0
+        moe = (self.experts_per_token * (self.hidden_size + 3 * self.moe_intermediate_size / tp)
+               if self.moe else 0)
+        return max(dense, moe) * self.dtype_bytes
 
     @property
     def num_layers(self) -> int:
@@ -321,7 +347,10 @@ def footprint_from_config(config: dict, name: str = "model", dtype: str = "auto"
         dtype_bytes=dtype_bytes, layers=tuple(layers), embed_bytes=embed + final_norm,
         head_bytes=head, num_attention_heads=heads, num_kv_heads=kv_heads,
         kv_elems_per_token_layer=kv_elems, max_position_embeddings=max_pos,
-        tp_multiples=multiples, tp_block=quant.block[0] if quant.block else 1, mla=mla)
+        tp_multiples=multiples, tp_block=quant.block[0] if quant.block else 1, mla=mla,
+        hidden_size=hidden, intermediate_size=int(config.get("intermediate_size") or 0),
+        moe_intermediate_size=int(config.get("moe_intermediate_size") or 0) if mla else 0,
+        experts_per_token=int(config.get("num_experts_per_tok") or 0) if mla else 0)
 
 
 def _mtp_prefix(config: dict) -> str | None:
@@ -417,7 +446,60 @@ class Settings:
     max_model_len: int | None = None      # None: the model's max_position_embeddings
     kv_cache_dtype: str | None = None     # None / "auto": the activation dtype
     min_sequences: int = MIN_SEQUENCES
-    reserve_bytes: float = RUNTIME_RESERVE_BYTES
+    max_num_batched_tokens: int | None = None  # None: vLLM's default for the GPU (serve_batch)
+    offline_batch: bool = False           # batch_limits "offline": the LLM class's default
+    reserve_bytes: float | None = None    # None: modelled (runtime_reserve); a number: that
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    """What vLLM keeps per GPU besides weights and KV cache, for one family of models."""
+
+    name: str
+    fixed_bytes: float        # non-torch memory, the sampler, vLLM's CUDA-graph estimate
+    factor: float             # activation widths live at the peak, per batched token
+    outside_budget_bytes: float  # allocated beyond gpu_memory_utilization after the profile
+
+
+# Calibrated on vLLM 0.26 / H200 (bench/results/r1-shape-h200-memory-20261204.md). MLA + MoE: the
+# 8-layer R1 shape left 13.19 GiB at 8192 batched tokens and 10.29 GiB at 4096 besides weights
+# and KV cache (2.90 GiB per 4096 tokens over a 106,496-element MoE width: factor 3.57; the rest,
+# 7.43 GiB, incl. vLLM's 4.23 GiB graph estimate, fixed); graph capture took 4.22 GiB more than
+# estimated and MLA's prefill workspace 4 GiB after it, with up to 4.2 GiB more seen between runs
+# (12.5 GiB in all at worst), plus 1.5 GiB of margin.
+# Dense: the 7B shape left 1.89 GiB at 8192 tokens (0.92 GiB of one activation width, 0.97 GiB
+# fixed); graph capture took 0.89 GiB.
+RUNTIME_PROFILES = {
+    "mla_moe": RuntimeProfile("MLA + MoE (DeepSeek V2/V3)", fixed_bytes=7.43 * GIB, factor=3.57,
+                              outside_budget_bytes=14 * GIB),
+    "dense": RuntimeProfile("dense", fixed_bytes=0.97 * GIB, factor=1.0,
+                            outside_budget_bytes=1.0 * GIB),
+}
+
+
+def runtime_profile(model: ModelFootprint) -> RuntimeProfile:
+    return RUNTIME_PROFILES["mla_moe" if model.mla or model.moe else "dense"]
+
+
+def serve_batch(memory_bytes: float, offline: bool = False) -> int:
+    """max_num_batched_tokens vLLM picks where none is given (EngineArgs.get_batch_defaults):
+    `vllm serve`'s, or the LLM class's for batch_limits "offline". The A100 (80 GiB, smaller
+    defaults) cannot be told apart by memory: it is counted at the larger figure."""
+    if memory_bytes >= 160 * GIB:
+        return 16384
+    if memory_bytes >= 70 * GIB:
+        return 16384 if offline else 8192
+    return 8192 if offline else 2048
+
+
+def runtime_reserve(model: ModelFootprint, tp: int, memory_bytes: float,
+                    settings: Settings) -> float:
+    """Bytes per GPU vLLM's profile counts besides weights and KV cache (module docstring)."""
+    if settings.reserve_bytes is not None:
+        return settings.reserve_bytes
+    profile = runtime_profile(model)
+    tokens = settings.max_num_batched_tokens or serve_batch(memory_bytes, settings.offline_batch)
+    return profile.fixed_bytes + profile.factor * model.activation_bytes_per_token(tp) * tokens
 
 
 @dataclass
@@ -426,6 +508,7 @@ class Plan:
     pp: int
     memory_per_gpu: float
     usable_per_gpu: float            # memory x utilization - reserve
+    reserve_per_gpu: float           # the runtime reserve (runtime_reserve)
     weights_per_gpu: float           # on the fullest GPU
     kv_room_per_gpu: float           # on the GPU with the least room per token
     kv_bytes_per_token: float        # per GPU, on that GPU's stage
@@ -441,6 +524,13 @@ class Plan:
     def gpus_per_replica(self) -> int:
         return self.tp * self.pp
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the KV cache of one replica holds (vLLM's "GPU KV cache size")."""
+        if self.kv_bytes_per_token <= 0:
+            return 0
+        return max(0, int(self.kv_room_per_gpu / self.kv_bytes_per_token))
+
     def flags(self) -> str:
         return f"--tensor-parallel-size {self.tp} --pipeline-parallel-size {self.pp}"
 
@@ -449,10 +539,12 @@ class Plan:
                 "chosen": self.chosen, "fits": self.fits,
                 "memory_per_gpu_gib": round(self.memory_per_gpu / GIB, 2),
                 "usable_per_gpu_gib": round(self.usable_per_gpu / GIB, 2),
+                "reserve_per_gpu_gib": round(self.reserve_per_gpu / GIB, 2),
                 "weights_per_gpu_gib": round(self.weights_per_gpu / GIB, 2),
                 "kv_room_per_gpu_gib": round(self.kv_room_per_gpu / GIB, 2),
                 "kv_bytes_per_token_per_gpu": round(self.kv_bytes_per_token),
                 "max_model_len": self.max_model_len, "sequences": self.sequences,
+                "kv_cache_tokens": self.kv_tokens,
                 "replicas": self.replicas, "reason": self.reason, **self.extra}
 
 
@@ -474,7 +566,8 @@ def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
     """The numbers of one layout on GPUs of `memory_bytes` (replicas left at 0)."""
     max_len = settings.max_model_len or model.max_position_embeddings
     kv_bytes = kv_dtype_bytes(settings.kv_cache_dtype, model.dtype_bytes)
-    usable = memory_bytes * settings.gpu_memory_utilization - settings.reserve_bytes
+    reserve = runtime_reserve(model, tp, memory_bytes, settings)
+    usable = memory_bytes * settings.gpu_memory_utilization - reserve
     kv_layer = model.kv_bytes_per_token_layer(tp, kv_bytes)
     worst_weights, worst = 0.0, None
     for index, stage in enumerate(pp_stage_layers(model.num_layers, pp)):
@@ -493,6 +586,7 @@ def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
     sequences, room, per_token = worst
     whole = max(0, math.floor(sequences + 1e-9)) if sequences != math.inf else 0
     return Plan(tp=tp, pp=pp, memory_per_gpu=memory_bytes, usable_per_gpu=usable,
+                reserve_per_gpu=reserve,
                 weights_per_gpu=worst_weights, kv_room_per_gpu=room, kv_bytes_per_token=per_token,
                 max_model_len=max_len, sequences=whole,
                 replicas=0, fits=sequences >= settings.min_sequences)
@@ -537,8 +631,8 @@ def _cluster_words(nodes: Sequence[GpuNode], memory: float) -> str:
 
 def _numbers(plan: Plan, settings: Settings) -> str:
     need = settings.min_sequences * plan.max_model_len * plan.kv_bytes_per_token
-    return (f"{gib(plan.weights_per_gpu)} of weights per GPU + {gib(settings.reserve_bytes)} "
-            f"runtime reserve in {gib(plan.usable_per_gpu + settings.reserve_bytes)} usable "
+    return (f"{gib(plan.weights_per_gpu)} of weights per GPU + {gib(plan.reserve_per_gpu)} "
+            f"runtime reserve in {gib(plan.usable_per_gpu + plan.reserve_per_gpu)} usable "
             f"({plan.memory_per_gpu / GIB:.0f} GiB x --gpu-memory-utilization "
             f"{settings.gpu_memory_utilization:g}) leaves {gib(plan.kv_room_per_gpu)} for the KV "
             f"cache; {settings.min_sequences} sequences of --max-model-len {plan.max_model_len} "
@@ -566,8 +660,7 @@ def _suggestions(model: ModelFootprint, nodes: Sequence[GpuNode], memory: float,
                     break
             out.append(f"--max-model-len {tokens} or less with {best.flags()}")
     if kv_dtype_bytes(settings.kv_cache_dtype, model.dtype_bytes) > 1:
-        fp8_kv = Settings(settings.gpu_memory_utilization, settings.max_model_len, "fp8",
-                          settings.min_sequences, settings.reserve_bytes)
+        fp8_kv = replace(settings, kv_cache_dtype="fp8")
         fit = next((p for p in (evaluate(model, tp, pp, memory, fp8_kv) for tp, pp in layouts)
                     if p.fits), None)
         if fit:
@@ -592,6 +685,29 @@ def _fp8_weights(model: ModelFootprint) -> ModelFootprint:
     layers = tuple(LayerBytes(l.sharded / model.dtype_bytes, l.replicated, l.kv_proj / model.dtype_bytes)
                    for l in model.layers)
     return replace(model, layers=layers, quantization="fp8")
+
+
+def highest_utilization(model: ModelFootprint, memory_bytes: float) -> float:
+    """The largest --gpu-memory-utilization (in hundredths) that leaves what vLLM allocates
+    beyond it for this kind of model (RuntimeProfile.outside_budget_bytes)."""
+    outside = runtime_profile(model).outside_budget_bytes
+    return math.floor((1 - outside / memory_bytes) * 100) / 100
+
+
+def headroom_warning(model: ModelFootprint, plan: Plan, settings: Settings) -> str:
+    """A warning when the memory left beyond --gpu-memory-utilization is short of what vLLM
+    allocates there for this kind of model (RuntimeProfile.outside_budget_bytes); "" if not."""
+    profile = runtime_profile(model)
+    headroom = plan.memory_per_gpu * (1 - settings.gpu_memory_utilization)
+    if settings.reserve_bytes is not None or headroom >= profile.outside_budget_bytes:
+        return ""
+    highest = highest_utilization(model, plan.memory_per_gpu)
+    return (f"--gpu-memory-utilization {settings.gpu_memory_utilization:g} leaves "
+            f"{gib(headroom)} of each {plan.memory_per_gpu / GIB:.0f} GiB GPU outside vLLM's "
+            f"budget, where vLLM allocates up to about {gib(profile.outside_budget_bytes)} for a "
+            f"{profile.name} model after its memory profile (CUDA graphs beyond its estimate"
+            f"{', the MLA prefill workspace' if model.mla else ''}): its start may fail out of "
+            f"memory; --gpu-memory-utilization {highest:.2f} or lower leaves that room")
 
 
 class PlanDoubt(PlanningError):

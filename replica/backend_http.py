@@ -123,6 +123,20 @@ class BackendClient:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 
+    async def reachable(self, url: str, timeout_s: float) -> str | None:
+        """None when the backend's server answers GET /health over HTTP within timeout_s (any
+        status: the engine's own state comes from the backend through Serve), else why not.
+        The probe takes the path the traffic takes, so a port a firewall drops counts as down."""
+        import aiohttp
+
+        try:
+            async with self.session().get(url + "/health", allow_redirects=False,
+                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as answer:
+                await answer.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return f"GET {url}/health: {type(exc).__name__}: {exc}".rstrip(": ")
+        return None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

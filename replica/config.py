@@ -61,6 +61,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU: a fixed KV cache instead of a RAM fraction
     enable_prefix_caching: bool | None = None
     engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
+    # The planner's KV cache in tokens per replica (None: not planned): the replica reports
+    # vLLM's own figure beside it and warns when vLLM allocated less.
+    planned_kv_cache_tokens: int | None = None
     # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
     vllm_args: list[str] = field(default_factory=list)
     # Any vLLM engine argument by its AsyncEngineArgs field name (--engine-kwargs JSON, as

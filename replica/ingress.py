@@ -156,14 +156,21 @@ class RoundRobinRouter:
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def _probe(self, index: int) -> None:
+        """Up: the backend names its URL through Serve (its engine and server run) and answers
+        over HTTP at that URL, the path requests take (a blocked port is down, not up)."""
+        why: str | None
         try:
             url = await asyncio.wait_for(self.backends[index].endpoint.remote(),
                                          timeout=PROBE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - timeout, no replica, replica died: all mean "down"
-            url = None
-        alive = url is not None
+        except Exception as exc:  # noqa: BLE001 - timeout, no replica, replica died: all "down"
+            url, why = None, f"no answer through Serve ({type(exc).__name__})"
+        else:
+            why = "its engine or server is down" if url is None else \
+                await self.client.reachable(url, PROBE_TIMEOUT_S)
+        alive = url is not None and why is None
         if alive != self.up[index]:
-            logger.warning("backend %d is now %s", index, f"up at {url}" if alive else "DOWN")
+            logger.warning("backend %d is now %s", index,
+                           f"up at {url}" if alive else f"DOWN: {why}")
         self.up[index] = alive
         if alive:
             self.urls[index] = url

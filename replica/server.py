@@ -79,6 +79,26 @@ def reasoning_parser_for(choice: str, model: str) -> str:
     return "" if choice == "none" else choice
 
 
+# vLLM allocating this much less KV cache than the planner predicted is worth a warning: the
+# planner's layout choices and its refusals rest on that prediction.
+KV_PLAN_SHORTFALL = 0.05
+
+
+def kv_cache_report(tokens: int, planned: int | None) -> tuple[str, bool]:
+    """The start log's line on the KV cache vLLM allocated, beside the planner's prediction;
+    and whether vLLM's is short of it by more than KV_PLAN_SHORTFALL."""
+    line = f"KV cache: {tokens} tokens (vLLM's, after its memory profile)"
+    if not planned:
+        return line, False
+    ratio = tokens / planned
+    short = ratio < 1 - KV_PLAN_SHORTFALL
+    line += f"; the deploy's planner predicted {planned} ({100 * (ratio - 1):+.1f}%)"
+    if short:
+        line += (": the planner over-estimated the room for this model and GPU, so its layout "
+                 "checks are optimistic here (--min-sequences raises their margin)")
+    return line, short
+
+
 class LLMServer:
     """One vLLM engine and the app serving it. `LLMDeployment` (replica/ingress.py) puts the app
     behind Serve's HTTP ingress; `LLMBackend` serves it on an HTTP server of its own for a router."""
@@ -120,6 +140,9 @@ class LLMServer:
         logger.info("replica ready on node %s: model %s, context %d tokens, reasoning parser %s",
                     self.node_id, self.model_name, vllm_compat.max_model_len(self.engine),
                     parser or "none")
+        kv_line, short = kv_cache_report(vllm_compat.kv_cache_tokens(self.engine),
+                                         engine_config.planned_kv_cache_tokens)
+        (logger.warning if short else logger.info)("%s", kv_line)
 
     def _count_aborts(self) -> None:
         """Count the engine's aborts (a client that went away, a cancelled stream): GET /nodes
@@ -137,7 +160,10 @@ class LLMServer:
                 "engine_layout": {"device": self.engine_config.device,
                                   "tensor_parallel_size": self.engine_config.tensor_parallel_size,
                                   "pipeline_parallel_size": self.engine_config.pipeline_parallel_size,
-                                  "max_model_len": vllm_compat.max_model_len(self.engine)}}
+                                  "max_model_len": vllm_compat.max_model_len(self.engine)},
+                "engine_kv_cache": {
+                    "tokens": vllm_compat.kv_cache_tokens(self.engine),
+                    "planned_tokens": self.engine_config.planned_kv_cache_tokens}}
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""

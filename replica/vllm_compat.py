@@ -169,6 +169,8 @@ PARALLEL_CONFIG = Need("vllm.config", "ParallelConfig", members=("placement_grou
                        use="the replica's placement group for vLLM's Ray workers")
 MODEL_CONFIG = Need("vllm.config", "ModelConfig", members=("max_model_len",),
                     use="the context length in GET /nodes")
+CACHE_CONFIG = Need("vllm.config", "CacheConfig", members=("num_gpu_blocks", "block_size"),
+                    use="the KV cache size in GET /nodes, beside the planner's")
 STRUCTURED_OUTPUTS = Need("vllm.config", "StructuredOutputsConfig", members=("reasoning_parser",),
                           use="--reasoning-parser")
 ASYNC_LLM = Need("vllm.v1.engine.async_llm", "AsyncLLM",
@@ -214,7 +216,7 @@ SERVE_ARGS = ("enable_log_requests", "reasoning_parser", "structured_outputs_con
 # Needed by every replica, whatever its flags.
 ALWAYS: tuple[Need, ...] = (
     ARG_PARSER, ENGINE_ARGS, FROM_CLI_ARGS, CREATE_ENGINE_CONFIG, USAGE_CONTEXT, PARALLEL_CONFIG,
-    MODEL_CONFIG, STRUCTURED_OUTPUTS, ASYNC_LLM, FROM_VLLM_CONFIG, GENERATE, OUTPUT_PROCESSOR,
+    MODEL_CONFIG, CACHE_CONFIG, STRUCTURED_OUTPUTS, ASYNC_LLM, FROM_VLLM_CONFIG, GENERATE, OUTPUT_PROCESSOR,
     SAMPLING_PARAMS, TOKENS_PROMPT)
 
 
@@ -370,8 +372,9 @@ def check_engine(engine: Any) -> None:
     """The attributes of a running engine the replica reads (set in its __init__, so only an
     instance has them)."""
     resolve(MODEL_CONFIG)
+    resolve(CACHE_CONFIG)
     resolve(OUTPUT_PROCESSOR)
-    for name in ("model_config", "output_processor"):
+    for name in ("model_config", "output_processor", "vllm_config"):
         if not hasattr(engine, name):
             raise _incompatible(f"{ASYNC_LLM.name}.{name} on a running engine")
 
@@ -401,6 +404,13 @@ def engine_dead_error(engine: Any) -> BaseException | None:
 
 def max_model_len(engine: Any) -> int:
     return int(engine.model_config.max_model_len)
+
+
+def kv_cache_tokens(engine: Any) -> int:
+    """Tokens the engine's KV cache holds: the blocks vLLM allocated after its memory profile
+    (its "GPU KV cache size"), sent back from the engine core to the front end."""
+    cache = engine.vllm_config.cache_config
+    return int(cache.num_gpu_blocks or 0) * int(cache.block_size)
 
 
 def unfinished_requests(engine: Any) -> int:

@@ -92,7 +92,7 @@ def test_auto_resolves_r1_to_tp8_pp2_and_prints_why(two_nodes, capsys):
     serve_config = resolve(engine)
     assert (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (8, 2)
     out = capsys.readouterr().out
-    assert out.startswith("layout: --tensor-parallel-size 8 --pipeline-parallel-size 2 (auto)")
+    assert "\nlayout: --tensor-parallel-size 8 --pipeline-parallel-size 2 (auto)" in out
     # ~330 GiB per node read from disk: more than the 900 s default.
     assert serve_config.timeout_s > 900 and "deploy timeout" in out
 
@@ -112,23 +112,49 @@ def test_single_gpu_r1_on_80gb_is_refused_before_deploying(two_nodes):
     assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 cannot serve" in str(err.value)
 
 
-def resolve_checked(engine, min_sequences=planner.MIN_SEQUENCES, check=True, memory_gib=None):
+def resolve_checked(engine, min_sequences=planner.MIN_SEQUENCES, check=True, memory_gib=None,
+                    argv=()):
     request = layout.set_aside_auto(engine)
     request.min_sequences, request.check = min_sequences, check
-    layout.resolve_layout(request, engine, ServeConfig(), memory_gib, [])
+    layout.resolve_layout(request, engine, ServeConfig(), memory_gib, list(argv))
 
 
 def test_an_explicit_layout_short_of_kv_room_deploys_after_a_warning(two_nodes, capsys):
-    """R1 on 2 x 8 x 64 GB at TP8 x PP2: the weights fit, 4 full-length sequences do not."""
+    """R1 on 2 x 8 x 64 GB at TP8 x PP2: the weights fit, 2 full-length sequences do not."""
     engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2)
     resolve_checked(engine, memory_gib=64)
     err = capsys.readouterr().err
     assert (engine.tensor_parallel_size, engine.pipeline_parallel_size) == (8, 2)
     assert "warning: --tensor-parallel-size 8 --pipeline-parallel-size 2 cannot serve" in err
-    assert "Deploying the layout as given" in err and "(now 4)" in err
-    # With room for fewer full-length sequences asked, the planner has no doubt.
-    resolve_checked(engine, min_sequences=1, memory_gib=64)
-    assert "warning" not in capsys.readouterr().err
+    assert "Deploying the layout as given" in err and "(now 2)" in err
+    # With room for fewer full-length sequences asked, the planner has no doubt about the KV
+    # cache (what vLLM allocates beyond --gpu-memory-utilization is a warning of its own).
+    given = ["--gpu-memory-utilization", "0.9"]
+    engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2)
+    resolve_checked(engine, min_sequences=1, memory_gib=64, argv=given)
+    err = capsys.readouterr().err
+    assert "cannot serve" not in err and "outside vLLM's budget" in err
+
+
+def test_default_utilization_leaves_what_mla_allocates_beyond_it(two_nodes, capsys):
+    """R1 on 80 GB GPUs: the default 0.9 leaves 8 GiB, short of what vLLM allocates beyond its
+    budget for an MLA + MoE model; the default is lowered and said so, a given value is kept
+    with a warning."""
+    engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2)
+    resolve_checked(engine)
+    out, err = capsys.readouterr()
+    assert engine.gpu_memory_utilization == 0.82
+    assert "gpu-memory-utilization: 0.82 instead of the default 0.9" in out
+    assert "warning" not in err
+    engine = EngineConfig(model=R1, tensor_parallel_size=8, pipeline_parallel_size=2)
+    resolve_checked(engine, argv=["--gpu-memory-utilization=0.9"])
+    out, err = capsys.readouterr()
+    assert engine.gpu_memory_utilization == 0.9 and "instead of the default" not in out
+    assert "outside vLLM's budget" in err and "--gpu-memory-utilization 0.82 or lower" in err
+    # A dense model needs little beyond the budget: the default stays.
+    engine = EngineConfig(model=QWEN7B, tensor_parallel_size=1, pipeline_parallel_size=1)
+    resolve_checked(engine)
+    assert engine.gpu_memory_utilization == 0.9 and "instead" not in capsys.readouterr().out
 
 
 def test_weights_over_the_gpu_are_refused_unless_the_check_is_skipped(two_nodes, capsys):
@@ -144,7 +170,7 @@ def test_weights_over_the_gpu_are_refused_unless_the_check_is_skipped(two_nodes,
 
 def test_memory_flag_overrides_the_probe(two_nodes):
     engine = EngineConfig(model=QWEN7B, tensor_parallel_size="auto")
-    resolve(engine, memory_gib=24)
+    resolve(engine, memory_gib=16)
     assert engine.tensor_parallel_size == 2
 
 
@@ -194,8 +220,8 @@ def test_probe_runs_here():
 
 
 def test_derived_timeout_never_below_the_default():
-    plan = planner.Plan(1, 1, 80 * planner.GIB, 68 * planner.GIB, 1 * planner.GIB, 60, 1, 1024,
-                        10, 1, True)
+    plan = planner.Plan(1, 1, 80 * planner.GIB, 68 * planner.GIB, 4 * planner.GIB,
+                        1 * planner.GIB, 60, 1, 1024, 10, 1, True)
     assert layout.derived_timeout_s(plan, 8) == 900
     assert LayoutRequest(1, "auto").auto
 

@@ -192,6 +192,10 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
     stats = metrics_scrape.per_replica(samples)[replica]
     assert row.split()[0] == f"{APP}/LLMDeployment"
     assert f"{stats.requests_finished:.0f}" in row.split()
+    # The KV cache vLLM allocated, in GET /nodes (no planner on CPU: nothing planned).
+    nodes = requests.get(f"{ops.url}/nodes", timeout=30).json()
+    assert nodes["engine_kv_cache"]["tokens"] > 0
+    assert nodes["engine_kv_cache"]["planned_tokens"] is None
 
 
 # ---- DeepSeek-R1 reasoning ------------------------------------------------------------------

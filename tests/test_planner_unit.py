@@ -61,8 +61,8 @@ def test_gqa_kv_splits_by_tp_down_to_one_head():
 def test_r1_on_2x8x80_is_tp8_pp2_one_replica(r1):
     plan = planner.plan_layout(r1, cluster(2, 8, 80), Settings())
     assert (plan.tp, plan.pp, plan.replicas) == (8, 2, 1)
-    assert plan.max_model_len == 163840 and plan.sequences >= 4
-    assert plan.weights_per_gpu < 80 * GIB * 0.9 - planner.RUNTIME_RESERVE_BYTES
+    assert plan.max_model_len == 163840 and plan.sequences >= planner.MIN_SEQUENCES
+    assert plan.weights_per_gpu < 80 * GIB * 0.9 - plan.reserve_per_gpu
     assert "tensor-parallel-size 8 --pipeline-parallel-size 2 (auto)" in plan.reason
     assert "1 such replica" in plan.reason
 
@@ -86,7 +86,7 @@ def test_r1_on_one_h200_node_is_tp8(r1):
 
 
 def test_r1_on_4x8x24_does_not_fit_and_says_how_many_nodes(r1):
-    with pytest.raises(PlanningError, match=r"8 nodes of 8 x 24 GiB"):
+    with pytest.raises(PlanningError, match=r"9 nodes of 8 x 24 GiB"):
         planner.plan_layout(r1, cluster(4, 8, 24), Settings())
 
 
@@ -101,7 +101,7 @@ def test_r1_single_gpu_on_80gb_is_refused_with_numbers_and_a_layout(r1):
 
 @pytest.mark.parametrize("nodes, gpus, gib, expected", [
     (2, 8, 80, (1, 1, 16)), (2, 8, 64, (1, 1, 16)), (1, 8, 141, (1, 1, 8)),
-    (4, 8, 24, (2, 1, 16)),
+    (4, 8, 24, (1, 1, 32)),
 ])
 def test_7b(nodes, gpus, gib, expected):
     plan = planner.plan_layout(planner.read_checkpoint(QWEN7B), cluster(nodes, gpus, gib),
@@ -110,8 +110,8 @@ def test_7b(nodes, gpus, gib, expected):
 
 
 @pytest.mark.parametrize("nodes, gpus, gib, expected", [
-    (2, 8, 80, (8, 1, 2)), (2, 8, 64, (8, 1, 2)), (1, 8, 141, (4, 1, 2)),
-    (4, 8, 24, (8, 3, 1)),
+    (2, 8, 80, (4, 1, 4)), (2, 8, 64, (4, 1, 4)), (1, 8, 141, (2, 1, 4)),
+    (4, 8, 24, (8, 2, 2)),
 ])
 def test_70b(nodes, gpus, gib, expected):
     plan = planner.plan_layout(planner.read_checkpoint(LLAMA70B), cluster(nodes, gpus, gib),
@@ -122,7 +122,7 @@ def test_70b(nodes, gpus, gib, expected):
 def test_70b_shorter_context_fits_fewer_gpus():
     plan = planner.plan_layout(planner.read_checkpoint(LLAMA70B), cluster(2, 8, 80),
                                Settings(max_model_len=8192))
-    assert (plan.tp, plan.pp, plan.replicas) == (4, 1, 4)
+    assert (plan.tp, plan.pp, plan.replicas) == (2, 1, 8)
 
 
 def test_given_tp_auto_pp(r1):
@@ -205,7 +205,7 @@ def test_measured_weights_from_the_index(tmp_path):
 def test_unquantized_model_too_big_suggests_fp8():
     llama = planner.read_checkpoint(LLAMA70B)
     with pytest.raises(PlanningError, match="fp8 checkpoint"):
-        planner.plan_layout(llama, cluster(1, 2, 80), Settings(max_model_len=8192))
+        planner.plan_layout(llama, cluster(1, 2, 64), Settings(max_model_len=8192))
 
 
 def test_explicit_tp_vllm_cannot_split_is_refused(r1):
@@ -224,3 +224,75 @@ def test_an_explicit_layout_is_doubted_when_only_kv_room_is_short_and_refused_wh
     with pytest.raises(PlanningError) as refused:
         planner.plan_layout(r1, nodes_64, Settings(), 8, 1)
     assert not isinstance(refused.value, planner.PlanDoubt)
+
+
+# vLLM 0.26's own figures on one H200 (143,771 MiB), bench/results/r1-shape-h200-memory-20261204.md:
+# (model, --gpu-memory-utilization, max_num_batched_tokens, "Available KV cache memory" GiB).
+H200_BYTES = 143771 * 2**20
+VLLM_KV_ON_H200 = [("r1-8-layers", 0.92, 8192, 56.98), ("r1-8-layers", 0.92, 4096, 59.88),
+                   ("qwen2-7b", 0.90, 8192, 110.18)]
+
+
+def r1_with_8_layers() -> planner.ModelFootprint:
+    """The reduced-depth R1 shape the GPU runs measured (bench/make_model_r1.py)."""
+    config = json.loads((R1 / "config.json").read_text())
+    return planner.footprint_from_config({**config, "num_hidden_layers": 8}, "r1-8-layers")
+
+
+@pytest.mark.parametrize("name,util,tokens,vllm_gib", VLLM_KV_ON_H200)
+def test_kv_room_within_5_percent_of_vllms_own_figure(name, util, tokens, vllm_gib):
+    model = r1_with_8_layers() if name.startswith("r1") else planner.read_checkpoint(QWEN7B)
+    plan = planner.evaluate(model, 1, 1, H200_BYTES,
+                            Settings(gpu_memory_utilization=util, max_model_len=8192,
+                                     max_num_batched_tokens=tokens))
+    assert plan.kv_room_per_gpu / GIB == pytest.approx(vllm_gib, rel=0.05)
+
+
+def test_reserve_grows_with_the_batch_and_shrinks_with_tp(r1):
+    small = planner.runtime_reserve(r1, 8, 80 * GIB, Settings(max_num_batched_tokens=2048))
+    large = planner.runtime_reserve(r1, 8, 80 * GIB, Settings(max_num_batched_tokens=8192))
+    assert large > small > planner.RUNTIME_PROFILES["mla_moe"].fixed_bytes
+    assert planner.runtime_reserve(r1, 1, 80 * GIB, Settings(max_num_batched_tokens=8192)) > large
+    # Unset: vLLM's serve default for the GPU (8192 tokens on 80 GiB, 2048 on 48 GiB).
+    assert planner.runtime_reserve(r1, 8, 80 * GIB, Settings()) == large
+    assert planner.runtime_reserve(r1, 8, 48 * GIB, Settings()) == small
+    # An explicit reserve is taken as it is.
+    assert planner.runtime_reserve(r1, 8, 80 * GIB, Settings(reserve_bytes=GIB)) == GIB
+
+
+def test_vllms_default_batch_by_gpu_memory():
+    assert planner.serve_batch(48 * GIB) == 2048 and planner.serve_batch(48 * GIB, True) == 8192
+    assert planner.serve_batch(80 * GIB) == 8192 and planner.serve_batch(141 * GIB) == 8192
+    assert planner.serve_batch(80 * GIB, offline=True) == 16384
+    assert planner.serve_batch(180 * GIB) == 16384
+
+
+def test_headroom_warning_for_mla_where_little_is_left_outside_vllms_budget():
+    model = r1_with_8_layers()
+    tight = Settings(gpu_memory_utilization=0.92, max_model_len=8192)
+    plan = planner.evaluate(model, 1, 1, H200_BYTES, tight)
+    warning = planner.headroom_warning(model, plan, tight)
+    assert "MLA prefill workspace" in warning and "--gpu-memory-utilization 0.90 or lower" in warning
+    roomy = Settings(gpu_memory_utilization=0.90, max_model_len=8192)
+    assert planner.headroom_warning(model, planner.evaluate(model, 1, 1, H200_BYTES, roomy),
+                                    roomy) == ""
+    dense = planner.read_checkpoint(QWEN7B)
+    assert planner.headroom_warning(dense, planner.evaluate(dense, 1, 1, H200_BYTES, tight),
+                                    tight) == ""
+
+
+def test_plan_states_its_kv_tokens(r1):
+    plan = planner.plan_layout(r1, cluster(2, 8, 80), Settings())
+    assert plan.kv_tokens == int(plan.kv_room_per_gpu / plan.kv_bytes_per_token)
+    assert plan.to_dict()["kv_cache_tokens"] == plan.kv_tokens
+
+
+def test_kv_cache_report_sets_vllms_figure_beside_the_planners():
+    from replica.server import kv_cache_report
+
+    line, short = kv_cache_report(1000, None)
+    assert line == "KV cache: 1000 tokens (vLLM's, after its memory profile)" and not short
+    line, short = kv_cache_report(980, 1000)
+    assert "the deploy's planner predicted 1000 (-2.0%)" in line and not short
+    line, short = kv_cache_report(900, 1000)
+    assert short and "(-10.0%)" in line and "over-estimated" in line

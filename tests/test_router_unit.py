@@ -236,3 +236,41 @@ def test_router_order_alternates():
     firsts = [router.order()[0] for _ in range(4)]
     assert sorted(firsts) == [0, 0, 1, 1] and firsts[0] != firsts[1]
 
+
+
+def test_a_backend_whose_port_does_not_answer_is_down_and_gets_no_requests():
+    """A backend that Serve says is up but whose HTTP port takes connections and never answers
+    (as behind a firewall that drops them): the probe takes the traffic's path, so the backend
+    is down and requests go to the other, instead of each waiting on it."""
+    async def scenario():
+        server = BackendHttpServer(echo_app, "127.0.0.1", 0)
+        url = await server.start()
+        held = []
+
+        async def silent(reader, writer):
+            held.append(writer)  # never answers, never closes
+
+        blackhole = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = blackhole.sockets[0].getsockname()[1]
+        router = router_with(FakeEndpointHandle(f"http://127.0.0.1:{port}"),
+                             FakeEndpointHandle(url))
+        app = ingress.RouterApp(router)
+        statuses = []
+        for _ in range(4):
+            send = Recorder()
+
+            async def receive():
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            await app(scope_for("POST", "/"), receive, send)
+            statuses.append(send.messages[0]["status"])
+        up = list(router.up)
+        router._prober.cancel()
+        await router.client.close()
+        await server.drain(5)
+        blackhole.close()
+        return statuses, up
+
+    statuses, up = asyncio.run(scenario())
+    assert up == [False, True]
+    assert statuses == [418] * 4

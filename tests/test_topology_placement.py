@@ -191,7 +191,7 @@ def test_single_gpu_refuses_the_default_hub_model_on_80gb_gpus_before_deploying(
 
 def test_force_multi_auto_tensor_parallel_from_the_checkpoint(sim, capsys):
     code = deploy_script("ray-force-multi.py", *gpu_args("auto70b"), "--model", LLAMA70B_CONFIG,
-                         "--tensor-parallel-size", "auto", "--gpu-memory-gib", "80",
+                         "--tensor-parallel-size", "auto", "--gpu-memory-gib", "64",
                          "--max-model-len", "8192")
     out = capsys.readouterr().out
     assert code == 0
