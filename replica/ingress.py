@@ -123,7 +123,7 @@ class RouterApp:
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
 
 
-# Replicas, request limits and process settings: common.deploy.router_options.
+# Replicas, request limits and process settings: common.deploy_options.router_options.
 @serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress()
 class RoundRobinRouter:
