@@ -13,8 +13,8 @@ import sys
 
 from common import cli, preflight
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import (llm_app, multi_node_layout, one_replica_per_node, replica_demand,
-                           script_main)
+from common.deploy import llm_app, multi_node_layout, script_main
+from common.deploy_options import one_replica_per_node, replica_demand
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 

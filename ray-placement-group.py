@@ -13,8 +13,8 @@ import sys
 
 from common import cli
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import (configure, deployment_options, multi_node_layout, replica_demand,
-                           router_options, script_main)
+from common.deploy import configure, multi_node_layout, script_main
+from common.deploy_options import deployment_options, replica_demand, router_options
 from common.placement import pick_distinct_nodes, pin_to_node
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)

@@ -10,7 +10,8 @@ import sys
 
 from common import cli, preflight
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import llm_app, replica_demand, script_main
+from common.deploy import llm_app, script_main
+from common.deploy_options import replica_demand
 
 # The guide's memory settings for 64 GB GPUs: most of the card for weights + KV cache, and a
 # context that leaves KV room for many concurrent sequences.

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from common.deploy import replica_code_runtime_env
+    from common.deploy_options import replica_code_runtime_env
 
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4,
              log_to_driver=False, runtime_env=replica_code_runtime_env())

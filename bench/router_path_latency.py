@@ -17,7 +17,7 @@ EPILOG = """rows (sequential requests, the same small JSON answer from every pat
   backend  the stand-in backend's own HTTP server (replica/backend_http.py), called directly
   plain    HAProxy -> a Serve ingress replica answering from the same ASGI app itself
   router   HAProxy -> the RoundRobinRouter replica -> the backend's own server (the
-           placement-group path, the real router deployment with common.deploy.router_options)
+           placement-group path, the real router deployment with common.deploy_options.router_options)
 Derived: router - plain (what the router adds to a deployment that answers HTTP itself) and
 plain - backend (HAProxy plus Serve's request handling in a replica). Rows alternate round by
 round; medians of all requests.
@@ -43,7 +43,7 @@ async def answer_app(scope, receive, send) -> None:
 def build_apps():
     from ray import serve
 
-    from common.deploy import router_options
+    from common.deploy_options import router_options
     from replica.config import ServeConfig, replica_env
     from replica.ingress import RoundRobinRouter
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000,
                         help="HAProxy's port on 127.0.0.1 (default: %(default)s)")
     args = parser.parse_args(argv)
-    from common.deploy import controller_env, replica_code_runtime_env, start_serve
+    from common.deploy import start_serve
+    from common.deploy_options import controller_env, replica_code_runtime_env
 
     # The project's default ingress; the local cluster inherits this environment.
     os.environ.update(controller_env("haproxy"))

@@ -163,7 +163,7 @@ def resolve_autos(script: str, args: argparse.Namespace, engine: EngineConfig,
     import sys
 
     from common import layout, preflight
-    from common.deploy import replica_code_runtime_env, replica_demand
+    from common.deploy_options import replica_code_runtime_env, replica_demand
     from common.ray_connect import connect
 
     if not _autos(script, args, engine):
@@ -222,7 +222,7 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
     file. The LLM deployment of the three one-deployment topologies carries its resources too;
     placement-group backends carry only lightweight options (their node pin is chosen when the
     application is built, and a ray_actor_options here would replace it)."""
-    from common.deploy import one_replica_per_node, replica_resources, router_options
+    from common.deploy_options import one_replica_per_node, replica_resources, router_options
 
     lightweight = _lightweight_options(script, args, serve_config)
     if script == "ray-placement-group.py":
@@ -415,7 +415,7 @@ def print_config(script_file: str, parser: argparse.ArgumentParser, args: argpar
                  argv: Sequence[str] | None = None) -> int:
     """--print-config: the config (or, with --kuberay, the RayService) on stdout; `request` is
     the layout as given (common/layout.py), resolved here when it says `auto`."""
-    from common.deploy import controller_env
+    from common.deploy_options import controller_env
 
     if request is not None:
         resolve_autos(script_name(script_file), args, engine, serve_config, request, argv)

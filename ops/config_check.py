@@ -53,7 +53,8 @@ def check_app(app: dict[str, Any], memory_gib: float | None) -> list[str]:
     refuses it outright (bad args, a layout that cannot fit), problems as lines otherwise."""
     from common import layout, preflight
     from common.builders import load_script, script_parser_of
-    from common.deploy import parse_script_args, replica_demand
+    from common.deploy import parse_script_args
+    from common.deploy_options import replica_demand
     from common.serve_config import builder_argv
 
     name = app.get("name", "default")
@@ -94,7 +95,7 @@ def check_app(app: dict[str, Any], memory_gib: float | None) -> list[str]:
 
 def plan_config(path: str, memory_gib: float | None = None) -> int:
     """Check every application of a Serve config against the connected cluster."""
-    from common.deploy import controller_env
+    from common.deploy_options import controller_env
 
     document = read_config(path)
     problems: list[str] = []

@@ -7,7 +7,7 @@ from common import cli, preflight
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
 from replica.config import EngineConfig, ServeConfig, replica_env
-from common.deploy import deployment_options, replica_resources
+from common.deploy_options import deployment_options, replica_resources
 
 
 def parse(argv, env=None, monkeypatch=None):
@@ -142,7 +142,7 @@ def test_resolve_replicas():
 
 
 def test_ingress_env_reaches_serve_and_the_operators_own_values_win(monkeypatch):
-    from common.deploy import DEFAULT_INGRESS, controller_env
+    from common.deploy_options import DEFAULT_INGRESS, controller_env
 
     assert DEFAULT_INGRESS == "haproxy"
     haproxy = controller_env("haproxy")
@@ -159,24 +159,24 @@ def test_deployment_version_and_shipped_code_follow_the_replica_package_only(tmp
     import shutil
     from pathlib import Path
 
-    from common import deploy
+    from common import deploy_options
 
-    package = deploy.replica_package_dir()
-    shipped = deploy.replica_code_runtime_env()["py_modules"]
+    package = deploy_options.replica_package_dir()
+    shipped = deploy_options.replica_code_runtime_env()["py_modules"]
     assert shipped == [str(package)] and package.name == "replica"
     assert not (package / "loadgen.py").exists() and not (package / "cluster.py").exists()
 
     copy = tmp_path / "replica"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(deploy, "replica_package_dir", lambda: copy)
-    version = deploy.deployment_version(EngineConfig(), ServeConfig())
+    monkeypatch.setattr(deploy_options, "replica_package_dir", lambda: copy)
+    version = deploy_options.deployment_version(EngineConfig(), ServeConfig())
     # An operator tool or the load generator changing leaves running replicas alone...
     (tmp_path / "loadgen.py").write_text("# edited\n")
-    assert deploy.deployment_version(EngineConfig(), ServeConfig()) == version
+    assert deploy_options.deployment_version(EngineConfig(), ServeConfig()) == version
     # ...the code replicas run changing restarts them.
     server = Path(copy / "server.py")
     server.write_text(server.read_text() + "\n# edited\n")
-    assert deploy.deployment_version(EngineConfig(), ServeConfig()) != version
+    assert deploy_options.deployment_version(EngineConfig(), ServeConfig()) != version
 
 
 @pytest.mark.parametrize("limits", ["serve", "offline"])

@@ -10,7 +10,7 @@ import yaml
 
 from _serve_fixtures import clean_env, wait_until
 from common.cli import EXIT_UNHEALTHY
-from common.deploy import controller_env
+from common.deploy_options import controller_env
 from test_operator import (PY, Operator, assert_both_nodes, cluster_nodes, running_cluster,
                            running_replicas)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from common import preflight
 from ops.cluster import ReplicaInfo
 from ops.cluster_format import bundles_per_node
-from common.deploy import replica_resources
+from common.deploy_options import replica_resources
 from common.replica_layout import NODE_ID_LABEL, MultiNodeLayout, plan_stages
 from replica.config import EngineConfig, ServeConfig, network_env, replica_env
 from replica.parallel_layout import TP_ENV, gpu_bundle_ranks, split_groups, stages_per_node

@@ -254,7 +254,7 @@ def test_plan_reads_a_config_or_its_rayservice(capsys, tmp_path):
 def test_router_replicas_run_like_engine_replicas(monkeypatch):
     # The router's limits add up to the backends' own; its Serve settings are the engine
     # replicas' (code on Serve's loop, JSON errors), each replaced by what the operator set.
-    from common.deploy import router_options
+    from common.deploy_options import router_options
     from replica.config import ServeConfig
 
     monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")

@@ -1,0 +1,181 @@
+"""Deployment options (pure): each replica's resources, request limits and version, the router's, the code shipped to replicas and Serve's controller env."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from common import replica_layout
+from common.replica_layout import MultiNodeLayout
+from replica.api import RETRY_AFTER_S
+from replica.config import EngineConfig, ServeConfig, operator_env_wins, replica_env
+from replica.parallel_layout import TP_ENV
+
+
+def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
+                      layout: MultiNodeLayout | None = None) -> dict[str, Any]:
+    """Ray resources of one replica, reserved exactly once.
+
+    - cpu: the replica reserves CPUs only (the demo and the simulated-cluster tests).
+    - cuda, one GPU per replica: the replica actor holds the GPU and vLLM runs in it.
+    - cuda, tensor/pipeline parallel: the replica gets its own placement group, one bundle per
+      GPU; the replica actor itself takes only CPU from bundle 0 and vLLM's Ray workers take the
+      GPUs of the bundles (replica/engine.py points vLLM at the group). Ray Serve's own
+      ray.serve.llm does the same. Asking `num_gpus=8` for the replica and letting vLLM reserve
+      8 more for its workers books 16 GPUs per replica: the guide's "never reaches the second
+      machine". A replica that fits one node is STRICT_PACK (all on one node); one that does
+      not (`layout`, from multi_node_layout) is PACK over several nodes with each pipeline
+      stage's bundles held on one node by label selectors (common/replica_layout.py).
+    """
+    cpus = serve_config.cpus_per_replica
+    env = {"env_vars": replica_env(engine, serve_config.env_vars)}
+    if engine.device == "cpu":
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
+    if not engine.uses_ray_workers:
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
+    env["env_vars"][TP_ENV] = str(engine.tensor_parallel_size)
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
+        "placement_group_bundles": replica_layout.bundles(engine.tensor_parallel_size,
+                                                          engine.pipeline_parallel_size, cpus),
+        "placement_group_strategy": "STRICT_PACK",
+    }
+    if layout is not None:
+        options["placement_group_strategy"] = "PACK"
+        options["placement_group_bundle_label_selector"] = layout.bundle_label_selectors()
+    return options
+
+
+def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
+    """Topology options that put every replica on a distinct node.
+
+    A tensor-parallel replica holds its own placement group of all the GPUs it uses, so on 8-GPU
+    nodes two TP=8 replicas cannot share a node (and Serve refuses max_replicas_per_node together
+    with placement_group_bundles). Any other replica gets max_replicas_per_node=1.
+    """
+    return {} if engine.uses_ray_workers else {"max_replicas_per_node": 1}
+
+
+def replica_demand(engine: EngineConfig, serve_config: ServeConfig,
+                   layout: MultiNodeLayout | None = None) -> dict[str, float]:
+    """What one replica needs on a single node, for preflight checks; for a multi-node replica
+    (`layout`), what its first pipeline stage needs on its node (each other stage: the GPUs)."""
+    if engine.device == "cpu":
+        return {"CPU": serve_config.cpus_per_replica}
+    if layout is not None:
+        return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.tensor_parallel_size)}
+    return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.gpus_per_replica)}
+
+
+def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
+                       layout: MultiNodeLayout | None = None, **topology: Any) -> dict[str, Any]:
+    """All options of an LLM deployment: resources + request limits + health + topology."""
+    options = replica_resources(engine, serve_config, layout)
+    options.update(
+        max_ongoing_requests=serve_config.max_ongoing_requests,
+        max_queued_requests=serve_config.max_queued_requests,
+        # Past max_ongoing + max_queued, Serve's proxy answers 503 at once instead of queueing
+        # without bound; Retry-After tells clients (and load balancers) when to come back.
+        backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+    )
+    if serve_config.max_surge_percent > 0:
+        options["max_surge_percent"] = serve_config.max_surge_percent
+    options.update(topology)
+    return options
+
+
+def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> dict[str, Any]:
+    """The router's replicas and request limits: together they admit what the backends would
+    each admit through Serve (--max-ongoing-requests, then --max-queued-requests), and answer
+    503 past that (requests reach the backends' own servers, which Serve does not count).
+    Like an engine replica, a router runs its code on Serve's own event loop (a second loop
+    would hand every request and streamed chunk between threads) and answers errors in JSON."""
+    env = replica_env(None, serve_config.env_vars)
+    return {"num_replicas": replicas,
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}},
+            "max_ongoing_requests": max(1, math.ceil(
+                backends * serve_config.max_ongoing_requests / replicas)),
+            "max_queued_requests": serve_config.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S}}
+
+
+# Fields of ServeConfig that Serve applies to running replicas without restarting them (deployment
+# options and proxy/script settings); every other field reaches the replica's constructor.
+_LIGHTWEIGHT_SERVE_FIELDS = ("app_name", "route_prefix", "host", "port", "max_ongoing_requests",
+                             "max_queued_requests", "timeout_s", "max_surge_percent")
+
+
+def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
+    """A version that changes exactly when running replicas must restart: the engine settings,
+    the replica's own API settings and the code replicas run (the `replica` package; scripts,
+    operator tools and the load generator do not count).
+
+    Serve restarts every replica on each `serve.run` of an app built in Python (it gives such a
+    deployment a random version). With a stable version, re-running a script with only
+    lightweight changes (replicas, max_ongoing_requests, max_queued_requests, autoscaling) updates
+    the running replicas in place, and anything else is a rolling restart (Serve compares
+    ray_actor_options and placement separately: resources and env vars restart too)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    settings = {"engine": dataclasses.asdict(engine),
+                "serve": {k: v for k, v in dataclasses.asdict(serve_config).items()
+                          if k not in _LIGHTWEIGHT_SERVE_FIELDS}}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    root = replica_package_dir()
+    for source in sorted(root.rglob("*.py")):
+        digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def replica_package_dir() -> Path:
+    import replica
+
+    return Path(replica.__file__).resolve().parent
+
+
+def replica_code_runtime_env() -> dict[str, Any]:
+    """The job runtime_env that carries the `replica` package to every replica.
+
+    Replicas unpickle classes of the `replica` package; without this they import it only where the
+    driver's checkout happens to sit at the same path on their node (a restart after the checkout
+    moved, or any replica on a node without a shared filesystem, fails with ModuleNotFoundError).
+    Ray uploads the package to the cluster once, content-addressed, and Serve copies the job's
+    runtime_env into each deployment: only what replicas run travels, so an edit elsewhere in
+    the checkout (README, tests, scripts, common/) leaves the URI, and the running replicas,
+    unchanged."""
+    return {"py_modules": [str(replica_package_dir())], "excludes": ["__pycache__", "*.pyc"]}
+
+
+# Serve's HTTP proxy sends a request to a replica on its own node whenever that one accepts it,
+# which with vLLM's large max_ongoing_requests is always: a replica beside the proxy gets every
+# request and the other nodes none. Serve's controller passes its environment to the proxies and
+# replicas it starts, so these apply wherever the scripts start Serve, with no `ray start` setting.
+SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+INGRESSES = {
+    "proxy": {},
+    # HAProxy on every proxy node in front of ingress replicas that serve HTTP themselves (direct
+    # ingress), with Serve's throughput settings: user code on the replica's own event loop, which
+    # is also the engine's, and gRPC between deployments (the router's hop).
+    "haproxy": {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # ...but the access log line of each request is written when it ends, not 1000 at a time
+        # (operators look requests up by ID in the replica logs).
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+        # The router hands a whole request body to a backend in one gRPC message.
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 * 2**20),
+        # A stopping replica stays reachable this long so that every node's HAProxy drops it
+        # (the controller tells them within a second; HAProxy retries refused connections).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    },
+}
+DEFAULT_INGRESS = "haproxy"
+
+
+def controller_env(ingress: str) -> dict[str, str]:
+    """Env vars for Serve's controller, and through it its proxies and replicas; the same names
+    set in this process's environment win."""
+    return operator_env_wins({**SERVE_CONTROLLER_ENV, **INGRESSES[ingress]})
