@@ -170,6 +170,11 @@ INGRESSES = {
         # A stopping replica stays reachable this long so that every node's HAProxy drops it
         # (the controller tells them within a second; HAProxy retries refused connections).
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+        # HAProxy retries a request on another replica when the connection failed, and also
+        # when the replica closed it without a byte of answer: a replica process that died or
+        # ended itself (its engine died) under a request that had only just reached it.
+        # Generating again has no side effect; a replica that answered anything is never retried.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     },
 }
 DEFAULT_INGRESS = "haproxy"

@@ -1,6 +1,7 @@
 """check_cluster.py --plan CONFIG: the scripts' pre-deploy checks for a Serve config file, before `serve deploy`."""
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def plan_config(path: str, memory_gib: float | None = None) -> int:
     for app in document.get("applications") or []:
         problems += check_app(app, memory_gib)
     print("note: `serve deploy` starts Serve with the environment of `ray start`: set "
-          + " ".join(f"{k}={v}" for k, v in controller_env("haproxy").items())
+          + " ".join(f"{k}={shlex.quote(v)}" for k, v in controller_env("haproxy").items())
           + " there on every node (README: 从配置文件部署)", file=sys.stderr)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """The replica: one vLLM engine serving vLLM's own OpenAI app, with the guide's POST / on top."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,15 @@ def kv_cache_report(tokens: int, planned: int | None) -> tuple[str, bool]:
     return line, short
 
 
+# A replica whose engine died can answer nothing but 503s, and Serve's health check takes up to
+# its period to notice. The replica ends its own process once the requests it held have their
+# answers (at most DEAD_ENGINE_DRAIN_S): its port then refuses connections, which HAProxy retries
+# on another replica, while Serve starts a new one.
+ENGINE_WATCH_S = 0.5
+DEAD_ENGINE_DRAIN_S = 2.0
+DEAD_ENGINE_EXIT_CODE = 70
+
+
 class LLMServer:
     """One vLLM engine and the app serving it. `LLMDeployment` (replica/ingress.py) puts the app
     behind Serve's HTTP ingress; `LLMBackend` serves it on an HTTP server of its own for a router."""
@@ -143,6 +154,27 @@ class LLMServer:
         kv_line, short = kv_cache_report(vllm_compat.kv_cache_tokens(self.engine),
                                          engine_config.planned_kv_cache_tokens)
         (logger.warning if short else logger.info)("%s", kv_line)
+        self._engine_watch = asyncio.get_running_loop().create_task(self._end_when_engine_dies())
+
+    async def _end_when_engine_dies(self) -> None:
+        """Ends this replica's process when its engine dies (see DEAD_ENGINE_DRAIN_S)."""
+        while not vllm_compat.engine_errored(self.engine):
+            await asyncio.sleep(ENGINE_WATCH_S)
+        if self._stopping:  # Serve is stopping the replica: the engine ended on purpose
+            return
+        app = self.replica_app
+        logger.error("the vLLM engine of this replica died (%s); the replica ends its process "
+                     "once its %d request(s) in flight have their answers, so that requests go "
+                     "to other replicas while Serve starts a new one",
+                     vllm_compat.engine_dead_error(self.engine), app.in_flight)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEAD_ENGINE_DRAIN_S
+        while app.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the last answers' bytes leave the socket
+        for handler in logging.getLogger().handlers + logger.handlers:
+            handler.flush()
+        os._exit(DEAD_ENGINE_EXIT_CODE)
 
     def _count_aborts(self) -> None:
         """Count the engine's aborts (a client that went away, a cancelled stream): GET /nodes
@@ -170,8 +202,11 @@ class LLMServer:
         if vllm_compat.engine_errored(self.engine):
             raise RuntimeError(f"vLLM engine is dead: {vllm_compat.engine_dead_error(self.engine)}")
 
+    _stopping = False
+
     def __del__(self):
         # Serve calls this when it stops the replica: end the engine's processes with it.
+        self._stopping = True
         engine = getattr(self, "engine", None)
         if engine is not None:
             vllm_compat.shutdown_engine(engine)

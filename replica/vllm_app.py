@@ -221,6 +221,11 @@ class ReplicaApp:
 
         await call_detached(self.openai_app, scope, body, receive, send_with_node, self._calls)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered by vLLM's app."""
+        return len(self._calls)
+
     def _header_dict(self) -> dict[str, str]:
         return {NODE_HEADER: self.node_id}
 
