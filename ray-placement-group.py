@@ -4,8 +4,9 @@
 A placement group with one bundle per backend and STRICT_SPREAD picks distinct nodes that can
 each hold a backend. Serve refuses a scheduling_strategy in ray_actor_options, so a deployment
 cannot be bound to a bundle of a driver-made group directly: each backend is pinned instead to
-its bundle's node by the node-ID label (`label_selector`), once the group has been released. The
-router forwards each request to a backend's own HTTP server, and skips a backend that is down.
+its bundle's node, once the group has been released, by something the node keeps when it
+restarts (a label given with --pin-label, else its IP; common/placement.py). The router forwards
+each request to a backend's own HTTP server, and skips a backend that is down.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from common import cli
 from replica.config import EngineConfig, ServeConfig
 from common.deploy import configure, multi_node_layout, script_main
 from common.deploy_options import deployment_options, replica_demand, router_options
-from common.placement import pick_distinct_nodes, pin_to_node
+from common.placement import (PIN_LABEL_EXAMPLE, pick_distinct_nodes, pin_to_node, pin_warning,
+                              stable_pins)
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 
@@ -32,6 +34,11 @@ def add_topology_args(group) -> None:
                  help="port of each backend's own HTTP server, on its node's address, which "
                       "the router forwards requests to (0: any free port); it must be reachable "
                       "from every node")
+    cli.add_flag(group, "--pin-label", env="PIN_LABEL", default=None,
+                 help="node label that pins each backend to its node (each node started with "
+                      f"`ray start --labels='{{\"{PIN_LABEL_EXAMPLE}\": \"<name>\"}}'`); "
+                      "default: the node's IP, or its ID where nodes share an IP (then a "
+                      "restarted node's backend waits for this script to run again)")
 
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):
@@ -45,10 +52,16 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     demand = replica_demand(engine, serve_config)
     nodes = pick_distinct_nodes(demand, args.num_backends, serve_config.timeout_s,
                                 name=f"{serve_config.app_name}-node-picker")
+    from ops.cluster import list_nodes
+
+    pins = stable_pins(nodes, list_nodes(), args.pin_label)
+    warning = pin_warning(pins)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     backends = []
-    for index, node_id in enumerate(nodes):
-        print(f"backend {index}: node {node_id}")
-        options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), node_id)
+    for index, pin in enumerate(pins):
+        print(f"backend {index}: node {pin.node_id}, pinned by {pin.describe()}")
+        options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), pin)
         backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
                                   options, version_note=f"-port{args.backend_port}")
                         .bind(engine, serve_config, args.backend_port))

@@ -9,8 +9,10 @@ naming those nodes. Ray's PACK then places every stage whole on one of its nodes
 checks its group once placed and refuses a split (replica/parallel_layout.py) rather than run it.
 
 The cost: such a replica is pinned to the nodes chosen at deploy time (for several replicas, a
-stage may use any of the nodes chosen for that stage). If one of them dies, the replica stays
-PENDING until it is back or the script is run again, which chooses afresh.
+stage may use any of the nodes chosen for that stage), by node ID. A node that restarts joins
+with a new ID: the replica then stays PENDING until the script is run again, which chooses
+afresh. (ray-placement-group.py's one-node backends pin by IP or an operator's label instead,
+which a restart keeps: common/placement.py.)
 """
 from __future__ import annotations
 
