@@ -288,7 +288,7 @@ def test_the_image_recipe_installs_a_tested_pair_where_the_manifest_looks():
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", recipe, re.M)
     assert f"WORKDIR {script_default('--image-workdir')}" in recipe
     build = f"docker build -t {script_default('--image')} ."
-    assert build in recipe and build in (root / "README.md").read_text()
+    assert build in recipe and build in (root / "docs" / "declarative.md").read_text()
 
 
 def script_default(flag: str):
