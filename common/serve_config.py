@@ -23,6 +23,7 @@ BUILDERS = {
 _NOT_APP_ARGS = {"help", "address", "proxy_location", "ingress", "print_config", "kuberay",
                  "working_dir", "gpu_memory_gib", "timeout_s", "image", "image_workdir",
                  "gpus_per_node", "auth_secret", "pod_cpus", "pod_memory_gib",
+                 "redis_address", "redis_secret",
                  "allow_untested_versions", "min_sequences", "no_layout_check"}
 # A worker pod's default size (--pod-cpus, --pod-memory-gib): a GPU pod gets CPUs for vLLM's
 # per-GPU workers, tokenization and Serve, and host memory for the weights read through it.
@@ -65,6 +66,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                  help="with --kuberay: GPUs of one worker pod (one Kubernetes node)")
     cli.add_flag(group, "--auth-secret", env="KUBERAY_AUTH_SECRET", default="ray-auth-token",
                  help="with --kuberay: Kubernetes secret whose key `token` holds the Ray auth token")
+    cli.add_flag(group, "--redis-address", env="KUBERAY_REDIS_ADDRESS", default=None,
+                 help="with --kuberay: host:port of a (highly available) Redis that keeps the "
+                      "GCS's state, so that the head pod can die and come back while worker "
+                      "pods keep serving (KubeRay's gcsFaultToleranceOptions); default: none")
+    cli.add_flag(group, "--redis-secret", env="KUBERAY_REDIS_SECRET", default="redis-password",
+                 help="with --redis-address: Kubernetes secret whose key `password` holds "
+                      "Redis's password")
     cli.add_flag(group, "--pod-cpus", env="KUBERAY_POD_CPUS", type=float, default=None,
                  help=f"with --kuberay: CPUs of one worker pod; default: {POD_CPUS_PER_GPU:g} per "
                       f"GPU (a GPU pod), or the replicas' CPUs + {POD_SPARE_CPUS:g} (a CPU pod)")
@@ -356,11 +364,14 @@ def engine_replicas(deployments: list[dict[str, Any]]) -> int:
 def rayservice_manifest(document: dict[str, Any], engine: EngineConfig, controller_env: dict[str, str],
                         image: str, gpus_per_node: int, auth_secret: str,
                         name: str = "deepseek", serve_config: ServeConfig | None = None,
-                        pod_cpus: float | None = None, pod_memory_gib: float | None = None
+                        pod_cpus: float | None = None, pod_memory_gib: float | None = None,
+                        redis_address: str | None = None, redis_secret: str = "redis-password"
                         ) -> dict[str, Any]:
     """A KubeRay RayService: `serveConfigV2` is the config file itself, the head (no GPUs: it
     schedules nothing) and one worker group sized from the topology; every Ray container gets
-    Serve's controller settings and token auth from a Kubernetes secret."""
+    Serve's controller settings and token auth from a Kubernetes secret. With `redis_address`,
+    the GCS keeps its state in that Redis (KubeRay's gcsFaultToleranceOptions): a head pod that
+    dies comes back with the cluster's state while the worker pods' replicas keep serving."""
     deployments = [d for app in document["applications"] for d in app.get("deployments", [])]
     pods, gpus = worker_groups(engine, deployments, gpus_per_node)
     token = {"name": "RAY_AUTH_TOKEN",
@@ -386,18 +397,21 @@ def rayservice_manifest(document: dict[str, Any], engine: EngineConfig, controll
         "template": {"spec": {"containers": [_ray_container("ray-worker", image, env,
                                                             worker_resources)]}},
     }
+    cluster: dict[str, Any] = {
+        "rayVersion": _ray_version(),
+        "headGroupSpec": head,
+        "workerGroupSpecs": [worker],
+    }
+    if redis_address:
+        cluster["gcsFaultToleranceOptions"] = {
+            "redisAddress": redis_address,
+            "redisPassword": {"valueFrom": {"secretKeyRef": {"name": redis_secret,
+                                                             "key": "password"}}}}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {"name": name},
-        "spec": {
-            "serveConfigV2": to_yaml(document),
-            "rayClusterConfig": {
-                "rayVersion": _ray_version(),
-                "headGroupSpec": head,
-                "workerGroupSpecs": [worker],
-            },
-        },
+        "spec": {"serveConfigV2": to_yaml(document), "rayClusterConfig": cluster},
     }
 
 
@@ -429,7 +443,9 @@ def print_config(script_file: str, parser: argparse.ArgumentParser, args: argpar
         manifest = rayservice_manifest(document, engine, controller_env(args.ingress),
                                        args.image, args.gpus_per_node, args.auth_secret,
                                        name=serve_config.app_name, serve_config=serve_config,
-                                       pod_cpus=args.pod_cpus, pod_memory_gib=args.pod_memory_gib)
+                                       pod_cpus=args.pod_cpus, pod_memory_gib=args.pod_memory_gib,
+                                       redis_address=args.redis_address,
+                                       redis_secret=args.redis_secret)
         print(to_yaml(manifest), end="")
     else:
         print(to_yaml(document), end="")

@@ -211,6 +211,19 @@ def test_worker_pod_size_from_flags(capsys):
     assert (limits["cpu"], limits["memory"]) == ("3", "8Gi")
 
 
+def test_gcs_fault_tolerance_only_when_a_redis_is_given(capsys):
+    plain = yaml.safe_load(printed("ray-force-multi.py", ["--print-config", "--kuberay"], capsys))
+    assert "gcsFaultToleranceOptions" not in plain["spec"]["rayClusterConfig"]
+    manifest = yaml.safe_load(printed("ray-force-multi.py", [
+        "--print-config", "--kuberay", "--redis-address", "redis.ha:6379",
+        "--redis-secret", "gcs-redis"], capsys))
+    options = manifest["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options == {"redisAddress": "redis.ha:6379", "redisPassword": {
+        "valueFrom": {"secretKeyRef": {"name": "gcs-redis", "key": "password"}}}}
+    # Deploy-side settings, not part of the application.
+    assert "redis" not in manifest["spec"]["serveConfigV2"]
+
+
 def test_worker_groups_from_the_topology():
     from replica.config import EngineConfig
 
