@@ -282,8 +282,12 @@ class LocalCluster:
     """A head and a second node started with `ray start` in a temp dir of their own (HOME holds
     the auth token, RAY_TMPDIR the sessions), so nothing outside it is touched."""
 
-    def __init__(self, base: Path, cpus: int, second_ip: str = "127.0.0.1"):
+    def __init__(self, base: Path, cpus: int, second_ip: str = "127.0.0.1",
+                 redis: tuple[str, str] | None = None):
         self.base = base
+        # (host:port, password) of a Redis that keeps the GCS's state: the head can then die and
+        # be started again while node 2 keeps running (Ray's GCS fault tolerance).
+        self.redis = redis
         # The second node on an address of its own (any 127.x is this machine's loopback) has
         # an IP of its own, which pins that survive a restart key on.
         self.second_ip = second_ip
@@ -316,16 +320,34 @@ class LocalCluster:
     def start(self) -> None:
         self.run(self.ray, "get-auth-token", "--generate")
         (self.home / ".ray" / "auth_token").chmod(0o600)
-        port = self.address.rsplit(":", 1)[1]
-        self.run(self.ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={free_port()}", *self._common())
+        self.start_head()
         self.start_second_node()
 
+    def start_head(self, again: bool = False) -> None:
+        """`ray start --head`; with a Redis, as Ray's GCS fault tolerance has it (the same
+        command starts the head again after it died)."""
+        if again:
+            # `ray start --head` refuses an address that a raylet on this machine names as its
+            # GCS while this machine's record says it started that cluster: both hold here only
+            # because node 2 runs on the head's machine. A head on a machine of its own (as
+            # operators run it) has no such raylet beside it.
+            for record in self.base.rglob("ray_current_cluster"):
+                record.unlink()
+        port = self.address.rsplit(":", 1)[1]
+        redis_flags, redis_env = [], {}
+        if self.redis:
+            redis_flags = [f"--redis-password={self.redis[1]}", "--redis-username=default"]
+            redis_env = {"RAY_REDIS_ADDRESS": self.redis[0]}
+        self.run(self.ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={free_port()}", *self._common(), *redis_flags, **redis_env)
+
     def start_second_node(self) -> None:
+        # With GCS fault tolerance the node waits this long for a head that died to come back.
+        wait = {"RAY_gcs_rpc_server_reconnect_timeout_s": "600"} if self.redis else {}
         self.run(self.ray, "start", f"--address={self.address}",
                  f"--dashboard-agent-listen-port={free_port()}",
                  f"--metrics-export-port={free_port()}", *self._common(self.second_ip),
-                 RAY_AUTH_MODE="token")
+                 RAY_AUTH_MODE="token", **wait)
 
     def script(self, name: str, *args: str, timeout: float = 900,
                check: bool = True) -> subprocess.CompletedProcess:
