@@ -185,6 +185,20 @@ def router_with(*handles):
     return router_class(ServeConfig(), *handles)
 
 
+async def post_statuses(app, count: int) -> list[int]:
+    """The status of each of `count` POST / requests through the router's app."""
+    statuses = []
+    for _ in range(count):
+        send = Recorder()
+
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        await app(scope_for("POST", "/"), receive, send)
+        statuses.append(send.messages[0]["status"])
+    return statuses
+
+
 def test_router_skips_an_unreachable_backend_and_alternates_over_the_rest():
     async def scenario():
         server = BackendHttpServer(echo_app, "127.0.0.1", 0)
@@ -195,15 +209,7 @@ def test_router_skips_an_unreachable_backend_and_alternates_over_the_rest():
         router = router_with(FakeEndpointHandle(url), FakeEndpointHandle(dead_url),
                              FakeEndpointHandle(RuntimeError("replica gone")))
         app = ingress.RouterApp(router)
-        statuses = []
-        for _ in range(4):
-            send = Recorder()
-
-            async def receive():
-                return {"type": "http.request", "body": b"{}", "more_body": False}
-
-            await app(scope_for("POST", "/"), receive, send)
-            statuses.append(send.messages[0]["status"])
+        statuses = await post_statuses(app, 4)
         up = list(router.up)
         await router.client.close()
         await server.drain(5)
@@ -255,15 +261,7 @@ def test_a_backend_whose_port_does_not_answer_is_down_and_gets_no_requests():
         router = router_with(FakeEndpointHandle(f"http://127.0.0.1:{port}"),
                              FakeEndpointHandle(url))
         app = ingress.RouterApp(router)
-        statuses = []
-        for _ in range(4):
-            send = Recorder()
-
-            async def receive():
-                return {"type": "http.request", "body": b"{}", "more_body": False}
-
-            await app(scope_for("POST", "/"), receive, send)
-            statuses.append(send.messages[0]["status"])
+        statuses = await post_statuses(app, 4)
         up = list(router.up)
         router._prober.cancel()
         await router.client.close()
