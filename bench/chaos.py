@@ -47,6 +47,8 @@ run it inside a loopback-only network namespace:
 ANSWERED, CLEAR, HUNG, CUT, UNCLEAR = "answered", "clear_error", "hung", "cut", "unclear"
 OUTCOMES = (ANSWERED, CLEAR, HUNG, CUT, UNCLEAR)
 PLANNED = ("redeploy", "scale_down", "scale_up", "stop")
+# After these, one node (or none) is meant to answer: no recovery to measure.
+NO_RECOVERY = ("scale_down", "stop")
 KINDS = ("root", "root_stream", "chat", "chat_stream")
 APP = "chaos"
 
@@ -163,7 +165,8 @@ def fault_rows(faults: list[Fault], shots: list[Shot], nodes: int = 2) -> list[F
         if fault.name != "stop":
             planned_failures = len(window) - counts[ANSWERED] - killed if fault.planned else 0
         rows.append(FaultRow(fault.name, round(fault.started_at, 1), len(window), counts, killed,
-                             None if fault.name == "stop" else recovery_s(fault, shots, nodes),
+                             None if fault.name in NO_RECOVERY
+                             else recovery_s(fault, shots, nodes),
                              fault.planned, planned_failures, fault.error))
     return rows
 
@@ -196,7 +199,7 @@ def verdict(rows: list[FaultRow], shots: list[Shot], faults: list[Fault],
     cut = sum(s.outcome == CUT and id(s) not in killed for s in shots)
     unclear = sum(s.outcome == UNCLEAR and id(s) not in killed for s in shots)
     planned = sum(r.planned_failures for r in rows)
-    recoveries = [r.recovery_s for r in rows if r.name != "stop"]
+    recoveries = [r.recovery_s for r in rows if r.name not in NO_RECOVERY]
     slowest = None if any(r is None for r in recoveries) else max(recoveries, default=0.0)
     pct = 100.0 * answered / total if total else 0.0
     problems = []
@@ -213,7 +216,7 @@ def verdict(rows: list[FaultRow], shots: list[Shot], faults: list[Fault],
         problems.append(f"{planned} request(s) failed during planned operations")
     if any(r is None for r in recoveries):
         problems.append("both nodes never answered again after: " + ", ".join(
-            r.name for r in rows if r.name != "stop" and r.recovery_s is None))
+            r.name for r in rows if r.name not in NO_RECOVERY and r.recovery_s is None))
     elif slowest is not None and slowest > recovery_goal_s:
         problems.append(f"slowest recovery {slowest:.0f} s, goal {recovery_goal_s:.0f} s")
     problems += [f"{r.name} at {r.at_s:.0f} s: {r.error}" for r in rows if r.error]
@@ -225,7 +228,7 @@ def markdown(rows: list[FaultRow], result: Verdict) -> str:
              "on the killed process | both nodes again after (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        recovery = "-" if r.name == "stop" else ("never" if r.recovery_s is None
+        recovery = "-" if r.name in NO_RECOVERY else ("never" if r.recovery_s is None
                                                  else f"{r.recovery_s:.0f}")
         name = r.name + (" (planned)" if r.planned else "")
         c = r.counts

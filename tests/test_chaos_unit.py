@@ -98,3 +98,12 @@ def test_a_stop_drains_what_it_holds_and_may_refuse_what_comes_after():
              shot(4, 15.0, 15.1, CLEAR)]              # after the stop: not its business
     [row] = chaos.fault_rows(faults, shots)
     assert row.requests == 4 and row.planned_failures == 2
+
+
+def test_no_recovery_is_asked_after_a_scale_down():
+    faults = [Fault("scale_down", 10.0, 12.0), Fault("scale_up", 30.0, 35.0)]
+    shots = [shot(0, 13.0, 14.0, node="a"), shot(1, 36.0, 37.0, node="a"),
+             shot(2, 38.0, 39.0, node="b")]
+    rows = chaos.fault_rows(faults, shots)
+    assert rows[0].recovery_s is None and rows[1].recovery_s == 4.0
+    assert chaos.verdict(rows, shots, faults).problems == []
