@@ -151,19 +151,18 @@ def fault_rows(faults: list[Fault], shots: list[Shot], nodes: int = 2) -> list[F
     and later ones answered or refused with a clear error."""
     rows = []
     for fault, after in itertools.zip_longest(faults, faults[1:]):
-        end = after.started_at if after else float("inf")
+        killed = sum(s.outcome != ANSWERED and on_killed_process(s, fault) for s in shots)
         if fault.name == "stop":
             window = [s for s in shots if s.sent_at < fault.ended_at
                       and s.ended_at > fault.started_at]
-            planned_failures = sum(
-                s.outcome != ANSWERED and (s.sent_at < fault.started_at or s.outcome != CLEAR)
-                for s in window)
+            failed = [s for s in window if s.outcome != ANSWERED
+                      and (s.sent_at < fault.started_at or s.outcome != CLEAR)]
         else:
+            end = after.started_at if after else float("inf")
             window = [s for s in shots if fault.started_at <= s.sent_at < end]
+            failed = [s for s in window if s.outcome != ANSWERED]
         counts = {o: sum(s.outcome == o for s in window) for o in OUTCOMES}
-        killed = sum(s.outcome != ANSWERED and on_killed_process(s, fault) for s in shots)
-        if fault.name != "stop":
-            planned_failures = len(window) - counts[ANSWERED] - killed if fault.planned else 0
+        planned_failures = max(0, len(failed) - killed) if fault.planned else 0
         rows.append(FaultRow(fault.name, round(fault.started_at, 1), len(window), counts, killed,
                              None if fault.name in NO_RECOVERY
                              else recovery_s(fault, shots, nodes),
@@ -361,20 +360,6 @@ class LocalCluster:
         out = self.script("check_cluster.py", "--json", "--app", APP, check=False).stdout
         return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
 
-    def node_processes(self, node_id: str) -> list:
-        """The processes of one node: Ray's daemons name its ID, workers are their children."""
-        import psutil
-
-        # The raylet spells the flag --node_id=, Ray's Python daemons --node-id=.
-        flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
-        named = [p for p in psutil.process_iter(["cmdline"])
-                 if flags & set(p.info["cmdline"] or [])]
-        found = {p.pid: p for p in named}
-        for proc in named:
-            with contextlib.suppress(psutil.Error):
-                found.update({c.pid: c for c in proc.children(recursive=True)})
-        return list(found.values())
-
     def stop(self) -> None:
         from common.demo import end_processes_of_session
 
@@ -385,8 +370,14 @@ class LocalCluster:
 # Faults
 
 
+def head_node(report: dict) -> str:
+    """The head's node ID in a check_cluster.py --json report."""
+    return next(n["node_id"] for n in report["nodes"] if n["is_head"])
+
+
 class Faults:
-    """The schedule's actions on the cluster (blocking: they run in a thread)."""
+    """The schedule's actions on the cluster (blocking: they run in a thread); each reads the
+    cluster once, through check_cluster.py --json as an operator would."""
 
     def __init__(self, cluster: LocalCluster, deploy_args: list[str], topology: str):
         self.cluster = cluster
@@ -399,21 +390,17 @@ class Faults:
         """Seconds since the run started."""
         return time.monotonic() - self.started
 
-    def replicas(self) -> list[dict]:
+    def _victim(self, on_head: bool) -> dict:
+        """A RUNNING engine replica of the app, on the head or not where there is a choice."""
         from replica.server import ROUTER_DEPLOYMENT
 
-        return [r for r in self.cluster.report().get("replicas", [])
-                if r.get("app") == APP and r.get("state") == "RUNNING" and r.get("pid")
-                and r.get("deployment") != ROUTER_DEPLOYMENT]
-
-    def head_node(self) -> str:
-        return next(n["node_id"] for n in self.cluster.report()["nodes"] if n["is_head"])
-
-    def _victim(self, on_head: bool) -> dict:
-        replicas = self.replicas()
+        report = self.cluster.report()
+        replicas = [r for r in report.get("replicas", [])
+                    if r.get("app") == APP and r.get("state") == "RUNNING" and r.get("pid")
+                    and r.get("deployment") != ROUTER_DEPLOYMENT]
         if not replicas:
             raise RuntimeError("no RUNNING replica to act on")
-        head = self.head_node()
+        head = head_node(report)
         preferred = [r for r in replicas if (r["node_id"] == head) == on_head]
         return (preferred or replicas)[0]
 
@@ -443,10 +430,12 @@ class Faults:
     def restart_node(self, fault: Fault, down_s: float = 10.0) -> None:
         import psutil
 
-        head = self.head_node()
-        node = next(n["node_id"] for n in self.cluster.report()["nodes"]
-                    if n["alive"] and n["node_id"] != head)
-        procs = self.cluster.node_processes(node)
+        from common.demo import node_processes
+
+        report = self.cluster.report()
+        head = head_node(report)
+        node = next(n["node_id"] for n in report["nodes"] if n["alive"] and n["node_id"] != head)
+        procs = node_processes(node)
         if not procs:
             raise RuntimeError(f"no process of node {node} found")
         for proc in procs:
@@ -461,16 +450,21 @@ class Faults:
     def deploy(self, *extra: str) -> None:
         self.cluster.script(self.script, *self.deploy_args, *extra)
 
+    def _engine_flags(self) -> list[str]:
+        """The engine setting the redeploys alternate (none before the first): a scale keeps
+        the current one, so that it stays a change of replicas only."""
+        if not self.redeploys:
+            return []
+        return ["--max-num-seqs", "32" if self.redeploys % 2 else "64"]
+
     def redeploy(self, fault: Fault) -> None:
         # An engine setting change: Serve replaces the replicas one by one.
         self.redeploys += 1
-        seqs = "32" if self.redeploys % 2 else "64"
-        self.deploy(*self.shape, "--max-num-seqs", seqs)
-        fault.detail = f"rolling restart: --max-num-seqs {seqs}"
+        self.deploy(*self.shape, *self._engine_flags())
+        fault.detail = "rolling restart: " + " ".join(self._engine_flags())
 
     def scale(self, fault: Fault, replicas: int) -> None:
-        seqs = ["--max-num-seqs", "32" if self.redeploys % 2 else "64"] if self.redeploys else []
-        self.deploy("--num-replicas", str(replicas), *seqs)
+        self.deploy("--num-replicas", str(replicas), *self._engine_flags())
         fault.detail = f"--num-replicas {replicas}"
 
     def stop(self, fault: Fault) -> None:
@@ -628,6 +622,25 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# The run's numeric settings: flag, type, default, help.
+_NUMBER_FLAGS: tuple[tuple[str, type, float, str], ...] = (
+    ("--minutes", float, 10.0, "length of the run"),
+    ("--fault-every", float, 60.0, "seconds between faults"),
+    ("--first-fault", float, 30.0, "seconds of load before the first fault"),
+    ("--rate", float, 2.0, "requests per second"),
+    ("--max-tokens", int, 16, "max_tokens of each whole (not streamed) request"),
+    ("--stream-max-tokens", int, 64, "max_tokens of each streamed request: longer, so that "
+                                     "faults and operations meet open streams"),
+    ("--settle", float, 20.0, "seconds of load after a fault's action finished before the "
+                              "next fault; a slow operation pushes the schedule back"),
+    ("--hung-after", float, 30.0, "seconds without a byte after which a request counts as hung"),
+    ("--cpus-per-node", int, 2, "logical CPUs each raylet offers"),
+    ("--answered-goal", float, 99.5, "percent of requests that must be answered"),
+    ("--recovery-goal", float, 60.0, "seconds within which both nodes must answer again after "
+                                     "each fault"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -636,34 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "ray-placement-group.py with a backend pinned to each node (node 2 "
                              f"then on {SECOND_NODE_IP}, an IP of its own) (default: "
                              "%(default)s)")
-    parser.add_argument("--minutes", type=float, default=10.0,
-                        help="length of the run (default: %(default)s)")
-    parser.add_argument("--fault-every", type=float, default=60.0,
-                        help="seconds between faults (default: %(default)s)")
-    parser.add_argument("--first-fault", type=float, default=30.0,
-                        help="seconds of load before the first fault (default: %(default)s)")
-    parser.add_argument("--rate", type=float, default=2.0,
-                        help="requests per second (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=16,
-                        help="max_tokens of each whole (not streamed) request "
-                             "(default: %(default)s)")
-    parser.add_argument("--stream-max-tokens", type=int, default=64,
-                        help="max_tokens of each streamed request: longer, so that faults and "
-                             "operations meet open streams (default: %(default)s)")
-    parser.add_argument("--settle", type=float, default=20.0,
-                        help="seconds of load after a fault's action finished before the next "
-                             "fault; a slow operation pushes the schedule back "
-                             "(default: %(default)s)")
-    parser.add_argument("--hung-after", type=float, default=30.0,
-                        help="seconds without a byte after which a request counts as hung "
-                             "(default: %(default)s)")
-    parser.add_argument("--cpus-per-node", type=int, default=2,
-                        help="logical CPUs each raylet offers (default: %(default)s)")
-    parser.add_argument("--answered-goal", type=float, default=99.5,
-                        help="percent of requests that must be answered (default: %(default)s)")
-    parser.add_argument("--recovery-goal", type=float, default=60.0,
-                        help="seconds within which both nodes must answer again after each "
-                             "fault (default: %(default)s)")
+    for flag, kind, default, text in _NUMBER_FLAGS:
+        parser.add_argument(flag, type=kind, default=default,
+                            help=f"{text} (default: %(default)s)")
     parser.add_argument("--json", default=None, help="write every request and fault here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's temp dir (logs) after the run")

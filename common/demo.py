@@ -201,23 +201,15 @@ def stop_demo(args) -> None:
 
 
 NODE_ID_FLAG = "--node-id="
+# The raylet spells it with an underscore.
+RAYLET_NODE_ID_FLAG = "--node_id="
 
 
-def session_processes(session_dir: str) -> list:
-    """This machine's processes of one Ray session, and their children: Ray's daemons name the
-    session directory on their command line, except Ray's client server (port 10001), which
-    names only its node's ID (`--node-id=`, which the others carry too); workers rename
-    themselves, so they are found as children, and so are the processes they start, such as
-    Serve's HAProxy."""
+def _with_children(named: set) -> list:
+    """`named` processes and all their children (workers rename themselves, so they are found
+    as children, and so are the processes they start, such as Serve's HAProxy)."""
     import psutil
 
-    commands = {proc: proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"])
-                if proc.pid != os.getpid()}
-    named = {proc for proc, cmdline in commands.items()
-             if any(session_dir in part for part in cmdline)}
-    node_flags = {part for proc in named for part in commands[proc]
-                  if part.startswith(NODE_ID_FLAG)}
-    named |= {proc for proc, cmdline in commands.items() if node_flags & set(cmdline)}
     found: dict[int, psutil.Process] = {proc.pid: proc for proc in named}
     for proc in named:
         try:
@@ -226,6 +218,34 @@ def session_processes(session_dir: str) -> list:
             pass
     found.pop(os.getpid(), None)
     return list(found.values())
+
+
+def _command_lines() -> dict:
+    import psutil
+
+    return {proc: proc.info["cmdline"] or [] for proc in psutil.process_iter(["cmdline"])
+            if proc.pid != os.getpid()}
+
+
+def session_processes(session_dir: str) -> list:
+    """This machine's processes of one Ray session, and their children: Ray's daemons name the
+    session directory on their command line, except Ray's client server (port 10001), which
+    names only its node's ID (`--node-id=`, which the others carry too)."""
+    commands = _command_lines()
+    named = {proc for proc, cmdline in commands.items()
+             if any(session_dir in part for part in cmdline)}
+    node_flags = {part for proc in named for part in commands[proc]
+                  if part.startswith(NODE_ID_FLAG)}
+    named |= {proc for proc, cmdline in commands.items() if node_flags & set(cmdline)}
+    return _with_children(named)
+
+
+def node_processes(node_id: str) -> list:
+    """The processes of one Ray node of this machine (its raylet and daemons name its ID), and
+    their children: what a machine that dies takes with it."""
+    flags = {f"{NODE_ID_FLAG}{node_id}", f"{RAYLET_NODE_ID_FLAG}{node_id}"}
+    return _with_children({proc for proc, cmdline in _command_lines().items()
+                           if flags & set(cmdline)})
 
 
 def end_processes(procs: list, grace_s: float = 10.0) -> int:

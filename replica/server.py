@@ -114,6 +114,9 @@ class LLMServer:
     """One vLLM engine and the app serving it. `LLMDeployment` (replica/ingress.py) puts the app
     behind Serve's HTTP ingress; `LLMBackend` serves it on an HTTP server of its own for a router."""
 
+    # Set when Serve stops the replica: the engine then ends on purpose.
+    _stopping = False
+
     async def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
 
@@ -201,8 +204,6 @@ class LLMServer:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if vllm_compat.engine_errored(self.engine):
             raise RuntimeError(f"vLLM engine is dead: {vllm_compat.engine_dead_error(self.engine)}")
-
-    _stopping = False
 
     def __del__(self):
         # Serve calls this when it stops the replica: end the engine's processes with it.

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import chaos
 
 from _serve_fixtures import demo_model, wait_until
-from common.demo import session_processes
+from common.demo import node_processes, session_processes
 
 pytestmark = pytest.mark.reliability
 
@@ -95,14 +95,14 @@ def run_scenario(cluster: chaos.LocalCluster) -> None:
                    "--host", "127.0.0.1", "--port", str(cluster.http_port),
                    "--proxy-location", "HeadOnly", "--app-name", chaos.APP, "--timeout", "600")
     report = cluster.report()
-    head = next(n["node_id"] for n in report["nodes"] if n["is_head"])
+    head = chaos.head_node(report)
     [replica] = [r for r in report["replicas"] if r["app"] == chaos.APP and r["node_id"] != head]
     node2 = replica["node_id"]
     direct = replica_url(replica["pid"])
     assert answered(direct) == node2
 
     # The head goes: every process of the session but node 2's.
-    keep = {p.pid for p in cluster.node_processes(node2)}
+    keep = {p.pid for p in node_processes(node2)}
     doomed = [p for p in session_processes(str(cluster.base)) if p.pid not in keep]
     assert any("gcs_server" in " ".join(p.cmdline()) for p in doomed if p.is_running())
     for proc in doomed:
