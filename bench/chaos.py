@@ -222,7 +222,30 @@ def verdict(rows: list[FaultRow], shots: list[Shot], faults: list[Fault],
     return Verdict(total, round(pct, 3), hung, cut, unclear, planned, slowest, problems)
 
 
-def markdown(rows: list[FaultRow], result: Verdict) -> str:
+def failure_lines(shots: list[Shot], faults: list[Fault], limit: int = 30) -> list[str]:
+    """One line per request that was not answered, oldest first (at most `limit`), with the
+    fault it fell under: what an operator reads to tell a dying replica's 503 from a dropped
+    connection."""
+    stop_at = next((f.started_at for f in faults if f.name == "stop"), float("inf"))
+    # A service being stopped may refuse new requests with a clear error: not listed.
+    failed = sorted((s for s in shots if s.outcome != ANSWERED
+                     and not (s.outcome == CLEAR and s.sent_at >= stop_at)),
+                    key=lambda s: s.sent_at)
+    lines = []
+    for s in failed[:limit]:
+        under = next((f.name for f in reversed(faults) if f.started_at <= s.sent_at), "-")
+        killed = any(on_killed_process(s, f) for f in faults)
+        lines.append(f"- {s.sent_at:7.1f} s +{s.ended_at - s.sent_at:5.1f} s {s.kind:<11} "
+                     f"{s.outcome}{' (killed process)' if killed else ''} under {under}: "
+                     f"{s.error or '-'} status {s.status} node {s.node or '-'}: "
+                     f"{(s.message or '').replace(chr(10), ' ')[:160]}")
+    if len(failed) > limit:
+        lines.append(f"- ... and {len(failed) - limit} more (all in --json)")
+    return lines
+
+
+def markdown(rows: list[FaultRow], result: Verdict,
+             failures: list[str] | None = None) -> str:
     lines = ["| fault | at (s) | requests | answered | clear error | hung | cut | unclear | "
              "on the killed process | both nodes again after (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -242,6 +265,9 @@ def markdown(rows: list[FaultRow], result: Verdict) -> str:
                     else f"{result.slowest_recovery_s:.0f} s") + ".")
     lines.append("goal met" if not result.problems else "goal missed: " + "; ".join(
         result.problems))
+    if failures:
+        lines += ["", "requests not answered (sent at, took, kind, outcome, fault, error):",
+                  *failures]
     return "\n".join(lines) + "\n"
 
 
@@ -554,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(base, ignore_errors=True)
     rows = fault_rows(done, shots)
     result = verdict(rows, shots, done, args.answered_goal, args.recovery_goal)
-    table = markdown(rows, result)
+    table = markdown(rows, result, failure_lines(shots, done))
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -107,3 +107,20 @@ def test_no_recovery_is_asked_after_a_scale_down():
     rows = chaos.fault_rows(faults, shots)
     assert rows[0].recovery_s is None and rows[1].recovery_s == 4.0
     assert chaos.verdict(rows, shots, faults).problems == []
+
+
+def test_each_request_not_answered_is_listed_with_its_error_and_fault():
+    faults = [Fault("kill_engine", 10.0, 10.5, acted_at=10.0, victim_node="b"),
+              Fault("stop", 60.0, 62.0)]
+    shots = [shot(0, 9.0, 10.6, CLEAR, node="b"), shot(1, 11.0, 12.0),
+             Shot(2, "chat", 12.0, 12.2, UNCLEAR, 0, "server_disconnected", "Server disconnected"),
+             shot(3, 61.0, 61.1, CLEAR)]  # refused by the service being stopped: not listed
+    lines = chaos.failure_lines(shots, faults)
+    assert len(lines) == 2
+    assert "CLEAR" not in lines[0] and "(killed process)" in lines[0] and "under -" in lines[0]
+    assert "unclear under kill_engine: server_disconnected status 0 node -: Server disconnected" \
+        in lines[1]
+    assert chaos.failure_lines(shots, faults, limit=1)[-1].startswith("- ... and 1 more")
+    table = chaos.markdown(chaos.fault_rows(faults, shots),
+                           chaos.verdict(chaos.fault_rows(faults, shots), shots, faults), lines)
+    assert table.rstrip().endswith("Server disconnected")
