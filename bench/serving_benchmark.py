@@ -703,8 +703,8 @@ class Bench:
         return self.report(runs, lengths)
 
     def save_partial(self, runs: list[dict[str, Any]], lengths: list[int]) -> None:
-        """The report so far, marked partial: a lent machine can be taken back mid-run, and
-        `--from-partial` turns the last copy into the usual JSON and Markdown."""
+        """The report so far, marked partial: a run can be interrupted mid-way (the machine goes
+        away), and `--from-partial` turns the last copy into the usual JSON and Markdown."""
         text = json.dumps({**self.report(runs, lengths), "partial": True}, indent=1)
         (self.workdir / "runs.json").write_text(text)
         if self.args.partial_copy:
@@ -865,7 +865,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{p['repetitions']} interleaved repetitions; medians, (min-max) over repetitions.",
              ""]
     if result.get("partial"):
-        lines += ["**Partial**: the run ended early (the lent machine was taken back); the table "
+        lines += ["**Partial**: the run was interrupted (the machine went away); the table "
                   "holds the runs that finished (column `runs`).", ""]
     for part, merged in enumerate(result.get("merged_from", []), 1):
         lines += [f"Part {part} of the merged runs (repetitions in this order), last saved "

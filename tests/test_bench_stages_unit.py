@@ -46,7 +46,7 @@ def test_means_between_two_scrapes():
 
 
 def cut_short_report() -> dict:
-    """A --partial-copy as a run taken back after two of its target-runs leaves it."""
+    """A --partial-copy as a run interrupted after two of its target-runs leaves it."""
     from serving_benchmark import aggregate, ratios
 
     runs = [{"rep": 0, "row": "vllm-serve", "output_tok_s": 100.0, "requests": 4, "failures": 0},
