@@ -5,12 +5,15 @@ import json
 import sys
 from typing import Sequence
 
-from ops import cluster, startup_failures
-from ops.startup_failures import explain_failed_start
-from ops.cluster_format import format_report
+from common import cluster, startup_failures
+from common.startup_failures import explain_failed_start
+from common.cluster_format import format_report
+from common.layout import add_gpu_memory_flag
+from common.options import add_option_flags
 from common.ray_connect import connect
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, ScriptError,
                         add_address_flag, add_flag, exits_with_codes, make_parser, parse)
+from replica.config import EngineConfig
 
 EPILOG = """\
 exit status: 0 healthy; 4 something is pending, unhealthy or dead; 3 Ray is not reachable.
@@ -47,14 +50,11 @@ def build_parser():
                   "the nodes can hold; exit 0 when `serve deploy` can run it")
     layout = parser.add_argument_group(
         "layout (with --model: the tensor/pipeline layout `auto` would choose on this cluster)")
-    add_flag(layout, "--model", env="MODEL_PATH", default=None,
-             help="local checkpoint folder to plan for (config.json, weights when present)")
-    add_flag(layout, "--max-model-len", env="MAX_MODEL_LEN", type=int, default=None,
-             help="context length to plan for; default: the model's")
-    add_flag(layout, "--gpu-memory-utilization", env="GPU_MEMORY_UTILIZATION", type=float,
-             default=0.9, help="fraction of each GPU's memory vLLM may use")
-    add_flag(layout, "--gpu-memory-gib", env="GPU_MEMORY_GIB", type=float, default=None,
-             help="memory of one GPU in GiB (default: asked of nvidia-smi on each GPU node)")
+    # The deploy scripts' own declarations of these flags, with "not asked" defaults.
+    add_option_flags(layout, EngineConfig, {"model": None, "max_model_len": None,
+                                            "gpu_memory_utilization": 0.9},
+                     only=["model", "max_model_len", "gpu_memory_utilization"])
+    add_gpu_memory_flag(layout)
     return parser
 
 

@@ -52,7 +52,7 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     demand = replica_demand(engine, serve_config)
     nodes = pick_distinct_nodes(demand, args.num_backends, serve_config.timeout_s,
                                 name=f"{serve_config.app_name}-node-picker")
-    from ops.cluster import list_nodes
+    from common.cluster import list_nodes
 
     pins = stable_pins(nodes, list_nodes(), args.pin_label)
     warning = pin_warning(pins)

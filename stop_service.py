@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Sequence
 
-from ops import cluster
+from common import cluster
 from common.ray_connect import connect
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, ScriptError, add_address_flag,
                         add_flag, exits_with_codes, make_parser, parse)

@@ -121,8 +121,8 @@ def step(rec: Recorder, name: str, script: str, argv: list[str], app: str, args,
     import ray
     from ray import serve
 
-    from ops import cluster
-    from ops.cluster_format import format_placement
+    from common import cluster
+    from common.cluster_format import format_placement
     from common.demo import load_script
 
     entry: dict = {"name": name, "command": f"python {script} " + " ".join(argv),
@@ -178,8 +178,8 @@ def phase_b(rec: Recorder, args) -> None:
     from common.deploy import start_serve
     from ray.cluster_utils import Cluster
 
-    from ops import cluster
-    from ops.cluster_format import format_placement
+    from common import cluster
+    from common.cluster_format import format_placement
 
     cluster_ = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "node_ip_address": LOCAL_IP, "include_dashboard": False})

@@ -138,7 +138,12 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *names: 
     value = env_default(env, default, type)
     if type is not None:  # argparse's own default is None; its stubs do not accept None
         kwargs["type"] = type
-    return parser.add_argument(*names, default=value, help=help, **kwargs)
+    action = parser.add_argument(*names, default=value, help=help, **kwargs)
+    # What the docs' flag table shows (common/flag_docs.py): the declared default, not the
+    # value an env var of the shell that built the parser gave it.
+    action.env_var = env  # type: ignore[attr-defined]
+    action.declared_default = default  # type: ignore[attr-defined]
+    return action
 
 
 def add_address_flag(parser: argparse.ArgumentParser) -> None:

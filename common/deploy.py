@@ -24,7 +24,7 @@ def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
     fit now, from the nodes' totals: the replica then waits for what others hold)."""
     if not engine.uses_ray_workers:
         return None
-    from ops import cluster
+    from common import cluster
 
     nodes = [n for n in cluster.list_nodes() if n.alive]
     largest = max((n.gpus_total for n in nodes), default=0.0)
@@ -253,7 +253,7 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     its own (they apply only when the controller is created), so say what that means."""
     from ray import serve
 
-    from ops import cluster
+    from common import cluster
 
     with cluster.state_snapshot():
         running = cluster.serve_ingress() if cluster.serve_client() is not None else None
@@ -303,7 +303,7 @@ def wait_ready(app_name: str, timeout_s: float, poll_s: float = 2.0,
     """Poll Serve until the app is RUNNING, printing each change; raise a ScriptError saying why
     when it fails (EXIT_FAILURE: Serve's message and each dead replica's own root cause, with
     the remedy for `engine`'s settings) or the wait runs out (EXIT_TIMEOUT)."""
-    from ops.startup_failures import explain_failed_start
+    from common.startup_failures import explain_failed_start
 
     from ray import serve
 
@@ -347,7 +347,7 @@ def serve_message_summary(message: str) -> str:
 
 
 def _pending_lines() -> str:
-    from ops import cluster
+    from common import cluster
 
     pending = cluster.pending_demands()
     if not pending:
@@ -358,8 +358,8 @@ def _pending_lines() -> str:
 
 
 def print_ready(serve_config: ServeConfig) -> None:
-    from ops import cluster
-    from ops.cluster_format import format_placement
+    from common import cluster
+    from common.cluster_format import format_placement
 
     replicas = cluster.list_replicas(serve_config.app_name)
     print(f"\napplication {serve_config.app_name!r} is RUNNING with {len(replicas)} replica(s):")

@@ -32,10 +32,14 @@ def parallel_size(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
 
 
-def add_layout_flags(parser: argparse.ArgumentParser) -> None:
+def add_gpu_memory_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     cli.add_flag(parser, "--gpu-memory-gib", env="GPU_MEMORY_GIB", type=float, default=None,
                  help="memory of one GPU in GiB, for planning the layout (Ray does not report "
                       "it; default: asked of nvidia-smi on each GPU node)")
+
+
+def add_layout_flags(parser: argparse.ArgumentParser) -> None:
+    add_gpu_memory_flag(parser)
     cli.add_flag(parser, "--min-sequences", env="MIN_SEQUENCES", type=cli.positive_int,
                  default=planner.MIN_SEQUENCES,
                  help="full-length (--max-model-len) sequences the planner wants KV room for at "
@@ -182,7 +186,7 @@ def probe_gpu_nodes(model_path: str | None, checkpoint: hub.HubCheckpoint | None
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from ops import cluster
+    from common import cluster
 
     reports, pending = [], {}
     with cluster.state_snapshot():

@@ -37,7 +37,7 @@ class NodePin:
 
 def stable_pins(node_ids: Sequence[str], nodes: Sequence[Any],
                 pin_label: str | None = None) -> list[NodePin]:
-    """A pin per chosen node (`nodes`: ops.cluster.NodeInfo of the cluster): by `pin_label` when
+    """A pin per chosen node (`nodes`: common.cluster.NodeInfo of the cluster): by `pin_label` when
     given (each chosen node must carry a value of its own), else by IP where the chosen nodes'
     IPs differ, else (several raylets on one address) by node ID."""
     by_id = {n.node_id: n for n in nodes}
@@ -103,7 +103,7 @@ def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
     from ray.util.placement_group import (placement_group, placement_group_table,
                                           remove_placement_group)
 
-    from ops import cluster
+    from common import cluster
 
     bundles = [dict(bundle) for _ in range(count)]
     group = placement_group(bundles, strategy="STRICT_SPREAD", name=name)

@@ -8,7 +8,7 @@ from common import cli
 
 
 def alive_node_resources() -> list[dict[str, float]]:
-    from ops.cluster import ray_nodes
+    from common.cluster import ray_nodes
 
     return [dict(n["Resources"]) for n in ray_nodes() if n.get("Alive")]
 
@@ -71,7 +71,7 @@ def resolve_replicas(requested: str | int, slots: int, max_replicas: int,
 def report_capacity(replicas: int, demand: dict[str, float], slots: int, timeout_s: float,
                     stages: int = 1) -> None:
     """Say up front how many replicas the cluster can hold, and warn when some cannot fit."""
-    from ops.cluster import format_shape
+    from common.cluster import format_shape
 
     if stages > 1:
         needs = (f"{stages} pipeline stages of {demand.get('GPU', 0):g} GPUs, each stage on one "

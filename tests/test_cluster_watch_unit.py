@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 
 from common.cli import EXIT_OK
-from ops.cluster import ClusterReport, NodeInfo, PendingDemand, ReplicaInfo
+from common.cluster import ClusterReport, NodeInfo, PendingDemand, ReplicaInfo
 from ops.cluster_watch import in_flight_per_replica, watch, watch_frame
 from ops.metrics_scrape import ReplicaEngineStats, parse
 

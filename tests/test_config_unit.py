@@ -49,14 +49,14 @@ def test_generic_env_names_change_nothing_and_are_named(monkeypatch, capsys):
     # someone else's key or deploy a CPU engine on a GPU cluster.
     monkeypatch.setattr(cli, "_warned_unprefixed", set())
     stray = {"API_KEY": "someone-elses", "DEVICE": "cpu", "MODEL_PATH": "/elsewhere",
-             "DTYPE": "float16", "SEED": "7", "PORT": "1"}
+             "DTYPE": "float16", "PORT": "1"}
     for key, value in stray.items():
         monkeypatch.setenv(key, value)
     engine, serve_config = parse([], monkeypatch=monkeypatch)
     defaults_engine, defaults_serve = EngineConfig(), ServeConfig()
     assert serve_config.api_key is None and serve_config.port == defaults_serve.port
-    assert (engine.device, engine.model, engine.dtype, engine.seed) == (
-        defaults_engine.device, defaults_engine.model, defaults_engine.dtype, defaults_engine.seed)
+    assert (engine.device, engine.model, engine.dtype) == (
+        defaults_engine.device, defaults_engine.model, defaults_engine.dtype)
     err = capsys.readouterr().err
     assert ("warning: environment variable API_KEY is ignored (other tools use that name); "
             "set DEEPSEEK_SERVE_API_KEY for --api-key") in err

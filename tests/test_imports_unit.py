@@ -45,3 +45,17 @@ def test_no_import_circle():
     for name in graph:
         visit(name, [name])
     assert not circles, "import circles:\n" + "\n".join(sorted(set(circles)))
+
+
+# Floors, lowest first: a module imports its own floor and those below, never one above.
+# replica/ runs inside replicas (it ships alone), common/ is the scripts' code, ops/ the
+# operator tools' own; loadgen/ stands apart (load_test.py and the benchmarks use it).
+FLOORS = {"replica": 0, "loadgen": 0, "common": 1, "ops": 2}
+
+
+def test_no_upward_import():
+    upward = sorted(f"{name} -> {dep}" for name, deps in import_graph().items() for dep in deps
+                    if FLOORS[dep.split(".")[0]] > FLOORS[name.split(".")[0]]
+                    or (FLOORS[dep.split(".")[0]] == FLOORS[name.split(".")[0]]
+                        and dep.split(".")[0] != name.split(".")[0]))
+    assert not upward, "imports from a floor above (or beside):\n" + "\n".join(upward)

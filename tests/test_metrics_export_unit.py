@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ops import metrics_scrape
-from ops.cluster import ReplicaInfo
+from common.cluster import ReplicaInfo
 from replica import vllm_compat
 from replica.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
 

@@ -11,7 +11,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 import _placement_probe
 from _serve_fixtures import deploy_script
-from ops import cluster
+from common import cluster
 
 SIMULATED_CLUSTER = {"gpu_nodes": 3, "head_cpus": 1, "worker_cpus": 16}
 

@@ -19,7 +19,8 @@ from _serve_fixtures import LOCAL_IP, cpu_args, deploy_script, free_port, wait_u
 import ray
 from ray import serve
 
-from ops import cluster, metrics_scrape
+from common import cluster
+from ops import metrics_scrape
 from loadgen.client import LoadConfig, run_load_sync, summarize
 
 APP = "ops"

@@ -5,7 +5,7 @@ import pytest
 
 from common import cli
 from common.placement import NODE_ID_LABEL, pin_to_node, pin_warning, stable_pins
-from ops.cluster import NodeInfo
+from common.cluster import NodeInfo
 
 
 def node(node_id: str, ip: str, **labels: str) -> NodeInfo:

@@ -24,7 +24,7 @@ from ray import serve
 
 import check_cluster
 from _serve_fixtures import cpu_args, deploy_script, wait_until
-from ops import cluster
+from common import cluster
 from loadgen import client as loadgen
 
 pytestmark = pytest.mark.reliability

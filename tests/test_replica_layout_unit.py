@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from common import preflight
-from ops.cluster import ReplicaInfo
-from ops.cluster_format import bundles_per_node
+from common.cluster import ReplicaInfo
+from common.cluster_format import bundles_per_node
 from common.deploy_options import replica_resources
 from common.replica_layout import NODE_ID_LABEL, MultiNodeLayout, plan_stages
 from replica.config import EngineConfig, ServeConfig, network_env, replica_env

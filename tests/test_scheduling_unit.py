@@ -1,8 +1,8 @@
-"""Why a replica is PENDING, on made-up clusters: ops.cluster.explain is a pure function of the
+"""Why a replica is PENDING, on made-up clusters: common.cluster.explain is a pure function of the
 nodes' total and free resources."""
 from __future__ import annotations
 
-from ops.cluster import explain
+from common.cluster import explain
 
 TP8 = [{"CPU": 1, "GPU": 1}] + [{"GPU": 1}] * 7   # one tensor-parallel-8 replica's group
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from common import builders, cli, preflight, serve_config
-from ops import cluster
+from common import cluster
 from common.deploy import parse_script_args
 
 TWO_GPU_NODES = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]

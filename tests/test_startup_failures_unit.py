@@ -1,7 +1,7 @@
 """Unit tests: the root cause found in a replica's log, and the remedy for a memory failure."""
 from __future__ import annotations
 
-from ops import startup_failures as sf
+from common import startup_failures as sf
 from replica.config import EngineConfig
 
 KV_TOO_SMALL = (

@@ -22,7 +22,7 @@ import check_cluster
 import load_test
 import stop_service
 from _serve_fixtures import cpu_args, deploy_script, send_and_hang_up, wait_until
-from ops import cluster
+from common import cluster
 
 URL = f"http://{LOCAL_IP}:8000"
 

@@ -19,8 +19,8 @@ import _placement_probe
 from _serve_fixtures import (background_load, deploy_script, wait_for_replicas,
                              wait_until)
 from common import cli
-from ops import cluster
-from ops.cluster_format import format_placement
+from common import cluster
+from common.cluster_format import format_placement
 
 URL = f"http://{LOCAL_IP}:8000"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ops.cluster import (UNKNOWN, ClusterReport, ReplicaInfo, _capacity, _fmt_num,
+from common.cluster import (UNKNOWN, ClusterReport, ReplicaInfo, _capacity, _fmt_num,
                             format_shape, short_id)
 
 

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ops.cluster import REPLICA_CLASS_PREFIX
+from common.cluster import REPLICA_CLASS_PREFIX
 from replica.config import EngineConfig
 
 LOG_TAIL_LINES = 400
