@@ -92,11 +92,13 @@ test-reliability: setup
 	$(LOOPBACK) $(PY) -m pytest tests -m reliability $(PYTEST_ARGS)
 
 # A local 2-node `ray start` cluster under steady load with a fault every 60 s (12-15 minutes with
-# setup); the table goes to stdout, every request and fault to CHAOS_JSON. Goals: docs/operations.md.
+# setup); the table goes to stdout, every request and fault to CHAOS_JSON, load_test.py --report's
+# HTML page over the run (faults marked) to CHAOS_REPORT. Goals: docs/operations.md.
 CHAOS_MINUTES ?= 10
 CHAOS_JSON ?= .cache/chaos.json
+CHAOS_REPORT ?= .cache/chaos.html
 chaos: setup
-	$(LOOPBACK) $(PY) bench/chaos.py --minutes $(CHAOS_MINUTES) --json $(CHAOS_JSON)
+	$(LOOPBACK) $(PY) bench/chaos.py --minutes $(CHAOS_MINUTES) --json $(CHAOS_JSON) --report $(CHAOS_REPORT)
 
 # CPU benchmarks (about 10 minutes): serving path vs engine and vllm serve, 1-token overhead and
 # router hop, load_test.py's own capacity. GPU runs: bench/README.md.

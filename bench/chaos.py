@@ -514,8 +514,9 @@ def payload(kind: str, max_tokens: int, model: str) -> tuple[str, dict]:
 
 async def load(url: str, rate: float, max_tokens: int, stream_max_tokens: int,
                hung_after_s: float, model: str, started: float, stop: threading.Event,
-               shots: list[Shot]) -> None:
-    """Requests at `rate` per second until `stop`, each recorded in `shots` when it ends."""
+               shots: list[Shot], results: list | None = None) -> None:
+    """Requests at `rate` per second until `stop`, each recorded in `shots` when it ends (and
+    loadgen's own record of it in `results`, for the HTML report)."""
     import aiohttp
 
     from loadgen.client import send_request
@@ -543,6 +544,8 @@ async def load(url: str, rate: float, max_tokens: int, stream_max_tokens: int,
                 shot.outcome = classify(result.ok, result.error, result.status, stream,
                                         result.message)
                 shots.append(shot)
+                if results is not None:
+                    results.append(result)
 
             task = asyncio.get_running_loop().create_task(one())
             pending.add(task)
@@ -573,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
         cluster.start()
         say(f"deploying {faults.script} {' '.join(faults.shape)}")
         faults.deploy(*faults.shape)
-        shots, done = _run_with_load(cluster, faults, args)
+        shots, results, done, wall_started = _run_with_load(cluster, faults, args)
     finally:
         cluster.stop()
         if not args.keep:
@@ -588,14 +591,38 @@ def run(args: argparse.Namespace) -> int:
             "rows": [asdict(r) for r in rows], "verdict": asdict(result),
             "shots": [asdict(s) for s in shots]}, indent=1))
         say(f"wrote {args.json}")
+    if args.report:
+        write_html_report(args.report, cluster.url, args, results, done, wall_started, table)
+        say(f"wrote {args.report}")
     return cli.EXIT_OK if not result.problems else cli.EXIT_UNHEALTHY
 
 
+def write_html_report(path: str, url: str, args: argparse.Namespace, results: list,
+                      faults: list[Fault], wall_started: float, table: str) -> None:
+    """load_test.py --report's page over the whole run, each fault marked on its time axes."""
+    from loadgen.client import LoadConfig, LoadResult, summarize
+    from loadgen.report import Marker, build_report_data
+    from loadgen.report_html import write_report
+
+    config = LoadConfig(url=url, num_requests=0, request_rate=args.rate,
+                        duration=args.minutes * 60, max_tokens=args.max_tokens,
+                        timeout=args.hung_after, expected_nodes=2)
+    duration = max((r.start + r.latency for r in results), default=0.0)
+    load = LoadResult(config, results, duration, wall_started)
+    markers = [Marker(f.effective_at if not f.planned else f.started_at, f.name) for f in faults]
+    data = build_report_data(load, summarize(load), markers,
+                             title=f"Chaos run against {url} ({args.topology}): "
+                                   f"{', '.join(KINDS)} in turn at {args.rate:g} requests/s")
+    write_report(path, data, table)
+
+
 def _run_with_load(cluster: LocalCluster, faults: Faults, args: argparse.Namespace
-                   ) -> tuple[list[Shot], list[Fault]]:
+                   ) -> tuple[list[Shot], list, list[Fault], float]:
     shots: list[Shot] = []
+    results: list = []
     done: list[Fault] = []
     plan = schedule(args.minutes, args.fault_every, args.first_fault, args.topology)
+    wall_started = time.time()
     started = time.monotonic()
     faults.started = started
     stop_load = threading.Event()
@@ -603,13 +630,13 @@ def _run_with_load(cluster: LocalCluster, faults: Faults, args: argparse.Namespa
     async def main() -> None:
         runner = asyncio.get_running_loop().create_task(
             load(cluster.url, args.rate, args.max_tokens, args.stream_max_tokens,
-                 args.hung_after, "DeepSeek-R1", started, stop_load, shots))
+                 args.hung_after, "DeepSeek-R1", started, stop_load, shots, results))
         await asyncio.to_thread(_faults_on_schedule, faults, plan, started, done, args.settle)
         stop_load.set()
         await runner
 
     asyncio.run(main())
-    return shots, done
+    return shots, results, done, wall_started
 
 
 def _faults_on_schedule(faults: Faults, plan: list[tuple[float, str]], started: float,
@@ -679,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, type=kind, default=default,
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--json", default=None, help="write every request and fault here")
+    parser.add_argument("--report", default=None, metavar="HTML",
+                        help="also write load_test.py --report's HTML page over the whole run, "
+                             "each fault marked on its time axes")
     parser.add_argument("--keep", action="store_true",
                         help="keep the cluster's temp dir (logs) after the run")
     return parser

@@ -67,6 +67,14 @@ class ErrorCount:
 
 
 @dataclass(slots=True)
+class Marker:
+    """A moment of the run to mark on the time axes (a chaos run's faults)."""
+
+    at_s: float                       # seconds since the run started
+    label: str
+
+
+@dataclass(slots=True)
 class ReportData:
     title: str
     settings: dict[str, Any]          # the run's own settings
@@ -76,6 +84,7 @@ class ReportData:
     nodes: list[NodeBar]
     errors: list[ErrorCount]
     warnings: list[str] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
 
 
 def histogram(values: Sequence[float], max_bins: int = MAX_HISTOGRAM_BINS) -> Histogram:
@@ -231,7 +240,8 @@ def run_settings(result: LoadResult) -> dict[str, Any]:
     return settings
 
 
-def build_report_data(result: LoadResult, summary: Summary) -> ReportData:
+def build_report_data(result: LoadResult, summary: Summary, markers: Sequence[Marker] = (),
+                      title: str | None = None) -> ReportData:
     """Everything the HTML report shows, from the run's results and its Summary."""
     replicas = replica_nodes_of(result.server)
     nodes = node_bars(summary, replicas)
@@ -247,11 +257,11 @@ def build_report_data(result: LoadResult, summary: Summary) -> ReportData:
     if summary.aborted:
         warnings.append(f"stopped early: {summary.aborted}")
     return ReportData(
-        title=f"Load test of {result.config.target_url()}",
+        title=title or f"Load test of {result.config.target_url()}",
         settings=run_settings(result),
         server=server_settings(result.server),
         distributions=distributions(result, summary),
         timeline=timeline(result.results, result.duration),
         nodes=nodes,
         errors=error_counts(result.results),
-        warnings=warnings)
+        warnings=warnings, markers=list(markers))

@@ -71,6 +71,14 @@ def _latency_figure(dist: Distribution):
     return figure
 
 
+def _mark(figure: Any, data: ReportData) -> None:
+    """A dashed vertical line, labelled, at each marker (a chaos run's faults)."""
+    for marker in data.markers:
+        figure.add_vline(x=marker.at_s, line_dash="dash", line_color="#b22222",
+                         annotation_text=marker.label, annotation_textangle=-90,
+                         annotation_position="top left")
+
+
 def _timeline_figure(data: ReportData):
     line = data.timeline
     x = [start + line.bucket_s / 2 for start in line.starts]
@@ -82,6 +90,7 @@ def _timeline_figure(data: ReportData):
                      secondary_y=False)
     figure.add_trace(go.Scatter(x=x, y=line.in_flight_max, name="in flight (max)",
                                 mode="lines", line={"shape": "hv"}), secondary_y=True)
+    _mark(figure, data)
     figure.update_layout(title=f"Throughput and requests in flight ({line.bucket_s:g} s buckets)",
                          xaxis_title="seconds since start", height=380,
                          margin={"t": 50, "b": 40, "l": 50, "r": 50})
@@ -117,6 +126,7 @@ def _errors_figure(data: ReportData):
     x = [start + line.bucket_s / 2 for start in line.starts]
     figure = go.Figure([go.Bar(x=x, y=counts, name=kind, width=line.bucket_s * 0.9)
                         for kind, counts in line.errors.items()])
+    _mark(figure, data)
     figure.update_layout(barmode="stack", title="Failures over time, by kind",
                          xaxis_title="seconds since start", yaxis_title="failures", height=320,
                          margin={"t": 50, "b": 40, "l": 50, "r": 20})

@@ -124,3 +124,25 @@ def test_each_request_not_answered_is_listed_with_its_error_and_fault():
     table = chaos.markdown(chaos.fault_rows(faults, shots),
                            chaos.verdict(chaos.fault_rows(faults, shots), shots, faults), lines)
     assert table.rstrip().endswith("Server disconnected")
+
+
+def test_the_html_report_marks_each_fault_on_the_time_axes(tmp_path):
+    import argparse
+
+    from loadgen.client import RequestResult
+
+    results = [RequestResult(i, start=i * 0.5, latency=0.3, ok=i != 5, status=200 if i != 5
+                             else 503, error=None if i != 5 else "http_503",
+                             node="ab"[i % 2], output_tokens=8) for i in range(40)]
+    faults = [Fault("kill_engine", 5.0, 6.0, acted_at=5.5, victim_node="b"),
+              Fault("redeploy", 12.0, 15.0)]
+    args = argparse.Namespace(rate=2.0, minutes=0.5, max_tokens=16, hung_after=30.0,
+                              topology="force-multi")
+    path = tmp_path / "chaos.html"
+    chaos.write_html_report(str(path), "http://127.0.0.1:1", args, results, faults, 0.0,
+                            "| table |")
+    page = path.read_text()
+    assert "Chaos run against http://127.0.0.1:1" in page and "| table |" in page
+    # Plotly writes the markers into each figure's JSON: a line and a label per fault.
+    assert page.count('"text":"kill_engine"') == 2 and page.count('"text":"redeploy"') == 2
+    assert '"x0":5.5' in page and '"x0":12.0' in page
