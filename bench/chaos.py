@@ -38,7 +38,10 @@ EPILOG = """the run (CPU engines, the demo model, two raylets on this machine wi
      replica and back up; stop_service.py at the end, with the load still running.
   4. per fault: the requests sent until the next fault, how they ended, and the seconds until
      requests sent after the fault were answered by both nodes again. Requests cut or failed on a
-     replica process the run killed are counted apart: nothing can answer for a killed process.
+     replica process the run killed are counted apart: nothing can answer for a killed process
+     (from the kill until that process is gone: a replica whose engine was killed ends itself
+     once its answers are out; a request that got no answer at all, so no node, in flight then
+     is counted with it). Every request not answered is listed with its error.
 
 run it inside a loopback-only network namespace:
   scripts/loopback.sh .venv/bin/python bench/chaos.py --minutes 10
@@ -82,6 +85,9 @@ class Fault:
     acted_at: float | None = None  # when it took effect (a kill); None: when it finished
     detail: str = ""
     victim_node: str | None = None  # the node whose process the fault killed, if it killed one
+    # When the killed replica process was gone: a replica whose engine was killed ends itself
+    # once its requests in flight have their answers (None: at once, with the kill).
+    victim_gone_at: float | None = None
     error: str | None = None      # the action itself failed (a script's non-zero exit)
 
     @property
@@ -124,9 +130,16 @@ def recovery_s(fault: Fault, shots: list[Shot], nodes: int = 2) -> float | None:
 
 
 def on_killed_process(shot: Shot, fault: Fault) -> bool:
-    """A request in flight on the node whose process the fault killed, when it was killed."""
-    return (fault.victim_node is not None and shot.node == fault.victim_node
-            and shot.sent_at <= fault.effective_at <= shot.ended_at + 1.0)
+    """A request in flight on the node whose process the fault killed, between the kill and
+    the moment that process was gone. A request that got no answer at all does not know its
+    node: in flight in that window, it is counted with the killed process too (it may have
+    been on either; the table still shows it as unclear)."""
+    if fault.victim_node is None:
+        return False
+    gone = fault.victim_gone_at if fault.victim_gone_at is not None else fault.effective_at
+    nodeless = shot.node is None and shot.outcome == UNCLEAR
+    return ((shot.node == fault.victim_node or nodeless)
+            and shot.sent_at <= gone and fault.effective_at <= shot.ended_at + 1.0)
 
 
 @dataclass
@@ -446,10 +459,14 @@ class Faults:
         children = psutil.Process(victim["pid"]).children(recursive=True)
         if not children:
             raise RuntimeError(f"replica {victim['replica_id']} has no engine process")
+        replica = psutil.Process(victim["pid"])
         for child in children:
             child.kill()
         fault.acted_at = self.clock()
         fault.victim_node = victim["node_id"]
+        with contextlib.suppress(psutil.Error):
+            replica.wait(timeout=120)  # it ends itself once its answers are out
+        fault.victim_gone_at = self.clock()
         fault.detail = (f"SIGKILL the engine process(es) {[c.pid for c in children]} of "
                         f"replica {victim['replica_id']}")
 

@@ -45,6 +45,16 @@ def test_failures_on_the_killed_process_are_counted_apart():
     assert chaos.on_killed_process(in_flight, fault)
     assert not chaos.on_killed_process(elsewhere, fault)
     assert not chaos.on_killed_process(later, fault)
+    # No answer at all (no node known), in flight between the kill and the process's end.
+    nodeless = Shot(3, "root", 9.8, 10.2, UNCLEAR)
+    assert chaos.on_killed_process(nodeless, fault)
+    assert not chaos.on_killed_process(Shot(4, "root", 11.0, 11.1, UNCLEAR), fault)
+    # A replica whose engine was killed ends itself later: the window lasts until it is gone.
+    engine = Fault("kill_engine", 9.0, 10.5, acted_at=10.0, victim_node="b", victim_gone_at=12.5)
+    assert chaos.on_killed_process(Shot(4, "root", 11.0, 11.1, UNCLEAR), engine)
+    assert chaos.on_killed_process(shot(5, 12.0, 12.6, CUT, node="b"), engine)
+    assert not chaos.on_killed_process(shot(6, 12.0, 12.6, CUT, node="a"), engine)
+    assert not chaos.on_killed_process(Shot(7, "root", 13.0, 13.1, UNCLEAR), engine)
 
 
 def test_rows_split_requests_by_fault_and_the_verdict_names_what_missed():
