@@ -28,13 +28,14 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     if args.num_replicas < 1:
         raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
     spread = one_replica_per_node(engine)
-    layout = multi_node_layout(engine, serve_config, args.num_replicas)
+    layout = multi_node_layout(engine, serve_config, args.num_replicas, args.pin_label)
     demand = replica_demand(engine, serve_config, layout)
     stages = engine.pipeline_parallel_size if layout else 1
     slots = preflight.replica_slots(demand, spread.get("max_replicas_per_node"), stages=stages)
     preflight.report_capacity(args.num_replicas, demand, slots, serve_config.timeout_s, stages)
     if layout:
-        print("each replica spans nodes, one pipeline stage per node:\n" + layout.describe())
+        print("each replica spans nodes, one pipeline stage per node, pinned "
+              f"{layout.pin_words()}:\n" + layout.describe())
     return llm_app(engine, serve_config, layout=layout, num_replicas=args.num_replicas,
                    **spread)
 

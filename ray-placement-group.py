@@ -16,7 +16,7 @@ from common import cli
 from replica.config import EngineConfig, ServeConfig
 from common.deploy import configure, multi_node_layout, script_main
 from common.deploy_options import deployment_options, replica_demand, router_options
-from common.placement import (PIN_LABEL_EXAMPLE, pick_distinct_nodes, pin_to_node, pin_warning,
+from common.placement import (pick_distinct_nodes, pin_to_node, pin_warning,
                               stable_pins)
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
@@ -34,11 +34,6 @@ def add_topology_args(group) -> None:
                  help="port of each backend's own HTTP server, on its node's address, which "
                       "the router forwards requests to (0: any free port); it must be reachable "
                       "from every node")
-    cli.add_flag(group, "--pin-label", env="PIN_LABEL", default=None,
-                 help="node label that pins each backend to its node (each node started with "
-                      f"`ray start --labels='{{\"{PIN_LABEL_EXAMPLE}\": \"<name>\"}}'`); "
-                      "default: the node's IP, or its ID where nodes share an IP (then a "
-                      "restarted node's backend waits for this script to run again)")
 
 
 def build(args, engine: EngineConfig, serve_config: ServeConfig):

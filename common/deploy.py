@@ -18,10 +18,11 @@ from replica.config import EngineConfig, ServeConfig
 
 
 def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
-                      replicas: int) -> MultiNodeLayout | None:
+                      replicas: int, pin_label: str | None = None) -> MultiNodeLayout | None:
     """None when a replica fits one node of the cluster (STRICT_PACK); else the nodes of each
     pipeline stage for up to `replicas` replicas, chosen from the GPUs free now (or, when none
-    fit now, from the nodes' totals: the replica then waits for what others hold)."""
+    fit now, from the nodes' totals: the replica then waits for what others hold), with the
+    pins that hold the stages there across a node's restart (`pin_label`, else IPs)."""
     if not engine.uses_ray_workers:
         return None
     from common import cluster
@@ -44,7 +45,11 @@ def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
                     {n.node_id: {"GPU": n.gpus_total, "CPU": n.cpus_total} for n in nodes}):
         plans = replica_layout.plan_stages(tp, pp, amounts, replicas, cpus)
         if plans:
-            return MultiNodeLayout(tp, pp, plans)
+            from common.placement import stable_pins
+
+            chosen = sorted({node for plan in plans for node in plan})
+            pins = {pin.node_id: pin for pin in stable_pins(chosen, nodes, pin_label)}
+            return MultiNodeLayout(tp, pp, plans, pins)
     raise cli.ScriptError(
         f"a replica of tensor parallel {tp} x pipeline parallel {pp} needs {pp} stage(s) of "
         f"{tp} GPUs, each stage on one node; the cluster's nodes cannot hold them (see "

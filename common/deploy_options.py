@@ -25,7 +25,7 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
       8 more for its workers books 16 GPUs per replica: the guide's "never reaches the second
       machine". A replica that fits one node is STRICT_PACK (all on one node); one that does
       not (`layout`, from multi_node_layout) is PACK over several nodes with each pipeline
-      stage's bundles held on one node by label selectors (common/replica_layout.py).
+      stage's bundles pinned to its node by a label, an IP or a node ID (common/replica_layout.py).
     """
     cpus = serve_config.cpus_per_replica
     env = {"env_vars": replica_env(engine, serve_config.env_vars)}
@@ -42,7 +42,10 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
     }
     if layout is not None:
         options["placement_group_strategy"] = "PACK"
-        options["placement_group_bundle_label_selector"] = layout.bundle_label_selectors()
+        options["placement_group_bundles"] = layout.bundles(cpus)
+        selectors = layout.bundle_label_selectors()
+        if selectors:
+            options["placement_group_bundle_label_selector"] = selectors
     return options
 
 

@@ -40,6 +40,16 @@ def add_gpu_memory_flag(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def add_layout_flags(parser: argparse.ArgumentParser) -> None:
     add_gpu_memory_flag(parser)
+    from common.placement import PIN_LABEL_EXAMPLE
+
+    cli.add_flag(parser, "--pin-label", env="PIN_LABEL", default=None,
+                 help="node label that pins replicas to their nodes across a node's restart: "
+                      "ray-placement-group.py's backends, and the pipeline stages of a replica "
+                      "larger than one node (each node started with `ray start "
+                      f"--labels='{{\"{PIN_LABEL_EXAMPLE}\": \"<name>\"}}'`); default: the "
+                      "node's IP where the chosen nodes' IPs differ (and, for stages, each has "
+                      "one node), else its ID (a restarted node's replica then waits for this "
+                      "script to run again)")
     cli.add_flag(parser, "--min-sequences", env="MIN_SEQUENCES", type=cli.positive_int,
                  default=planner.MIN_SEQUENCES,
                  help="full-length (--max-model-len) sequences the planner wants KV room for at "

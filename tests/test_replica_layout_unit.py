@@ -42,6 +42,35 @@ def test_layout_pins_each_stage_with_node_id_label_selectors():
         one.describe()
 
 
+def test_stages_pinned_by_ip_or_label_survive_a_restart_and_node_id_is_the_last_resort():
+    from common.placement import NodePin
+
+    ip = {A: NodePin(A, "ip", "node:10.0.0.1", "10.0.0.1"),
+          B: NodePin(B, "ip", "node:10.0.0.2", "10.0.0.2"),
+          C: NodePin(C, "ip", "node:10.0.0.3", "10.0.0.3")}
+    one = MultiNodeLayout(8, 2, [[A, B]], ip)
+    assert one.pinned_by == "ip" and one.bundle_label_selectors() == []
+    bundles = one.bundles(1.0)
+    assert [b.get("node:10.0.0.1") for b in bundles] == [0.001] * 8 + [None] * 8
+    assert [b.get("node:10.0.0.2") for b in bundles] == [None] * 8 + [0.001] * 8
+    assert bundles[0]["CPU"] == 1.0 and all(b["GPU"] == 1 for b in bundles)
+    assert "kept across a node restart" in one.pin_words()
+    # Two replicas: a stage may go to either of two nodes, which a resource cannot say.
+    two = MultiNodeLayout(8, 2, [[A, B], [C, A]], ip)
+    assert two.pinned_by == "node-id" and "run the script again" in two.pin_words()
+    assert two.bundle_label_selectors()[0] == {NODE_ID_LABEL: f"in({A},{C})"}
+    label = {n: NodePin(n, "label", "deepseek-serve/node", name)
+             for n, name in ((A, "gpu-a"), (B, "gpu-b"), (C, "gpu-c"))}
+    labelled = MultiNodeLayout(8, 2, [[A, B], [C, A]], label)
+    assert labelled.pinned_by == "label"
+    assert labelled.bundle_label_selectors()[0] == {"deepseek-serve/node": "in(gpu-a,gpu-c)"}
+    assert labelled.bundle_label_selectors()[8] == {"deepseek-serve/node": "in(gpu-a,gpu-b)"}
+    engine = EngineConfig(tensor_parallel_size=8, pipeline_parallel_size=2)
+    options = replica_resources(engine, ServeConfig(), one)
+    assert options["placement_group_bundles"] == bundles
+    assert "placement_group_bundle_label_selector" not in options
+
+
 def test_replica_resources_multi_node_is_pack_with_stage_selectors():
     engine = EngineConfig(tensor_parallel_size=8, pipeline_parallel_size=2)
     layout = MultiNodeLayout(8, 2, [[A, B]])
