@@ -8,14 +8,16 @@ from typing import Sequence
 
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
                         make_parser, non_negative_int, positive_int)
-from loadgen.client import (DEFAULT_PROMPT, ENDPOINTS, LoadConfig, format_report, load_prompts,
-                            run_load_sync, summarize, write_json)
+from loadgen.client import (CHAT_ENDPOINT, DEFAULT_PROMPT, ENDPOINTS, ROOT_ENDPOINT,
+                            SESSION_HEADER, LoadConfig, format_report, load_prompts,
+                            run_load_sync, summarize, system_prompt_text, write_json)
 
 EPILOG = """examples:
   python load_test.py                                  # 20 in flight, 100 requests
   python load_test.py -c 30 -n 150 -p "请简要解释相对论"
   python load_test.py --stream -c 64 -n 1000 --json result.json --report result.html
   python load_test.py --request-rate 5 --duration 60 -n 0 --prompt-file prompts.jsonl
+  python load_test.py --conversations 16 --turns 6 --system-prompt-words 800 --stream
 
 exit codes: 0 all requests succeeded, 1 any request failed (or the service was unreachable),
 2 bad flags."""
@@ -49,6 +51,21 @@ def build_parser():
              help="stop issuing new requests after this many seconds (in-flight ones finish)")
     add_flag(load, "--seed", env="LOAD_SEED", default=0, type=int,
              help="random seed for the Poisson arrival times")
+    chat = parser.add_argument_group(
+        "conversations (multi-turn chat: the traffic a reasoning model serves)")
+    add_flag(chat, "--conversations", env="LOAD_CONVERSATIONS", default=0, type=non_negative_int,
+             help="run this many chat conversations on /v1/chat/completions instead of "
+                  "independent requests: each turn carries the whole history and the "
+                  f"conversation's {SESSION_HEADER} header, the next turn is sent after the "
+                  "answer, and all conversations interleave (-n is then ignored); the report "
+                  "says whether each conversation stayed on one node and how the turns' "
+                  "first tokens grow")
+    add_flag(chat, "--turns", env="LOAD_TURNS", default=4, type=positive_int,
+             help="turns per conversation (questions from -p/--prompt-file in turn)")
+    add_flag(chat, "--system-prompt-words", env="LOAD_SYSTEM_PROMPT_WORDS", default=0,
+             type=non_negative_int,
+             help="a system prompt of about this many words shared by every chat request: a "
+                  "long common prefix, as a deployed assistant's instructions are")
     request = parser.add_argument_group("requests")
     add_flag(request, "-p", "--prompt", default=DEFAULT_PROMPT, help="prompt sent with every request")
     add_flag(request, "--prompt-file", env="LOAD_PROMPT_FILE", default=None,
@@ -66,9 +83,10 @@ def build_parser():
     add_flag(service, "--url", env="SERVICE_URL", default="http://localhost:8000",
              help="service base URL")
     add_flag(service, "--endpoint", env="LOAD_ENDPOINT", default="/", choices=ENDPOINTS,
-             help="'/' (the service's own API) or '/v1/completions' (OpenAI format)")
+             help="'/' (the service's own API), '/v1/completions' or '/v1/chat/completions' "
+                  "(OpenAI format; the prompt as one user message)")
     add_flag(service, "--model", env="SERVED_MODEL_NAME", default="DeepSeek-R1",
-             help="model name sent on /v1/completions")
+             help="model name sent on the OpenAI endpoints")
     add_flag(service, "--api-key", env="API_KEY", default=None,
              help="sent as 'Authorization: Bearer <key>'")
     add_flag(service, "--timeout", env="LOAD_TIMEOUT", default=600.0, type=_positive_float,
@@ -110,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prompts = load_prompts(args.prompt_file)
             except (OSError, ValueError) as exc:
                 parser.error(f"--prompt-file: {exc}")
+        endpoint = args.endpoint
+        if args.conversations:
+            if endpoint not in (ROOT_ENDPOINT, CHAT_ENDPOINT):
+                parser.error(f"--conversations are chats on {CHAT_ENDPOINT}, not {endpoint}")
+            if args.request_rate != math.inf:
+                parser.error("--conversations run as a closed loop (each turn after its "
+                             "answer): no --request-rate")
+            endpoint = CHAT_ENDPOINT
         if args.report_file:
             try:  # before the run, not after it
                 importlib.import_module("loadgen.report_html")
@@ -119,12 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
     config = LoadConfig(
-        url=args.url, endpoint=args.endpoint, prompts=prompts, max_tokens=args.max_tokens,
+        url=args.url, endpoint=endpoint, prompts=prompts, max_tokens=args.max_tokens,
         concurrency=args.concurrency, num_requests=args.num_requests,
         request_rate=args.request_rate, duration=args.duration, timeout=args.timeout,
         stream=args.stream, model=args.model, api_key=args.api_key, ignore_eos=args.ignore_eos,
         temperature=args.temperature, seed=args.seed, progress=not args.no_progress,
-        expected_nodes=args.expected_nodes)
+        expected_nodes=args.expected_nodes, conversations=args.conversations,
+        turns=args.turns, system_prompt=system_prompt_text(args.system_prompt_words))
 
     try:
         result = run_load_sync(config, describe_server=bool(args.report_file))

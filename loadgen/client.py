@@ -20,7 +20,10 @@ from loadgen.stats import Stats
 DEFAULT_PROMPT = "请简要介绍人工智能的发展历史"
 ROOT_ENDPOINT = "/"
 OPENAI_ENDPOINT = "/v1/completions"
-ENDPOINTS = (ROOT_ENDPOINT, OPENAI_ENDPOINT)
+CHAT_ENDPOINT = "/v1/chat/completions"
+ENDPOINTS = (ROOT_ENDPOINT, OPENAI_ENDPOINT, CHAT_ENDPOINT)
+# The header a conversation's turns carry (Ray Serve's own name for session affinity).
+SESSION_HEADER = "x-session-id"
 NODES_ENDPOINT = "/nodes"         # the service's own list of nodes holding its replicas
 MODELS_ENDPOINT = "/v1/models"
 # The replica's node on every response (the guide's POST / also has it in the body; vLLM's own
@@ -58,6 +61,12 @@ class LoadConfig:
     seed: int | None = None
     progress: bool = False
     expected_nodes: int | None = None
+    # Multi-turn chat (on /v1/chat/completions): `conversations` conversations of `turns` turns,
+    # each turn carrying the whole history, every turn of one conversation sent with the same
+    # x-session-id header; all conversations interleaved. 0: independent requests.
+    conversations: int = 0
+    turns: int = 1
+    system_prompt: str = ""          # a prefix every chat request shares (its first message)
 
     def target_url(self) -> str:
         return self.url.rstrip("/") + self.endpoint
@@ -68,6 +77,8 @@ class LoadConfig:
         data["api_key"] = "***" if self.api_key else None
         prompts = list(self.prompts)
         data["prompts"] = {"count": len(prompts), "first": prompts[0] if prompts else None}
+        data["system_prompt"] = {"chars": len(self.system_prompt),
+                                 "words": len(self.system_prompt.split())}
         data["request_rate"] = None if math.isinf(self.request_rate) else self.request_rate
         data["target_url"] = self.target_url()
         return data
@@ -91,6 +102,9 @@ class RequestResult:
     finish_reason: str | None = None
     ttft: float | None = None         # streaming only
     itl: list[float] | None = None    # streaming only: gaps between content chunks
+    conversation: int | None = None   # multi-turn runs: which conversation, which turn (from 0)
+    turn: int | None = None
+    answer: str | None = None         # multi-turn runs, until the next turn carries it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +136,53 @@ class NodeStats:
 
 
 @dataclass(slots=True)
+class TurnStats:
+    turn: int                         # from 0
+    count: int
+    first_token: Stats                # TTFT when streaming, else the end-to-end latency
+
+
+@dataclass(slots=True)
+class ConversationStats:
+    """A multi-turn run: how many conversations finished, whether each stayed on one node (a
+    replica's prefix cache holds its history only there), and how the turns' waits grow."""
+
+    conversations: int
+    turns: int
+    completed: int                    # every turn answered
+    multi_turn: int                   # at least two turns answered
+    one_node: int                     # ... and all of them by one node
+    by_turn: list[TurnStats]
+
+    @property
+    def one_node_share(self) -> float | None:
+        return self.one_node / self.multi_turn if self.multi_turn else None
+
+
+def conversation_stats(results: Sequence[RequestResult], turns: int,
+                       stream: bool) -> ConversationStats | None:
+    """The multi-turn figures of a run (None when it had no conversations)."""
+    by_conversation: dict[int, list[RequestResult]] = {}
+    for r in results:
+        if r.conversation is not None:
+            by_conversation.setdefault(r.conversation, []).append(r)
+    if not by_conversation:
+        return None
+    answered = {c: [r for r in rs if r.ok] for c, rs in by_conversation.items()}
+    multi = [rs for rs in answered.values() if len(rs) >= 2]
+    one_node = sum(1 for rs in multi if len({r.node for r in rs}) == 1)
+    by_turn = []
+    for turn in range(turns):
+        waits = [(r.ttft if stream else r.latency) for rs in answered.values() for r in rs
+                 if r.turn == turn]
+        values = [w for w in waits if w is not None]
+        by_turn.append(TurnStats(turn, len(values), stats.describe(values)))
+    return ConversationStats(len(by_conversation), turns,
+                             sum(1 for rs in answered.values() if len(rs) == turns),
+                             len(multi), one_node, by_turn)
+
+
+@dataclass(slots=True)
 class Summary:
     """Aggregates of a run, shaped like `vllm bench serve`'s report plus per-node figures."""
 
@@ -145,6 +206,7 @@ class Summary:
     expected_nodes: int | None
     aborted: str | None = None
     sample_errors: dict[str, str] = field(default_factory=dict)
+    conversation: ConversationStats | None = None
 
     @property
     def node_counts(self) -> dict[str, int]:
@@ -167,21 +229,67 @@ class Summary:
 
 def build_payloads(config: LoadConfig) -> list[bytes]:
     """One encoded body per distinct prompt, so the hot loop only picks bytes, never serialises."""
-    payloads = []
-    for prompt in config.prompts:
-        body: dict[str, Any] = {"prompt": prompt, "max_tokens": config.max_tokens}
-        if config.endpoint == OPENAI_ENDPOINT:
-            body["model"] = config.model
-        if config.stream:
-            body["stream"] = True
-            if config.endpoint == OPENAI_ENDPOINT:
-                body["stream_options"] = {"include_usage": True}
-        if config.temperature is not None:
-            body["temperature"] = config.temperature
-        if config.ignore_eos:
-            body["ignore_eos"] = True
-        payloads.append(json.dumps(body, ensure_ascii=False).encode())
-    return payloads
+    return [json.dumps(request_body(config, prompt), ensure_ascii=False).encode()
+            for prompt in config.prompts]
+
+
+def chat_messages(config: LoadConfig, user_turns: Sequence[str],
+                  answers: Sequence[str] = ()) -> list[dict[str, str]]:
+    """A chat request's messages: the shared system prompt, then each earlier turn's question
+    and answer, then the newest question."""
+    messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+    for question, answer in zip(user_turns, answers):
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": user_turns[len(answers)]})
+    return messages
+
+
+def request_body(config: LoadConfig, prompt: str,
+                 messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """One request's JSON body for the configured endpoint."""
+    body: dict[str, Any]
+    if config.endpoint == CHAT_ENDPOINT:
+        body = {"messages": messages or chat_messages(config, [prompt])}
+    else:
+        body = {"prompt": prompt}
+    body["max_tokens"] = config.max_tokens
+    if config.endpoint != ROOT_ENDPOINT:
+        body["model"] = config.model
+    if config.stream:
+        body["stream"] = True
+        if config.endpoint != ROOT_ENDPOINT:
+            body["stream_options"] = {"include_usage": True}
+    if config.temperature is not None:
+        body["temperature"] = config.temperature
+    if config.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+_SYSTEM_SENTENCE = ("Rule {n}: answer the question asked, in plain words, and say so when you "
+                    "are not sure. ")
+
+
+def system_prompt_text(words: int) -> str:
+    """A deterministic system prompt of about `words` words ("" for 0): numbered rules, so
+    that no two sentences are the same."""
+    if words <= 0:
+        return ""
+    sentences, count, n = [], 0, 1
+    per_sentence = len(_SYSTEM_SENTENCE.split())
+    while count < words:
+        sentences.append(_SYSTEM_SENTENCE.format(n=n))
+        count += per_sentence
+        n += 1
+    return "".join(sentences).strip()
+
+
+def conversation_turn(config: LoadConfig, conversation: int, turn: int) -> str:
+    """The question of a conversation's turn: the prompts in turn, each conversation starting
+    at its own place."""
+    prompts = config.prompts
+    return prompts[(conversation + turn) % len(prompts)]
 
 
 def build_headers(config: LoadConfig) -> dict[str, str]:
@@ -211,23 +319,28 @@ def _apply_usage(result: RequestResult, usage: Any) -> None:
         result.usage_reported = True
 
 
-def _parse_json_body(result: RequestResult, body: bytes) -> None:
+def _parse_json_body(result: RequestResult, body: bytes, keep_answer: bool = False) -> None:
     data = json.loads(body)
     choice = data["choices"][0]
     if not isinstance(choice.get("text", ""), str):
         raise ValueError("choices[0].text is not a string")
+    if keep_answer:
+        message = choice.get("message") or {}
+        result.answer = message.get("content") or choice.get("text") or ""
     result.finish_reason = choice.get("finish_reason")
     result.node = data.get("node") or result.node or UNKNOWN_NODE
     _apply_usage(result, data.get("usage"))
     result.ok = True
 
 
-async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, sent_at: float) -> None:
+async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, sent_at: float,
+                       keep_answer: bool = False) -> None:
     perf = time.perf_counter
     itl: list[float] = []
     result.itl = itl
     content_chunks = 0
     last_chunk_at = 0.0
+    answer: list[str] = []
     done = False
     node = None
     async for raw_line in response.content:
@@ -258,6 +371,9 @@ async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, 
             last_chunk_at = now
             if choice.get("text"):
                 content_chunks += 1
+            if keep_answer:
+                answer.append(choice.get("text") or (choice.get("delta") or {}).get("content")
+                              or "")
             if choice.get("finish_reason"):
                 result.finish_reason = choice["finish_reason"]
         usage = chunk.get("usage")
@@ -272,13 +388,16 @@ async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, 
         return
     if not result.usage_reported:
         result.output_tokens = content_chunks
+    if keep_answer:
+        result.answer = "".join(answer)
     result.ok = True
 
 
 async def send_request(session: aiohttp.ClientSession, url: str, payload: bytes,
                        headers: dict[str, str], stream: bool, index: int,
-                       run_started: float) -> RequestResult:
-    """Send one request; never raises for request failures, they come back as the result's `error`."""
+                       run_started: float, keep_answer: bool = False) -> RequestResult:
+    """Send one request; never raises for request failures, they come back as the result's
+    `error`. `keep_answer`: the answer's text in `answer` (a conversation's next turn needs it)."""
     sent_at = time.perf_counter()
     result = RequestResult(index=index, start=sent_at - run_started)
     try:
@@ -290,9 +409,9 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: bytes,
                 result.error = f"http_{response.status}"
                 result.message = _error_message(body)
             elif stream:
-                await _read_stream(result, response, sent_at)
+                await _read_stream(result, response, sent_at, keep_answer)
             else:
-                _parse_json_body(result, await response.read())
+                _parse_json_body(result, await response.read(), keep_answer)
     except asyncio.TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
         result.error = "connect_timeout" if "connect" in type(exc).__name__.lower() else "timeout"
         result.message = str(exc) or type(exc).__name__
@@ -342,6 +461,8 @@ class _Run:
         self.started = time.perf_counter()
         self.deadline = (self.started + config.duration) if config.duration else math.inf
         limit = config.num_requests if config.num_requests > 0 else math.inf
+        if config.conversations:
+            limit = config.conversations * config.turns
         self.limit = limit
         # "Unreachable from the start": the first wave of requests all failed to connect.
         self.abort_after = int(min(limit, max(config.concurrency, 3)))
@@ -356,11 +477,19 @@ class _Run:
         self.next_index += 1
         return index
 
-    async def one(self, index: int) -> None:
+    async def one(self, index: int, payload: bytes | None = None,
+                  headers: dict[str, str] | None = None,
+                  keep_answer: bool = False) -> RequestResult:
         payloads = self.payloads
-        result = await send_request(self.session, self.url, payloads[index % len(payloads)],
-                                    self.headers, self.config.stream, index, self.started)
+        result = await send_request(self.session, self.url,
+                                    payload or payloads[index % len(payloads)],
+                                    headers or self.headers, self.config.stream, index,
+                                    self.started, keep_answer)
         self.results.append(result)
+        self._count(result)
+        return result
+
+    def _count(self, result: RequestResult) -> None:
         if result.ok:
             self.answered += 1
             return
@@ -371,6 +500,48 @@ class _Run:
             self.connection_errors += 1
             if self.answered == 0 and self.connection_errors >= self.abort_after:
                 self.aborted = f"{CONNECTION_ERROR}: {result.message}"
+
+    async def conversation_loop(self) -> None:
+        """Every conversation's turns in order, each after the previous turn's answer; at most
+        `concurrency` requests in flight, the next turns of all conversations served in the
+        order they became ready (so conversations interleave). A failed turn ends its
+        conversation."""
+        config = self.config
+        ready: asyncio.Queue[tuple[int, int, list[str], list[str]] | None] = asyncio.Queue()
+        for conversation in range(config.conversations):
+            ready.put_nowait((conversation, 0, [], []))
+        open_conversations = config.conversations
+        workers = min(config.concurrency, config.conversations)
+
+        def close_one() -> None:
+            nonlocal open_conversations
+            open_conversations -= 1
+            if open_conversations == 0:
+                for _ in range(workers):
+                    ready.put_nowait(None)
+
+        async def worker() -> None:
+            while (item := await ready.get()) is not None:
+                conversation, turn, questions, answers = item
+                index = self.claim()
+                if index is None:
+                    close_one()
+                    continue
+                questions = questions + [conversation_turn(config, conversation, turn)]
+                body = request_body(config, questions[-1],
+                                    chat_messages(config, questions, answers))
+                headers = {**self.headers, SESSION_HEADER: f"conversation-{conversation}"}
+                result = await self.one(index, json.dumps(body, ensure_ascii=False).encode(),
+                                        headers, keep_answer=True)
+                result.conversation, result.turn = conversation, turn
+                answer, result.answer = result.answer, None
+                if result.ok and turn + 1 < config.turns:
+                    ready.put_nowait((conversation, turn + 1, questions,
+                                      answers + [answer or ""]))
+                else:
+                    close_one()
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def closed_loop(self) -> None:
         async def worker() -> None:
@@ -387,10 +558,10 @@ class _Run:
         """
         rng = random.Random(self.config.seed)
         slots = asyncio.Semaphore(self.config.concurrency)
-        in_flight: set[asyncio.Task[None]] = set()
+        in_flight: set[asyncio.Task[RequestResult]] = set()
         next_arrival = time.perf_counter()
 
-        def finished(task: asyncio.Task[None]) -> None:
+        def finished(task: asyncio.Task[RequestResult]) -> None:
             in_flight.discard(task)
             slots.release()
 
@@ -479,7 +650,9 @@ async def run_load(config: LoadConfig, progress_stream: TextIO | None = None,
         if config.progress:
             progress_task = asyncio.create_task(ProgressBar(run, progress_stream).follow())
         try:
-            if math.isinf(config.request_rate):
+            if config.conversations:
+                await run.conversation_loop()
+            elif math.isinf(config.request_rate):
                 await run.closed_loop()
             else:
                 await run.poisson_loop()
@@ -576,6 +749,13 @@ def validate_config(config: LoadConfig) -> None:
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
     if not config.prompts:
         raise ValueError("at least one prompt is needed")
+    if config.conversations < 0 or config.turns < 1:
+        raise ValueError("conversations must be >= 0 and turns >= 1")
+    if config.conversations and config.endpoint != CHAT_ENDPOINT:
+        raise ValueError(f"conversations are chats: the endpoint must be {CHAT_ENDPOINT}")
+    if config.conversations and not math.isinf(config.request_rate):
+        raise ValueError("conversations run as a closed loop (each turn after its answer): "
+                         "no request rate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,6 +819,8 @@ def summarize(result: LoadResult) -> Summary:
         expected_nodes=expected,
         aborted=result.aborted,
         sample_errors=sample_errors,
+        conversation=conversation_stats(result.results, result.config.turns,
+                                        result.config.stream),
     )
 
 
@@ -662,6 +844,23 @@ def _stats_rows(title: str, short: str, figures: Stats | None) -> list[str]:
     rows.append(_row(f"Mean {short} (ms)", _ms(figures.mean)))
     for label, value in (("P50", figures.p50), ("P90", figures.p90), ("P99", figures.p99)):
         rows.append(_row(f"{label} {short} (ms)", _ms(value)))
+    return rows
+
+
+def _conversation_rows(figures: ConversationStats | None, stream: bool) -> list[str]:
+    if figures is None:
+        return []
+    share = figures.one_node_share
+    rows = [f"{' Conversations ':-^{_WIDTH}}",
+            _row("Conversations x turns", f"{figures.conversations} x {figures.turns}"),
+            _row("Every turn answered", figures.completed),
+            _row("All turns on one node",
+                 "n/a" if share is None
+                 else f"{share * 100:.1f}% ({figures.one_node} of {figures.multi_turn})")]
+    short = "TTFT" if stream else "E2EL"
+    for entry in figures.by_turn:
+        rows.append(_row(f"Turn {entry.turn + 1} P50 {short} (ms)",
+                         f"{_ms(entry.first_token.p50)} ({entry.count} answered)"))
     return rows
 
 
@@ -691,6 +890,7 @@ def format_report(summary: Summary, config: LoadConfig) -> str:
     lines += _stats_rows("Time to First Token", "TTFT", summary.ttft)
     lines += _stats_rows("Time per Output Token (excl. 1st token)", "TPOT", summary.tpot)
     lines += _stats_rows("Inter-token Latency", "ITL", summary.itl)
+    lines += _conversation_rows(summary.conversation, config.stream)
     lines.append(f"{' Per-node distribution ':-^{_WIDTH}}")
     if summary.nodes:
         node_width = max(12, min(56, max(len(entry.node) for entry in summary.nodes)))

@@ -27,7 +27,7 @@ class FakeService:
 
     def __init__(self, node_pattern=(NODE_A, NODE_B), fail_every=0, slow_every=0, slow_s=3.0,
                  hold_s=0.005, tokens=4, api_key=None, with_node=True, garbage_every=0,
-                 replica_nodes=None):
+                 replica_nodes=None, sticky=False):
         self.node_pattern = node_pattern
         self.fail_every = fail_every
         self.slow_every = slow_every
@@ -38,6 +38,8 @@ class FakeService:
         self.with_node = with_node
         self.garbage_every = garbage_every
         self.replica_nodes = replica_nodes  # node -> replicas, served on GET /nodes when set
+        self.sticky = sticky  # chat: the node from the x-session-id header, as affinity would
+        self.sessions = []
         self.requests = 0
         self.answered = 0
         self.in_flight = 0
@@ -70,6 +72,7 @@ class FakeService:
         app = web.Application()
         app.router.add_post("/", self.handle)
         app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/chat/completions", self.handle)
         if self.replica_nodes is not None:
             app.router.add_get("/nodes", self.nodes_info)
             app.router.add_get("/v1/models", self.models_info)
@@ -133,11 +136,23 @@ class FakeService:
                 await asyncio.sleep(self.slow_s)
             await asyncio.sleep(self.hold_s)
             node = self.node_pattern[self.answered % len(self.node_pattern)]
+            session = request.headers.get("x-session-id")
+            self.sessions.append(session)
+            if self.sticky and session:
+                node = self.node_pattern[int(session.rsplit("-", 1)[1]) % len(self.node_pattern)]
             self.answered += 1
             self.nodes[node] += 1
             tokens = min(self.tokens, body["max_tokens"])
             if body.get("stream"):
                 return await self._stream(request, body, node, tokens)
+            if request.path == "/v1/chat/completions":
+                return web.json_response({
+                    "id": f"chatcmpl-{number}", "object": "chat.completion", "created": 1,
+                    "model": "DeepSeek-R1", "choices": [{
+                        "index": 0, "finish_reason": "length",
+                        "message": {"role": "assistant", "content": f"answer-{number}"}}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": tokens,
+                              "total_tokens": 3 + tokens}}, headers={"x-serve-node": node})
             answer = {"id": f"cmpl-{number}", "object": "text_completion", "created": 1,
                       "model": "DeepSeek-R1",
                       "choices": [{"text": "x" * tokens, "index": 0, "finish_reason": "length"}],
@@ -152,7 +167,8 @@ class FakeService:
     async def _stream(self, request, body, node, tokens):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        openai = request.path == "/v1/completions"
+        openai = request.path != "/"
+        chat = request.path == "/v1/chat/completions"
         usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
 
         async def send(chunk):
@@ -162,9 +178,10 @@ class FakeService:
 
         for position in range(tokens):
             last = position == tokens - 1
+            choice = ({"delta": {"content": "y"}} if chat else {"text": "y"})
             chunk = {"id": "cmpl-s", "object": "text_completion", "created": 1,
                      "model": "DeepSeek-R1",
-                     "choices": [{"text": "y", "index": 0,
+                     "choices": [{**choice, "index": 0,
                                   "finish_reason": "length" if last else None}]}
             if last and not openai:
                 chunk["usage"] = usage
@@ -414,3 +431,58 @@ def test_only_a_report_asks_for_the_models(service, tmp_path):
     assert service.paths["/nodes"] == 2 and service.paths["/v1/models"] == 1
     page = (tmp_path / "r.html").read_text()
     assert "/models/DeepSeek-R1" in page and "tensor_parallel_size" in page
+
+
+@pytest.mark.parametrize("service", [{"sticky": True}, {"sticky": False}], indirect=True)
+def test_conversations_carry_their_history_and_session(service, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    code = run_cli(service, "--conversations", "5", "--turns", "3", "-c", "2",
+                   "--system-prompt-words", "40", "--prompt-file", str(_prompts(tmp_path)),
+                   "--json", str(out), "--json-requests")
+    assert code == EXIT_OK
+    assert service.requests == 15 and set(service.paths) == {"/v1/chat/completions"}
+    by_session = {}
+    for session, body in zip(service.sessions, service.bodies):
+        by_session.setdefault(session, []).append(body["messages"])
+    assert sorted(by_session) == [f"conversation-{i}" for i in range(5)]
+    for turns in by_session.values():
+        assert [len(m) for m in turns] == [2, 4, 6]         # system + the history + the question
+        system = turns[0][0]
+        assert system["role"] == "system" and len(system["content"].split()) >= 40
+        assert turns[2][:4] == turns[1]                      # each turn extends the last
+        assert turns[2][4]["role"] == "assistant" and turns[2][4]["content"].startswith("answer-")
+    report = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    figures = data["summary"]["conversation"]
+    assert figures["conversations"] == 5 and figures["completed"] == 5
+    assert [t["count"] for t in figures["by_turn"]] == [5, 5, 5]
+    assert all(r["answer"] is None for r in data["requests"])  # answers are not kept
+    if service.sticky:
+        assert figures["one_node"] == 5 and "All turns on one node:" in report
+        assert "100.0% (5 of 5)" in report
+    else:
+        assert figures["one_node"] < 5
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("first question\nsecond question\nthird question\n")
+    return path
+
+
+def test_streamed_conversations_pass_the_streamed_answer_on(service):
+    config = LoadConfig(url=service.url, endpoint="/v1/chat/completions", conversations=2,
+                        turns=2, stream=True, concurrency=2)
+    result = run_load_sync(config)
+    assert all(r.ok for r in result.results) and len(result.results) == 4
+    later = [b for b in service.bodies if len(b["messages"]) == 3]
+    assert len(later) == 2 and all(b["messages"][1]["content"] == "yyyy" for b in later)
+    assert all(b["stream_options"] == {"include_usage": True} for b in service.bodies)
+    assert summarize(result).conversation.by_turn[1].count == 2
+
+
+@pytest.mark.parametrize("args", [["--conversations", "2", "--endpoint", "/v1/completions"],
+                                  ["--conversations", "2", "--request-rate", "3"]])
+def test_conversations_refuse_what_they_cannot_do(service, args, capsys):
+    assert run_cli(service, *args) == EXIT_USAGE
+    assert "--conversations" in capsys.readouterr().err
