@@ -197,6 +197,22 @@ def serve_ingress() -> str | None:
     return "proxy" if "ProxyActor" in alive else None
 
 
+def haproxy_balance() -> str | None:
+    """The balance algorithm Serve's HAProxy runs with (see common.deploy_options), read from
+    the environment of the HAProxy manager on this machine; None when none is readable."""
+    import psutil
+
+    for actor in _actor_table().values():
+        if actor["class_name"] != "HAProxyManager" or actor["state"] != "ALIVE":
+            continue
+        try:
+            env = psutil.Process(int(actor["pid"])).environ()
+        except (psutil.Error, TypeError, ValueError):
+            continue  # on another machine, or gone
+        return env.get("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM", "leastconn")
+    return None
+
+
 def serve_spreads_load() -> bool | None:
     """Whether Serve's HTTP proxies run with node-local routing off (see common.deploy), read
     from the environment of the proxy processes on this machine; None when none is readable."""

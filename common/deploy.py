@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from common import cli, layout, preflight, replica_layout
 from common.replica_layout import MultiNodeLayout
-from common.deploy_options import (DEFAULT_INGRESS, INGRESSES, controller_env,
-                                   deployment_options, deployment_version,
+from common.deploy_options import (DEFAULT_INGRESS, HAPROXY_BALANCE_ENV, INGRESSES,
+                                   controller_env, deployment_options, deployment_version,
                                    replica_code_runtime_env)
 from replica import ray_compat
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
@@ -253,7 +253,8 @@ def check_upstreams(allow_untested: bool, engine: EngineConfig | None = None) ->
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
 
 
-def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS) -> None:
+def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS,
+                routing: str = "spread") -> None:
     """serve.start with the project's controller settings; a Serve that is already running keeps
     its own (they apply only when the controller is created), so say what that means."""
     from ray import serve
@@ -263,6 +264,7 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     with cluster.state_snapshot():
         running = cluster.serve_ingress() if cluster.serve_client() is not None else None
         spreads = cluster.serve_spreads_load() if running == "proxy" else None
+        balance = cluster.haproxy_balance() if running == "haproxy" else None
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
               "applies only when Serve starts. `python stop_service.py --shutdown` and deploy "
@@ -272,9 +274,15 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
               "get every request. `python stop_service.py --shutdown` and deploy again to "
               "apply it (README: 故障排除).", file=sys.stderr)
+    wanted = controller_env(ingress, routing).get(HAPROXY_BALANCE_ENV)
+    if balance is not None and wanted is not None and balance != wanted:
+        print(f"note: Serve's HAProxy is already running with `balance {balance}`; --routing "
+              f"{routing} (`balance {wanted}`) applies only when Serve starts. `python "
+              "stop_service.py --shutdown` and deploy again to change it.", file=sys.stderr)
     serve.start(proxy_location=proxy_location,
                 http_options={"host": host, "port": port},
-                controller_options={"runtime_env": {"env_vars": controller_env(ingress)}})
+                controller_options={"runtime_env": {"env_vars": controller_env(ingress,
+                                                                               routing)}})
 
 
 def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode",
@@ -283,7 +291,8 @@ def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode
     from ray import serve
     from ray.serve.api import RunTarget
 
-    start_serve(serve_config.host, serve_config.port, proxy_location, ingress)
+    start_serve(serve_config.host, serve_config.port, proxy_location, ingress,
+                serve_config.routing)
     print(f"deploying application {serve_config.app_name!r} "
           f"(route {serve_config.route_prefix}) ...", flush=True)
     serve.run_many([RunTarget(target=app, name=serve_config.app_name,

@@ -8,7 +8,8 @@ from typing import Any
 from common import replica_layout
 from common.replica_layout import MultiNodeLayout
 from replica.api import RETRY_AFTER_S
-from replica.config import EngineConfig, ServeConfig, operator_env_wins, replica_env
+from replica.config import (SESSION_HEADER, EngineConfig, ServeConfig, operator_env_wins,
+                            replica_env)
 from replica.parallel_layout import TP_ENV
 
 
@@ -105,7 +106,7 @@ def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> d
 # Fields of ServeConfig that Serve applies to running replicas without restarting them (deployment
 # options and proxy/script settings); every other field reaches the replica's constructor.
 _LIGHTWEIGHT_SERVE_FIELDS = ("app_name", "route_prefix", "host", "port", "max_ongoing_requests",
-                             "max_queued_requests", "timeout_s", "max_surge_percent")
+                             "max_queued_requests", "timeout_s", "max_surge_percent", "routing")
 
 
 def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
@@ -183,7 +184,14 @@ INGRESSES = {
 DEFAULT_INGRESS = "haproxy"
 
 
-def controller_env(ingress: str) -> dict[str, str]:
+# HAProxy's balance algorithm per --routing: least connections, or a hash of the session header
+# (HAProxy sends a request without one round robin).
+HAPROXY_BALANCE = {"spread": "leastconn", "session": f"hdr({SESSION_HEADER})"}
+HAPROXY_BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+
+
+def controller_env(ingress: str, routing: str = "spread") -> dict[str, str]:
     """Env vars for Serve's controller, and through it its proxies and replicas; the same names
     set in this process's environment win."""
-    return operator_env_wins({**SERVE_CONTROLLER_ENV, **INGRESSES[ingress]})
+    routing_env = {HAPROXY_BALANCE_ENV: HAPROXY_BALANCE[routing]} if ingress == "haproxy" else {}
+    return operator_env_wins({**SERVE_CONTROLLER_ENV, **INGRESSES[ingress], **routing_env})

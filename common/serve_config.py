@@ -440,7 +440,8 @@ def print_config(script_file: str, parser: argparse.ArgumentParser, args: argpar
     document = serve_config_document(script_file, parser, args, engine, serve_config, working_dir)
     validate_document(document)
     if args.kuberay:
-        manifest = rayservice_manifest(document, engine, controller_env(args.ingress),
+        manifest = rayservice_manifest(document, engine,
+                                       controller_env(args.ingress, serve_config.routing),
                                        args.image, args.gpus_per_node, args.auth_secret,
                                        name=serve_config.app_name, serve_config=serve_config,
                                        pod_cpus=args.pod_cpus, pod_memory_gib=args.pod_memory_gib,

@@ -9,6 +9,10 @@ from typing import Any
 DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
+# How a request picks a replica (the router's choice among backends for ray-placement-group.py).
+ROUTINGS = ("spread", "session")
+# The header that names a conversation for --routing session (Ray Serve's own name for it).
+SESSION_HEADER = "x-session-id"
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
@@ -209,6 +213,14 @@ class ServeConfig:
              "message.reasoning, delta.reasoning when streaming); auto: deepseek_r1 when the "
              "model's chat template opens the answer with <think> (DeepSeek-R1 and its "
              "distills), none otherwise; or any parser name vLLM knows")
+    routing: str = option(
+        "spread", choices=ROUTINGS,
+        help=f"how a request picks a replica: spread = by load (HAProxy's least connections; "
+             f"ray-placement-group.py's router: round robin over the backends up); session = "
+             f"every request with the same {SESSION_HEADER} header goes to the same replica, "
+             f"whose prefix cache then holds the conversation (requests without it: round "
+             f"robin). Serve's HTTP proxy (--ingress proxy) honours {SESSION_HEADER} either "
+             f"way. Applies when this script starts Serve (the router's: at every deploy)")
     # Extra replicas Serve may start during a rolling restart, in % of the target count; 0 (Serve's
     # default) stops old replicas before starting new ones, which needs free GPUs for none.
     max_surge_percent: int = option(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import random
@@ -11,7 +12,7 @@ from ray import serve
 
 from replica import api, vllm_app
 from replica.backend_http import BackendClient, BackendHttpServer, BackendUnreachable
-from replica.config import ServeConfig
+from replica.config import SESSION_HEADER, ServeConfig
 from replica.server import ROUTER_DEPLOYMENT, LLMServer
 
 logger = logging.getLogger("ray.serve")
@@ -108,7 +109,7 @@ class RouterApp:
             return await vllm_app.send_json(send, err.status, err.body(), err.headers)
         scope = {**scope, "path": path}
         last_error: Exception | None = None
-        for index in router.order():
+        for index in router.order(headers.get(SESSION_HEADER)):
             url = router.urls[index]
             if url is None:
                 continue
@@ -175,11 +176,18 @@ class RoundRobinRouter:
         if alive:
             self.urls[index] = url
 
-    def order(self) -> list[int]:
-        """Backends to try for the next request: round-robin over the ones up, then the rest."""
+    def order(self, session: str | None = None) -> list[int]:
+        """Backends to try for the next request: round-robin over the ones up, then the rest.
+        With --routing session and a session header: the backends ranked by a hash of the
+        session and each backend (rendezvous hashing), so a session keeps its backend while it
+        is up, and only the sessions of a backend that goes down move."""
         count = len(self.backends)
-        start = next(self._turn)
-        rotation = [(start + k) % count for k in range(count)]
+        if session and self.serve_config.routing == "session":
+            rotation = sorted(range(count), key=lambda i: hashlib.blake2b(
+                f"{session}\0{i}".encode(), digest_size=8).digest(), reverse=True)
+        else:
+            start = next(self._turn)
+            rotation = [(start + k) % count for k in range(count)]
         return [i for i in rotation if self.up[i]] + [i for i in rotation if not self.up[i]]
 
     async def healthy(self) -> bool:

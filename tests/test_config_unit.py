@@ -154,6 +154,17 @@ def test_ingress_env_reaches_serve_and_the_operators_own_values_win(monkeypatch)
     assert controller_env("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
 
 
+def test_routing_sets_haproxys_balance_and_nothing_for_serves_proxy():
+    from common.deploy_options import HAPROXY_BALANCE_ENV, controller_env
+
+    assert controller_env("haproxy")[HAPROXY_BALANCE_ENV] == "leastconn"
+    assert controller_env("haproxy", "session")[HAPROXY_BALANCE_ENV] == "hdr(x-session-id)"
+    assert HAPROXY_BALANCE_ENV not in controller_env("proxy", "session")
+    assert ServeConfig().routing == "spread"
+    with pytest.raises(SystemExit):
+        parse(["--routing", "sticky"])
+
+
 def test_deployment_version_and_shipped_code_follow_the_replica_package_only(tmp_path,
                                                                               monkeypatch):
     import shutil

@@ -176,13 +176,13 @@ class FakeEndpointHandle:
         return answer()
 
 
-def router_with(*handles):
+def router_with(*handles, routing="spread"):
     # The class as written, under Serve's ingress wrapper (whose __init__ builds the ASGI app).
     router_class = next(c for c in ingress.RoundRobinRouter.func_or_class.__mro__
                         if "order" in vars(c))
     from replica.config import ServeConfig
 
-    return router_class(ServeConfig(), *handles)
+    return router_class(ServeConfig(routing=routing), *handles)
 
 
 async def post_statuses(app, count: int) -> list[int]:
@@ -241,6 +241,25 @@ def test_router_order_alternates():
     router.up = [True, True]
     firsts = [router.order()[0] for _ in range(4)]
     assert sorted(firsts) == [0, 0, 1, 1] and firsts[0] != firsts[1]
+
+
+def test_session_routing_keeps_a_session_on_its_backend_while_it_is_up():
+    handles = [FakeEndpointHandle(f"http://{name}") for name in "abc"]
+    router = router_with(*handles, routing="session")
+    router.up = [True, True, True]
+    sessions = [f"conversation-{i}" for i in range(30)]
+    first = {s: router.order(s)[0] for s in sessions}
+    assert all(router.order(s)[0] == first[s] for s in sessions)   # every time the same
+    assert set(first.values()) == {0, 1, 2}                         # and spread over all
+    router.up = [True, False, True]                                 # b goes down:
+    moved = {s: router.order(s)[0] for s in sessions}
+    assert all(moved[s] == first[s] for s in sessions if first[s] != 1)   # only b's move
+    assert all(moved[s] in (0, 2) for s in sessions)
+    # Without the header, or with --routing spread, requests alternate as before.
+    assert {router.order(None)[0] for _ in range(4)} == {0, 2}
+    spread = router_with(*handles)
+    spread.up = [True, True, True]
+    assert len({spread.order("conversation-1")[0] for _ in range(3)}) == 3
 
 
 

@@ -1,0 +1,48 @@
+"""Session routing on a real 2-node `ray start` cluster (token auth, the head hosting a replica): every turn of a conversation lands on one replica while the conversations reach both nodes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import chaos
+
+from _serve_fixtures import demo_model
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.reliability
+
+
+def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="routing-", dir="/tmp"))
+    cluster = chaos.LocalCluster(base, cpus=2)
+    try:
+        cluster.start()
+        cluster.script("ray-force-multi.py", "--device", "cpu", "--model", demo_model(),
+                       "--max-model-len", "512", "--tensor-parallel-size", "1",
+                       "--num-replicas", "2", "--host", "127.0.0.1",
+                       "--port", str(cluster.http_port), "--proxy-location", "HeadOnly",
+                       "--app-name", "routing", "--timeout", "600", "--routing", "session")
+        out = tmp_path / "run.json"
+        proc = subprocess.run(
+            [sys.executable, "load_test.py", "--url", cluster.url, "--conversations", "16",
+             "--turns", "3", "-c", "4", "--max-tokens", "8", "--system-prompt-words", "60",
+             "--expected-nodes", "2", "--no-progress", "--json", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=900)
+        print(proc.stdout)
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        data = json.loads(out.read_text())
+        turns = data["summary"]["conversation"]
+        assert turns["completed"] == 16
+        assert turns["one_node"] == turns["multi_turn"] == 16, turns
+        assert len([n for n in data["nodes"] if n["count"] > 0]) == 2, data["nodes"]
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
