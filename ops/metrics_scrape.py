@@ -13,6 +13,10 @@ REQUEST_SUCCESS = "ray_vllm_request_success_total"
 PROMPT_TOKENS = "ray_vllm_prompt_tokens_total"
 GENERATION_TOKENS = "ray_vllm_generation_tokens_total"
 PREEMPTIONS = "ray_vllm_num_preemptions_total"
+# Prompt tokens looked up in the prefix cache, and those found there (a replica's hit rate:
+# what routing a conversation back to its replica buys).
+PREFIX_QUERIES = "ray_vllm_prefix_cache_queries_total"
+PREFIX_HITS = "ray_vllm_prefix_cache_hits_total"
 SERVE_REQUESTS = "ray_serve_deployment_request_counter_total"
 
 
@@ -100,11 +104,18 @@ class ReplicaEngineStats:
     requests_finished: float = 0.0
     prompt_tokens: float = 0.0
     generation_tokens: float = 0.0
+    prefix_queries: float = 0.0
+    prefix_hits: float = 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else None
 
 
 _FIELDS = {RUNNING: "running", WAITING: "waiting", KV_CACHE_USAGE: "kv_cache_usage",
            REQUEST_SUCCESS: "requests_finished", PROMPT_TOKENS: "prompt_tokens",
-           GENERATION_TOKENS: "generation_tokens"}
+           GENERATION_TOKENS: "generation_tokens", PREFIX_QUERIES: "prefix_queries",
+           PREFIX_HITS: "prefix_hits"}
 
 
 def per_replica(samples: Iterable[Sample]) -> dict[str, ReplicaEngineStats]:
@@ -142,11 +153,13 @@ def format_summary(stats: dict[str, ReplicaEngineStats], replicas: list | None =
         rows.append([f"{app}/{dep}" if app or dep else "?", replica_id,
                      f"{entry.running:.0f}", f"{entry.waiting:.0f}",
                      f"{100 * entry.kv_cache_usage:.1f}%", f"{entry.requests_finished:.0f}",
-                     f"{entry.generation_tokens:.0f}"])
+                     f"{entry.generation_tokens:.0f}",
+                     "-" if entry.prefix_hit_rate is None
+                     else f"{100 * entry.prefix_hit_rate:.1f}%"])
     lines = ["ENGINE (vLLM metrics from each node's Ray metrics endpoint)"]
     if rows:
         headers = ["DEPLOYMENT", "REPLICA", "RUNNING", "WAITING", "KV CACHE", "FINISHED",
-                   "GEN TOKENS"]
+                   "GEN TOKENS", "PREFIX HITS"]
         widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
         for row in [headers] + rows:
             lines.append("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())

@@ -17,6 +17,8 @@ ray_vllm_kv_cache_usage_perc{ReplicaId="r1",application="a",deployment="LLMDeplo
 ray_vllm_request_success_total{ReplicaId="r1",application="a",finished_reason="length",model_name="x"} 7
 ray_vllm_request_success_total{ReplicaId="r1",application="a",finished_reason="stop",model_name="x"} 3
 ray_vllm_generation_tokens_total{ReplicaId="r2",application="a",model_name="x"} 128
+ray_vllm_prefix_cache_queries_total{ReplicaId="r1",application="a",model_name="x"} 400
+ray_vllm_prefix_cache_hits_total{ReplicaId="r1",application="a",model_name="x"} 300
 ray_serve_deployment_request_counter_total{application="a",deployment="LLMDeployment",replica="r1",route="/"} 10.0
 weird_label{path="a\\"b"} 1
 not a sample line
@@ -25,7 +27,7 @@ not a sample line
 
 def test_parse_reads_names_labels_values_and_skips_junk():
     samples = metrics_scrape.parse(TEXT)
-    assert len(samples) == 8
+    assert len(samples) == 10
     assert samples[0].name == metrics_scrape.RUNNING
     assert samples[0].labels["ReplicaId"] == "r1" and samples[0].value == 3.0
     assert samples[-1].labels == {"path": 'a"b'}
@@ -46,6 +48,7 @@ def test_totals_and_per_replica_sums():
     assert stats["r1"].running == 3 and stats["r1"].kv_cache_usage == 0.25
     assert stats["r1"].requests_finished == 10 and stats["r1"].node_id == "n1"
     assert stats["r2"].generation_tokens == 128 and stats["r2"].deployment == "LLMDeployment"
+    assert stats["r1"].prefix_hit_rate == 0.75 and stats["r2"].prefix_hit_rate is None
 
 
 def test_summary_lists_only_replicas_serve_still_has():
@@ -54,6 +57,7 @@ def test_summary_lists_only_replicas_serve_still_has():
                         node_id="n1", node_ip="127.0.0.1", actor_id=None, pid=None)]
     text = metrics_scrape.format_summary(stats, live, ["http://x:1/metrics: timeout"])
     assert "r1" in text and "r2" not in text and "25.0%" in text and "unreachable" in text
+    assert "PREFIX HITS" in text and "75.0%" in text
     assert "no engine metrics" in metrics_scrape.format_summary({}, live)
 
 
