@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability chaos bench bench-peers demo-model clean help
+.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability chaos bench bench-routing bench-peers demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
@@ -22,6 +22,7 @@ help:
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make chaos  - 10 minutes of load on a local 2-node cluster with a fault every 60 s (bench/chaos.py)"
+	@echo "make bench-routing - --routing spread vs session on multi-turn chats, local 2-node cluster"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 	@echo "make bench-peers - CPU: vllm serve, this project and Ray's ray.serve.llm side by side"
 
@@ -99,6 +100,11 @@ CHAOS_JSON ?= .cache/chaos.json
 CHAOS_REPORT ?= .cache/chaos.html
 chaos: setup
 	$(LOOPBACK) $(PY) bench/chaos.py --minutes $(CHAOS_MINUTES) --json $(CHAOS_JSON) --report $(CHAOS_REPORT)
+
+# --routing spread vs session on a local 2-node cluster, multi-turn conversations and independent
+# prompts, interleaved repetitions (about 15 minutes); results in bench/results/routing-cpu-*.
+bench-routing: setup
+	$(LOOPBACK) $(PY) bench/routing_benchmark.py
 
 # CPU benchmarks (about 10 minutes): serving path vs engine and vllm serve, 1-token overhead and
 # router hop, load_test.py's own capacity. GPU runs: bench/README.md.
