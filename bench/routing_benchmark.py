@@ -212,11 +212,30 @@ def _one(cluster, args: argparse.Namespace, routing: str, workload: str, repetit
     if not out.exists():
         raise RuntimeError(f"load_test.py wrote no result: {proc.stdout[-2000:]}"
                            f"{proc.stderr[-2000:]}")
-    after = _engine(cluster)
+    after = _settled_engine(cluster, before)
     # The counters grow over the app's life: this workload's share is the difference.
     engine = {replica: {key: after[replica].get(key, 0.0) - before.get(replica, {}).get(key, 0.0)
                         for key in ("prefix_queries", "prefix_hits")} for replica in after}
     return sample_from(routing, workload, repetition, json.loads(out.read_text()), engine)
+
+
+def _settled_engine(cluster, before: dict, timeout_s: float = 60.0) -> dict:
+    """The engine counters once the workload's have arrived: Ray's metrics agents export
+    every few seconds, so read until two reads agree and the prefix-cache queries moved."""
+    def queries(engine: dict) -> float:
+        return sum(e.get("prefix_queries", 0.0) for e in engine.values())
+
+    deadline = time.monotonic() + timeout_s
+    last = _engine(cluster)
+    while time.monotonic() < deadline:
+        time.sleep(5.0)
+        now = _engine(cluster)
+        if now == last and queries(now) > queries(before):
+            return now
+        last = now
+    print("  warning: the engine counters did not settle; prefix-cache hits may be short",
+          file=sys.stderr, flush=True)
+    return last
 
 
 def _engine(cluster) -> dict:
