@@ -280,6 +280,19 @@ def test_product_scales_out_to_the_second_node(operator):
     finally:
         load.terminate()
         load.wait(30)
+    # Serve lists the new replica before every HAProxy routes to it and before its engine's
+    # first answers come at speed: the split is measured once both nodes answer through --port.
+    seen: set[str] = set()
+
+    def answers_from_both() -> bool:
+        response = requests.post(f"{op.url}/", json={"prompt": "hi", "max_tokens": 2},
+                                 timeout=60)
+        if response.status_code == 200:
+            seen.add(response.json()["node"])
+        return seen == nodes
+
+    wait_until(answers_from_both, timeout=120, interval=0.5,
+               what="both nodes answering through the ingress")
     assert_both_nodes(op, op.load_test(), nodes)
     op.script("stop_service.py", "--address", "auto", "--shutdown")
 
