@@ -395,8 +395,9 @@ class LocalCluster:
         return self.run(sys.executable, name, "--address", self.address, *args,
                         timeout=timeout, check=check)
 
-    def report(self) -> dict:
-        out = self.script("check_cluster.py", "--json", "--app", APP, check=False).stdout
+    def report(self, app: str = APP) -> dict:
+        """check_cluster.py --json's report of `app` (its output may follow log lines)."""
+        out = self.script("check_cluster.py", "--json", "--app", app, check=False).stdout
         return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
 
     def stop(self) -> None:

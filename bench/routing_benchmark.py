@@ -239,10 +239,7 @@ def _settled_engine(cluster, before: dict, timeout_s: float = 60.0) -> dict:
 
 
 def _engine(cluster) -> dict:
-    proc = cluster.script("check_cluster.py", "--json", "--app", APP, check=False)
-    out = proc.stdout
-    report = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
-    return report.get("engine_metrics") or {}
+    return cluster.report(APP).get("engine_metrics") or {}
 
 
 def _distinct_prompts(base: Path, count: int) -> Path:

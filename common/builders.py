@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -12,13 +13,18 @@ from common.serve_config import PROJECT_ROOT, builder_argv, script_name
 
 
 def load_script(script_file: str) -> ModuleType:
-    """A deployment script as a module (their file names have hyphens, one has no suffix)."""
+    """A deployment script as a module."""
     name = script_name(script_file)
-    module_name = "_script_" + name.replace("-", "_").replace(".py", "")
+    return load_file_module(PROJECT_ROOT / name)
+
+
+def load_file_module(path: Path) -> ModuleType:
+    """A top-level script of this project as a module, loaded once (their names have hyphens,
+    one has no suffix)."""
+    module_name = "_script_" + path.name.replace("-", "_").replace(".py", "")
     if module_name in sys.modules:
         return sys.modules[module_name]
-    path = str(PROJECT_ROOT / name)
-    loader = importlib.machinery.SourceFileLoader(module_name, path)
+    loader = importlib.machinery.SourceFileLoader(module_name, str(path))
     spec = importlib.util.spec_from_loader(module_name, loader)
     if spec is None:  # never, with a file loader given; module_from_spec needs a spec
         raise ImportError(f"cannot load {path}")

@@ -197,39 +197,38 @@ def serve_ingress() -> str | None:
     return "proxy" if "ProxyActor" in alive else None
 
 
-def haproxy_balance() -> str | None:
-    """The balance algorithm Serve's HAProxy runs with (see common.deploy_options), read from
-    the environment of the HAProxy manager on this machine; None when none is readable."""
+def proxy_environments(class_name: str) -> list[dict[str, str]]:
+    """The environments of Serve's alive proxy actors of `class_name` ("ProxyActor",
+    "HAProxyManager") on this machine: the settings Serve's controller gave them when it
+    started (see common.deploy_options); actors on other machines are not readable here."""
     import psutil
 
+    environments = []
     for actor in _actor_table().values():
-        if actor["class_name"] != "HAProxyManager" or actor["state"] != "ALIVE":
+        if actor["class_name"] != class_name or actor["state"] != "ALIVE":
             continue
         try:
-            env = psutil.Process(int(actor["pid"])).environ()
+            environments.append(psutil.Process(int(actor["pid"])).environ())
         except (psutil.Error, TypeError, ValueError):
             continue  # on another machine, or gone
-        return env.get("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM", "leastconn")
-    return None
+    return environments
+
+
+def haproxy_balance(env_name: str, default: str) -> str | None:
+    """The balance algorithm Serve's HAProxy runs with (`env_name`, Serve's `default` when
+    unset); None when no HAProxy manager is readable here."""
+    environments = proxy_environments("HAProxyManager")
+    return environments[0].get(env_name, default) if environments else None
 
 
 def serve_spreads_load() -> bool | None:
-    """Whether Serve's HTTP proxies run with node-local routing off (see common.deploy), read
-    from the environment of the proxy processes on this machine; None when none is readable."""
-    import psutil
-
-    seen = None
-    for actor in _actor_table().values():
-        if actor["class_name"] != "ProxyActor" or actor["state"] != "ALIVE":
-            continue
-        try:
-            env = psutil.Process(int(actor["pid"])).environ()
-        except (psutil.Error, TypeError, ValueError):
-            continue  # on another machine, or gone
-        if env.get("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "1").lower() in ("1", "true"):
-            return False
-        seen = True
-    return seen
+    """Whether Serve's HTTP proxies run with node-local routing off (see common.deploy); None
+    when no proxy is readable here."""
+    environments = proxy_environments("ProxyActor")
+    if not environments:
+        return None
+    return all(env.get("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "1").lower()
+               not in ("1", "true") for env in environments)
 
 
 # --------------------------------------------------------------------------- nodes

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 from common import cli, layout, preflight, replica_layout
 from common.replica_layout import MultiNodeLayout
-from common.deploy_options import (DEFAULT_INGRESS, HAPROXY_BALANCE_ENV, INGRESSES,
-                                   controller_env, deployment_options, deployment_version,
-                                   replica_code_runtime_env)
+from common.deploy_options import (DEFAULT_INGRESS, HAPROXY_BALANCE, HAPROXY_BALANCE_ENV,
+                                   INGRESSES, controller_env, deployment_options,
+                                   deployment_version, replica_code_runtime_env)
 from replica import ray_compat
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
@@ -264,7 +264,8 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     with cluster.state_snapshot():
         running = cluster.serve_ingress() if cluster.serve_client() is not None else None
         spreads = cluster.serve_spreads_load() if running == "proxy" else None
-        balance = cluster.haproxy_balance() if running == "haproxy" else None
+        balance = (cluster.haproxy_balance(HAPROXY_BALANCE_ENV, HAPROXY_BALANCE["spread"])
+                   if running == "haproxy" else None)
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
               "applies only when Serve starts. `python stop_service.py --shutdown` and deploy "

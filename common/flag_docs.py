@@ -22,13 +22,9 @@ def deploy_parser(script: str) -> argparse.ArgumentParser:
 
 
 def helper_parser(script: str) -> argparse.ArgumentParser:
-    import importlib.util
+    from common.builders import load_file_module
 
-    spec = importlib.util.spec_from_file_location("_helper_" + script[:-3], ROOT / script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    return load_file_module(ROOT / script).build_parser()
 
 
 def rows(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str, str]]:

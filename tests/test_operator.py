@@ -160,6 +160,18 @@ def assert_both_nodes(op: Operator, result: dict, nodes: set[str]) -> None:
     assert result["summary"]["failures"] == 0
 
 
+def note_answering_node(op: Operator, seen: set[str]) -> None:
+    """One POST / through --port; the node that answered it goes into `seen` (a failure or a
+    refusal adds nothing: the callers wait for what they need)."""
+    try:
+        response = requests.post(f"{op.url}/", json={"prompt": "hi", "max_tokens": 2},
+                                 timeout=60)
+        if response.status_code == 200:
+            seen.add(response.json()["node"])
+    except requests.RequestException:
+        pass
+
+
 def cluster_nodes(report: dict) -> tuple[set[str], str]:
     nodes = {n["node_id"] for n in report["nodes"] if n["alive"]}
     head = next(n["node_id"] for n in report["nodes"] if n["is_head"])
@@ -210,13 +222,7 @@ def test_force_multi_both_nodes_and_restart_without_the_checkout(operator):
     seen: set[str] = set()
 
     def answers_from_both() -> bool:
-        try:
-            response = requests.post(f"{op.url}/", json={"prompt": "hi", "max_tokens": 2},
-                                     timeout=30)
-            if response.status_code == 200:
-                seen.add(response.json()["node"])
-        except requests.RequestException:
-            pass
+        note_answering_node(op, seen)
         return seen == nodes and len(running_replicas(op, "force")) == 2
 
     try:
@@ -285,10 +291,7 @@ def test_product_scales_out_to_the_second_node(operator):
     seen: set[str] = set()
 
     def answers_from_both() -> bool:
-        response = requests.post(f"{op.url}/", json={"prompt": "hi", "max_tokens": 2},
-                                 timeout=60)
-        if response.status_code == 200:
-            seen.add(response.json()["node"])
+        note_answering_node(op, seen)
         return seen == nodes
 
     wait_until(answers_from_both, timeout=120, interval=0.5,
