@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from common import cli, preflight
+from common import cli
+from common.deploy import script_main
+from common.replica_plan import Topology
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import llm_app, multi_node_layout, script_main
-from common.deploy_options import one_replica_per_node, replica_demand
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 
@@ -24,24 +24,12 @@ def add_topology_args(group) -> None:
                  help="replicas, each on its own node")
 
 
-def build(args, engine: EngineConfig, serve_config: ServeConfig):
-    if args.num_replicas < 1:
-        raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
-    spread = one_replica_per_node(engine)
-    layout = multi_node_layout(engine, serve_config, args.num_replicas, args.pin_label)
-    demand = replica_demand(engine, serve_config, layout)
-    stages = engine.pipeline_parallel_size if layout else 1
-    slots = preflight.replica_slots(demand, spread.get("max_replicas_per_node"), stages=stages)
-    preflight.report_capacity(args.num_replicas, demand, slots, serve_config.timeout_s, stages)
-    if layout:
-        print("each replica spans nodes, one pipeline stage per node, pinned "
-              f"{layout.pin_words()}:\n" + layout.describe())
-    return llm_app(engine, serve_config, layout=layout, num_replicas=args.num_replicas,
-                   **spread)
+def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:
+    return Topology(replicas=args.num_replicas, one_per_node=True, pin_label=args.pin_label)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, description=__doc__, build=build,
+    return script_main(argv, description=__doc__, topology=topology,
                        add_topology_args=add_topology_args, engine_defaults=ENGINE_DEFAULTS)
 
 

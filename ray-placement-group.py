@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 
 from common import cli
+from common.deploy import configure, script_main
+from common.deploy_options import deployment_options, router_options
+from common.placement import pick_distinct_nodes, pin_to_node, pin_warning, stable_pins
+from common.replica_plan import ReplicaPlan, Topology
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import configure, multi_node_layout, script_main
-from common.deploy_options import deployment_options, replica_demand, router_options
-from common.placement import (pick_distinct_nodes, pin_to_node, pin_warning,
-                              stable_pins)
 
 ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 
@@ -36,16 +36,15 @@ def add_topology_args(group) -> None:
                       "from every node")
 
 
-def build(args, engine: EngineConfig, serve_config: ServeConfig):
+def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:
+    return Topology(replicas=args.num_backends, one_per_node=True, span_nodes=False,
+                    pin_label=args.pin_label)
+
+
+def build(args, engine: EngineConfig, serve_config: ServeConfig, plan: ReplicaPlan):
     from replica.ingress import LLMBackend, RoundRobinRouter
 
-    if multi_node_layout(engine, serve_config, 1) is not None:
-        raise cli.ScriptError(
-            f"a backend of {engine.gpus_per_replica} GPUs is larger than any node, and this "
-            "script pins each backend to one node: use ray-force-multi.py, which spreads a "
-            "replica's pipeline stages over nodes", cli.EXIT_USAGE)
-    demand = replica_demand(engine, serve_config)
-    nodes = pick_distinct_nodes(demand, args.num_backends, serve_config.timeout_s,
+    nodes = pick_distinct_nodes(plan.demand, args.num_backends, serve_config.timeout_s,
                                 name=f"{serve_config.app_name}-node-picker")
     from common.cluster import list_nodes
 
@@ -56,6 +55,7 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
     backends = []
     for index, pin in enumerate(pins):
         print(f"backend {index}: node {pin.node_id}, pinned by {pin.describe()}")
+        # Each backend is a deployment of one replica on its own node.
         options = pin_to_node(deployment_options(engine, serve_config, num_replicas=1), pin)
         backends.append(configure(LLMBackend, f"LLMBackend{index}", engine, serve_config,
                                   options, version_note=f"-port{args.backend_port}")
@@ -67,7 +67,7 @@ def build(args, engine: EngineConfig, serve_config: ServeConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, description=__doc__, build=build,
+    return script_main(argv, description=__doc__, topology=topology, build=build,
                        add_topology_args=add_topology_args, engine_defaults=ENGINE_DEFAULTS)
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from common import cli, preflight
+from common import cli
+from common.deploy import script_main
+from common.replica_plan import Topology
 from replica.config import EngineConfig, ServeConfig
-from common.deploy import llm_app, script_main
-from common.deploy_options import replica_demand
 
 # The guide's memory settings for 64 GB GPUs: most of the card for weights + KV cache, and a
 # context that leaves KV room for many concurrent sequences.
@@ -27,22 +27,18 @@ def add_topology_args(group) -> None:
                  help="at most this many replicas on one node (max_replicas_per_node)")
 
 
-def build(args, engine: EngineConfig, serve_config: ServeConfig):
+def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:
     if engine.gpus_per_replica != 1:
         raise cli.ScriptError("ray-single-gpu.py runs one GPU per replica; for tensor "
                               "parallelism use ray-force-multi.py", cli.EXIT_USAGE)
-    demand = replica_demand(engine, serve_config)
-    slots = preflight.replica_slots(demand, args.replicas_per_node)
-    num_replicas = preflight.resolve_replicas(args.num_replicas, slots, args.max_replicas,
-                                              auto_default=None if engine.device == "cuda" else 1)
-    print(f"{num_replicas} replica(s), 1 {'GPU' if engine.device == 'cuda' else 'CPU engine'} "
-          f"each, at most {args.replicas_per_node} per node ({slots} slot(s) in the cluster)")
-    return llm_app(engine, serve_config, num_replicas=num_replicas,
-                   max_replicas_per_node=args.replicas_per_node)
+    # CPU engines: no GPU count to fill, so `auto` is one replica.
+    return Topology(replicas=args.num_replicas, max_replicas=args.max_replicas,
+                    replicas_per_node=args.replicas_per_node,
+                    auto_default=None if engine.device == "cuda" else 1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, description=__doc__, build=build,
+    return script_main(argv, description=__doc__, topology=topology,
                        add_topology_args=add_topology_args, engine_defaults=ENGINE_DEFAULTS)
 
 

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hops", default=",".join(HOPS),
                         help="comma-separated subset of " + ", ".join(HOPS))
     args = parser.parse_args(argv)
-    # The project's default ingress settings (common/deploy.py: INGRESSES["haproxy"]), under
+    # The project's default ingress settings (common/deploy_options.py: INGRESSES["haproxy"]), under
     # which a handle call goes over Serve's gRPC; the local cluster inherits this environment.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")

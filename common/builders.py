@@ -55,7 +55,11 @@ def build_script_app(script_file: str, args: dict[str, Any] | None):
         raise cli.ScriptError("an application config needs explicit --tensor-parallel-size and "
                               "--pipeline-parallel-size (`auto` is planned by the scripts and "
                               "`python check_cluster.py --model PATH`)", cli.EXIT_USAGE)
-    return module.build(namespace, engine, serve_config)
+    from common import cluster
+    from common.deploy import plan_and_build
+
+    return plan_and_build(module.topology, getattr(module, "build", None), namespace, engine,
+                          serve_config, [n for n in cluster.list_nodes() if n.alive])
 
 
 def single_gpu(args: dict[str, Any]):

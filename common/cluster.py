@@ -349,7 +349,7 @@ def _replica_resources(dep: dict) -> dict:
 
 
 def _replica_tensor_parallel_size(dep: dict) -> int | None:
-    """The tensor-parallel size common/deploy.py puts in a multi-GPU replica's env vars."""
+    """The tensor-parallel size common/deploy_options.py puts in a multi-GPU replica's env vars."""
     from replica.parallel_layout import TP_ENV
 
     options = (dep.get("deployment_config") or {}).get("ray_actor_options") or {}

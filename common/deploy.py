@@ -6,8 +6,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from common import cli, layout, preflight, replica_layout
-from common.replica_layout import MultiNodeLayout
+from common import cli, layout, replica_plan
+from common.replica_plan import ReplicaPlan, Topology
 from common.deploy_options import (DEFAULT_INGRESS, HAPROXY_BALANCE, HAPROXY_BALANCE_ENV,
                                    INGRESSES, controller_env, deployment_options,
                                    deployment_version, replica_code_runtime_env)
@@ -15,45 +15,6 @@ from replica import ray_compat
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
 from replica.config import EngineConfig, ServeConfig
-
-
-def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig,
-                      replicas: int, pin_label: str | None = None) -> MultiNodeLayout | None:
-    """None when a replica fits one node of the cluster (STRICT_PACK); else the nodes of each
-    pipeline stage for up to `replicas` replicas, chosen from the GPUs free now (or, when none
-    fit now, from the nodes' totals: the replica then waits for what others hold), with the
-    pins that hold the stages there across a node's restart (`pin_label`, else IPs)."""
-    if not engine.uses_ray_workers:
-        return None
-    from common import cluster
-
-    nodes = [n for n in cluster.list_nodes() if n.alive]
-    largest = max((n.gpus_total for n in nodes), default=0.0)
-    if engine.gpus_per_replica <= largest:
-        return None
-    tp, pp = engine.tensor_parallel_size, engine.pipeline_parallel_size
-    if tp > largest:
-        raise cli.ScriptError(
-            f"--tensor-parallel-size {tp} is more GPUs than any node has (largest: "
-            f"{largest:g}); a tensor-parallel group must sit on one node. Span nodes with "
-            f"--pipeline-parallel-size (e.g. --tensor-parallel-size {int(largest)} "
-            f"--pipeline-parallel-size {-(-engine.gpus_per_replica // max(int(largest), 1))})",
-            cli.EXIT_USAGE)
-    cpus = serve_config.cpus_per_replica
-    for amounts in ({n.node_id: {"GPU": n.gpus_available, "CPU": n.cpus_available}
-                     for n in nodes},
-                    {n.node_id: {"GPU": n.gpus_total, "CPU": n.cpus_total} for n in nodes}):
-        plans = replica_layout.plan_stages(tp, pp, amounts, replicas, cpus)
-        if plans:
-            from common.placement import stable_pins
-
-            chosen = sorted({node for plan in plans for node in plan})
-            pins = {pin.node_id: pin for pin in stable_pins(chosen, nodes, pin_label)}
-            return MultiNodeLayout(tp, pp, plans, pins)
-    raise cli.ScriptError(
-        f"a replica of tensor parallel {tp} x pipeline parallel {pp} needs {pp} stage(s) of "
-        f"{tp} GPUs, each stage on one node; the cluster's nodes cannot hold them (see "
-        f"`python check_cluster.py`)", cli.EXIT_USAGE)
 
 
 def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: ServeConfig,
@@ -65,14 +26,31 @@ def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: Se
                         deployment_version(engine, serve_config) + version_note)
 
 
-def llm_app(engine: EngineConfig, serve_config: ServeConfig, name: str = "LLMDeployment",
-            layout: MultiNodeLayout | None = None, **topology: Any):
-    """The Serve application of one LLM deployment answering HTTP itself."""
+def llm_app(args: argparse.Namespace, engine: EngineConfig, serve_config: ServeConfig,
+            plan: ReplicaPlan):
+    """The Serve application of one LLM deployment answering HTTP itself (a script's build()
+    unless it declares its own)."""
     from replica.ingress import LLMDeployment
 
-    options = deployment_options(engine, serve_config, layout, **topology)
-    return configure(LLMDeployment, name, engine, serve_config, options).bind(engine,
-                                                                             serve_config)
+    options = deployment_options(engine, serve_config, plan)
+    return configure(LLMDeployment, "LLMDeployment", engine, serve_config, options).bind(
+        engine, serve_config)
+
+
+TopologyFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Topology]
+BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig, ReplicaPlan], Any]
+
+
+def plan_and_build(topology: TopologyFn, build: BuildFn | None, args: argparse.Namespace,
+                   engine: EngineConfig, serve_config: ServeConfig, nodes: list[Any]) -> Any:
+    """The script's topology planned against `nodes` (read once), said, then built into the
+    application: the one pass from flags to what is deployed."""
+    plan = replica_plan.plan_replicas(engine, serve_config, topology(args, engine, serve_config),
+                                      nodes)
+    print("\n".join(plan.lines()), flush=True)
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return (build or llm_app)(args, engine, serve_config, plan)
 
 
 # ---- the scripts' shared main --------------------------------------------------------------------
@@ -135,9 +113,6 @@ def check_engine_kwargs(engine: EngineConfig) -> list[str]:
             problems.append(f"--engine-kwargs {key!r}: vLLM {vllm_version()} has no engine "
                             f"argument of that name{hint}")
     return problems
-
-
-BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Any]
 
 
 class VllmHelpAction(argparse.Action):
@@ -203,11 +178,13 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
 
 
 @cli.exits_with_codes
-def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
+def script_main(argv: list[str] | None, *, description: str, topology: TopologyFn,
+                build: BuildFn | None = None,
                 add_topology_args: Callable[[argparse._ArgumentGroup], None] | None = None,
                 engine_defaults: EngineConfig | None = None,
                 serve_defaults: ServeConfig | None = None) -> int:
-    """Parse flags, connect to Ray, build the app, deploy it (or, with --print-config, print its
+    """Flags -> configs (pure) -> connect, read the cluster once, fit the model -> plan the
+    replicas (pure) -> build the app -> deploy it and wait (or, with --print-config, print its
     Serve config); a ScriptError anywhere on the way becomes its message and exit code."""
     parser = script_parser(description, add_topology_args, engine_defaults, serve_defaults)
     args, engine, serve_config, requested_layout = parse_script_args(parser, argv)
@@ -218,23 +195,25 @@ def script_main(argv: list[str] | None, *, description: str, build: BuildFn,
             # 'auto' goes back in for print_config's resolve_autos, which makes it a number again
             engine.tensor_parallel_size = requested_layout.tp  # type: ignore[assignment]
             engine.pipeline_parallel_size = requested_layout.pp  # type: ignore[assignment]
-        script_file = sys.modules[build.__module__].__file__
+        script_file = sys.modules[topology.__module__].__file__
         if script_file is None:
-            raise RuntimeError(f"{build.__module__} has no source file to name in the config")
-        return print_config(script_file, parser, args, engine, serve_config, requested_layout,
-                            argv)
+            raise RuntimeError(f"{topology.__module__} has no source file to name in the config")
+        return print_config(script_file, parser, args, engine, serve_config, topology,
+                            requested_layout, argv)
 
+    from common import cluster
     from common.ray_connect import connect
 
     connect(args.address, runtime_env=replica_code_runtime_env())
-    if engine.device == "cuda" and preflight.cluster_total("GPU") == 0:
+    nodes = [n for n in cluster.list_nodes() if n.alive]
+    if engine.device == "cuda" and not any(n.gpus_total for n in nodes):
         raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
                               "demo run `make demo`, or add --device cpu --model "
                               ".cache/demo-model")
     check_upstreams(args.allow_untested_versions, engine)
     layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
                           args.allow_untested_versions)
-    app = build(args, engine, serve_config)
+    app = plan_and_build(topology, build, args, engine, serve_config, nodes)
     return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress,
                   engine=engine)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from common import replica_layout
 from common.replica_layout import MultiNodeLayout
+from common.replica_plan import ReplicaPlan
 from replica.api import RETRY_AFTER_S
 from replica.config import (SESSION_HEADER, EngineConfig, ServeConfig, operator_env_wins,
                             replica_env)
@@ -25,7 +26,7 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
       ray.serve.llm does the same. Asking `num_gpus=8` for the replica and letting vLLM reserve
       8 more for its workers books 16 GPUs per replica: the guide's "never reaches the second
       machine". A replica that fits one node is STRICT_PACK (all on one node); one that does
-      not (`layout`, from multi_node_layout) is PACK over several nodes with each pipeline
+      not (`layout`, from common/replica_plan.py) is PACK over several nodes with each pipeline
       stage's bundles pinned to its node by a label, an IP or a node ID (common/replica_layout.py).
     """
     cpus = serve_config.cpus_per_replica
@@ -50,31 +51,11 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
     return options
 
 
-def one_replica_per_node(engine: EngineConfig) -> dict[str, Any]:
-    """Topology options that put every replica on a distinct node.
-
-    A tensor-parallel replica holds its own placement group of all the GPUs it uses, so on 8-GPU
-    nodes two TP=8 replicas cannot share a node (and Serve refuses max_replicas_per_node together
-    with placement_group_bundles). Any other replica gets max_replicas_per_node=1.
-    """
-    return {} if engine.uses_ray_workers else {"max_replicas_per_node": 1}
-
-
-def replica_demand(engine: EngineConfig, serve_config: ServeConfig,
-                   layout: MultiNodeLayout | None = None) -> dict[str, float]:
-    """What one replica needs on a single node, for preflight checks; for a multi-node replica
-    (`layout`), what its first pipeline stage needs on its node (each other stage: the GPUs)."""
-    if engine.device == "cpu":
-        return {"CPU": serve_config.cpus_per_replica}
-    if layout is not None:
-        return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.tensor_parallel_size)}
-    return {"CPU": serve_config.cpus_per_replica, "GPU": float(engine.gpus_per_replica)}
-
-
 def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
-                       layout: MultiNodeLayout | None = None, **topology: Any) -> dict[str, Any]:
-    """All options of an LLM deployment: resources + request limits + health + topology."""
-    options = replica_resources(engine, serve_config, layout)
+                       plan: ReplicaPlan | None = None, **topology: Any) -> dict[str, Any]:
+    """All options of an LLM deployment: resources + request limits + the replicas of `plan`
+    (common/replica_plan.py) + any other `topology` option."""
+    options = replica_resources(engine, serve_config, plan.layout if plan else None)
     options.update(
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,
@@ -84,6 +65,8 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
     )
     if serve_config.max_surge_percent > 0:
         options["max_surge_percent"] = serve_config.max_surge_percent
+    if plan is not None:
+        options.update(plan.deployment_topology())
     options.update(topology)
     return options
 

@@ -19,10 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Ray gives every node this label; Serve accepts per-bundle label selectors on it.
-NODE_ID_LABEL = "ray.io/node-id"
-# Every node has one unit of the resource `node:<its IP>`; each bundle of a stage asks a sliver.
-NODE_IP_RESOURCE_SHARE = 0.001
+from common.placement import NODE_ID_LABEL, NODE_IP_RESOURCE_SHARE
 
 
 @dataclass

@@ -163,16 +163,17 @@ def _check_no_auto(script: str, args: argparse.Namespace, engine: EngineConfig,
             "them)", cli.EXIT_USAGE)
 
 
-def resolve_autos(script: str, args: argparse.Namespace, engine: EngineConfig,
-                  serve_config: ServeConfig, request: Any, argv: Sequence[str] | None) -> None:
+def resolve_autos(args: argparse.Namespace, engine: EngineConfig, serve_config: ServeConfig,
+                  request: Any, argv: Sequence[str] | None, topology: Any, script: str) -> None:
     """`auto` options resolved as the script would, when a cluster is reachable (its notes go to
     stderr: stdout is the config); otherwise a ScriptError naming the explicit flags."""
     import contextlib
     import sys
 
-    from common import layout, preflight
-    from common.deploy_options import replica_code_runtime_env, replica_demand
+    from common import cluster, layout
+    from common.deploy_options import replica_code_runtime_env
     from common.ray_connect import connect
+    from common.replica_plan import plan_replicas
 
     if not _autos(script, args, engine):
         return
@@ -189,50 +190,27 @@ def resolve_autos(script: str, args: argparse.Namespace, engine: EngineConfig,
         args.tensor_parallel_size = engine.tensor_parallel_size
         args.pipeline_parallel_size = engine.pipeline_parallel_size
         if str(getattr(args, "num_replicas", "")).lower() == "auto":
-            slots = preflight.replica_slots(replica_demand(engine, serve_config),
-                                            args.replicas_per_node)
-            args.num_replicas = preflight.resolve_replicas("auto", slots, args.max_replicas)
+            plan = plan_replicas(engine, serve_config, topology(args, engine, serve_config),
+                                 [n for n in cluster.list_nodes() if n.alive])
+            args.num_replicas = plan.replicas
             print(f"--num-replicas auto: {args.num_replicas}")
 
 
-def _lightweight_options(script: str, args: argparse.Namespace,
-                         serve_config: ServeConfig) -> dict[str, Any]:
-    from common.placement import autoscaling_config
-
-    options: dict[str, Any] = {"max_ongoing_requests": serve_config.max_ongoing_requests,
-                               "max_queued_requests": serve_config.max_queued_requests}
-    if serve_config.max_surge_percent > 0:
-        options["max_surge_percent"] = serve_config.max_surge_percent
-    if script == "ray-product":
-        if serve_config.max_ongoing_requests <= args.target_ongoing_requests:
-            raise cli.ScriptError(
-                f"--max-ongoing-requests ({serve_config.max_ongoing_requests}) must be above "
-                f"--target-ongoing-requests ({args.target_ongoing_requests:g})", cli.EXIT_USAGE)
-        options["autoscaling_config"] = autoscaling_config(
-            args.min_replicas, args.max_replicas, args.target_ongoing_requests,
-            args.upscale_delay, args.downscale_delay)
-    elif script == "ray-single-gpu.py":
-        count = 1 if str(args.num_replicas).lower() == "auto" else int(args.num_replicas)
-        if not 1 <= count <= args.max_replicas:
-            raise cli.ScriptError(f"--num-replicas must be in 1..--max-replicas "
-                                  f"({args.max_replicas})", cli.EXIT_USAGE)
-        options["num_replicas"] = count
-    elif script == "ray-force-multi.py":
-        if args.num_replicas < 1:
-            raise cli.ScriptError("--num-replicas must be >= 1", cli.EXIT_USAGE)
-        options["num_replicas"] = args.num_replicas
-    return options
-
-
 def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConfig,
-                       serve_config: ServeConfig) -> list[dict[str, Any]]:
+                       serve_config: ServeConfig, topology: Any) -> list[dict[str, Any]]:
     """The config's `deployments:` section: per deployment the options Serve applies from the
-    file. The LLM deployment of the three one-deployment topologies carries its resources too;
-    placement-group backends carry only lightweight options (their node pin is chosen when the
-    application is built, and a ray_actor_options here would replace it)."""
-    from common.deploy_options import one_replica_per_node, replica_resources, router_options
+    file. The LLM deployment of the three one-deployment topologies carries its resources and
+    replicas (the script's topology, as given: no cluster is read); placement-group backends
+    carry only lightweight options (their node pin is chosen when the application is built,
+    and a ray_actor_options here would replace it)."""
+    from common.deploy_options import replica_resources, router_options
+    from common.replica_plan import offline_plan
 
-    lightweight = _lightweight_options(script, args, serve_config)
+    plan = offline_plan(engine, serve_config, topology(args, engine, serve_config))
+    lightweight: dict[str, Any] = {"max_ongoing_requests": serve_config.max_ongoing_requests,
+                                   "max_queued_requests": serve_config.max_queued_requests}
+    if serve_config.max_surge_percent > 0:
+        lightweight["max_surge_percent"] = serve_config.max_surge_percent
     if script == "ray-placement-group.py":
         router = router_options(serve_config, args.num_backends, args.router_replicas)
         return [*({"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}
@@ -240,23 +218,19 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
                 {"name": ROUTER_DEPLOYMENT, **{k: router[k] for k in (
                     "num_replicas", "max_ongoing_requests", "max_queued_requests",
                     "ray_actor_options")}}]
-    entry: dict[str, Any] = {"name": "LLMDeployment", **lightweight}
-    entry.update(replica_resources(engine, serve_config))
-    if script == "ray-single-gpu.py":
-        entry["max_replicas_per_node"] = args.replicas_per_node
-    else:
-        entry.update(one_replica_per_node(engine))
-    return [entry]
+    return [{"name": "LLMDeployment", **lightweight, **plan.deployment_topology(),
+             **replica_resources(engine, serve_config)}]
 
 
 def serve_config_document(script_file: str, parser: argparse.ArgumentParser,
                           args: argparse.Namespace, engine: EngineConfig,
-                          serve_config: ServeConfig, working_dir: str | None = None
-                          ) -> dict[str, Any]:
-    """The Serve config (`serve deploy` / `serveConfigV2`) for a script's parsed flags."""
+                          serve_config: ServeConfig, topology: Any,
+                          working_dir: str | None = None) -> dict[str, Any]:
+    """The Serve config (`serve deploy` / `serveConfigV2`) for a script's parsed flags and its
+    topology() (common/replica_plan.py)."""
     script = script_name(script_file)
     _check_no_auto(script, args, engine)
-    deployments = deployment_entries(script, args, engine, serve_config)
+    deployments = deployment_entries(script, args, engine, serve_config, topology)
     app = {
         "name": serve_config.app_name,
         "route_prefix": serve_config.route_prefix,
@@ -425,19 +399,22 @@ def _ray_version() -> str:
 
 
 def print_config(script_file: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
-                 engine: EngineConfig, serve_config: ServeConfig, request: Any = None,
-                 argv: Sequence[str] | None = None) -> int:
-    """--print-config: the config (or, with --kuberay, the RayService) on stdout; `request` is
-    the layout as given (common/layout.py), resolved here when it says `auto`."""
+                 engine: EngineConfig, serve_config: ServeConfig, topology: Any,
+                 request: Any = None, argv: Sequence[str] | None = None) -> int:
+    """--print-config: the config (or, with --kuberay, the RayService) on stdout; `topology` is
+    the script's, `request` the layout as given (common/layout.py), resolved here when it says
+    `auto`."""
     from common.deploy_options import controller_env
 
     if request is not None:
-        resolve_autos(script_name(script_file), args, engine, serve_config, request, argv)
+        resolve_autos(args, engine, serve_config, request, argv, topology,
+                      script_name(script_file))
 
     working_dir = args.working_dir
     if working_dir is None and args.kuberay:
         working_dir = f"local://{args.image_workdir}"
-    document = serve_config_document(script_file, parser, args, engine, serve_config, working_dir)
+    document = serve_config_document(script_file, parser, args, engine, serve_config, topology,
+                                     working_dir)
     validate_document(document)
     if args.kuberay:
         manifest = rayservice_manifest(document, engine,

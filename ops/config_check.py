@@ -35,12 +35,11 @@ def script_of(app: dict[str, Any]) -> str | None:
 
 
 def planned_replicas(app: dict[str, Any]) -> int:
-    """The most replicas the application's deployments may run (autoscaling: its maximum)."""
-    total = 0
-    for entry in app.get("deployments") or []:
-        autoscaling = entry.get("autoscaling_config")
-        total += autoscaling["max_replicas"] if autoscaling else entry.get("num_replicas", 1)
-    return total or 1
+    """The most engine replicas the application's deployments may run (autoscaling: its
+    maximum; the placement-group router holds no engine)."""
+    from common.serve_config import engine_replicas
+
+    return engine_replicas(app.get("deployments") or []) or 1
 
 
 def local_dir_of(uri: str | None) -> str | None:
@@ -52,10 +51,9 @@ def local_dir_of(uri: str | None) -> str | None:
 def check_app(app: dict[str, Any], memory_gib: float | None) -> list[str]:
     """What the script would check before deploying this application; a ScriptError for what
     refuses it outright (bad args, a layout that cannot fit), problems as lines otherwise."""
-    from common import layout, preflight
+    from common import cluster, layout, replica_plan
     from common.builders import load_script, script_parser_of
     from common.deploy import parse_script_args
-    from common.deploy_options import replica_demand
     from common.serve_config import builder_argv
 
     name = app.get("name", "default")
@@ -80,17 +78,18 @@ def check_app(app: dict[str, Any], memory_gib: float | None) -> list[str]:
           f"{engine.tensor_parallel_size} x pipeline {engine.pipeline_parallel_size}",
           flush=True)
     layout.resolve_layout(request, engine, serve_config, memory_gib, ["--timeout", "0"])
-    demand = replica_demand(engine, serve_config)
     per_node = None
     for entry in app.get("deployments") or []:
         per_node = entry.get("max_replicas_per_node") or per_node
-    if engine.device == "cuda" and engine.uses_ray_workers:
-        per_node = None
     wanted = planned_replicas(app)
-    slots = preflight.replica_slots(demand, per_node)
-    preflight.report_capacity(wanted, demand, slots, serve_config.timeout_s)
-    if slots < wanted:
-        problems.append(f"{name}: {wanted} replica(s) planned, the cluster's nodes hold {slots}")
+    topology = replica_plan.Topology(replicas=wanted, replicas_per_node=per_node,
+                                     span_nodes=script != "ray-placement-group.py")
+    plan = replica_plan.plan_replicas(engine, serve_config, topology,
+                                      [n for n in cluster.list_nodes() if n.alive])
+    print("\n".join(plan.lines()), flush=True)
+    if plan.slots < wanted:
+        problems.append(f"{name}: {wanted} replica(s) planned, the cluster's nodes hold "
+                        f"{plan.slots}")
     return problems
 
 

@@ -131,7 +131,7 @@ class EngineConfig:
     @property
     def uses_ray_workers(self) -> bool:
         """GPUs over several workers: vLLM's Ray executor runs them in the replica's own
-        placement group (common/deploy.py reserves it, replica/engine.py hands it to vLLM)."""
+        placement group (common/deploy_options.py reserves it, replica/engine.py hands it to vLLM)."""
         return self.device == "cuda" and self.gpus_per_replica > 1
 
     def engine_kwargs(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ def build_engine(config: EngineConfig, args: Any):
 
     For tensor/pipeline parallelism on GPUs the replica was scheduled in its own placement group
     (one bundle per GPU: STRICT_PACK on one node, or one node per pipeline stage; see
-    common/deploy.py). vLLM's Ray executor is pointed at that group, so its workers take exactly
+    common/deploy_options.py). vLLM's Ray executor is pointed at that group, so its workers take exactly
     those GPUs; a group whose tensor-parallel ranks would span nodes is refused first. Without this, the replica would reserve GPUs
     for itself and vLLM would create a second placement group for its workers: the same GPUs
     booked twice, which is why a second TP=8 replica could never be placed on a 2 x 8 GPU cluster.

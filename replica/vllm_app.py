@@ -9,7 +9,6 @@ from argparse import Namespace
 from typing import Any, Awaitable, Callable, cast
 
 from replica import api, vllm_compat
-# vllm_version: common/deploy.py imports it from here too.
 from replica.vllm_compat import vllm_version
 
 logger = logging.getLogger("ray.serve")

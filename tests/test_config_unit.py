@@ -1,9 +1,9 @@
-"""Unit tests: flags with env fallbacks, engine kwargs per device, replica resources, preflight."""
+"""Unit tests: flags with env fallbacks, engine kwargs per device, replica resources, replica counts."""
 from __future__ import annotations
 
 import pytest
 
-from common import cli, preflight
+from common import cli, replica_plan
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
 from replica.config import EngineConfig, ServeConfig, replica_env
@@ -123,21 +123,21 @@ def test_deployment_options_keep_vllm_batching_unthrottled():
 
 def test_replica_slots_cap_per_node_and_count_whole_fits():
     nodes = [{"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}, {"CPU": 4}]
-    assert preflight.replica_slots({"CPU": 1, "GPU": 1}, 8, nodes) == 16
-    assert preflight.replica_slots({"CPU": 1, "GPU": 1}, 4, nodes) == 8
-    assert preflight.replica_slots({"CPU": 1, "GPU": 8}, None, nodes) == 2
-    assert preflight.replica_slots({"CPU": 1, "GPU": 16}, None, nodes) == 0
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 1}, 8, nodes) == 16
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 1}, 4, nodes) == 8
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 8}, None, nodes) == 2
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 16}, None, nodes) == 0
 
 
 def test_resolve_replicas():
-    assert preflight.resolve_replicas("auto", 16, 16) == 16
-    assert preflight.resolve_replicas("auto", 20, 16) == 16
-    assert preflight.resolve_replicas("auto", 5, 16, auto_default=1) == 1
-    assert preflight.resolve_replicas("3", 16, 16) == 3
+    assert replica_plan.resolve_replicas("auto", 16, 16) == 16
+    assert replica_plan.resolve_replicas("auto", 20, 16) == 16
+    assert replica_plan.resolve_replicas("auto", 5, 16, auto_default=1) == 1
+    assert replica_plan.resolve_replicas("3", 16, 16) == 3
     for requested, slots, words in (("17", 16, "max-replicas"), ("auto", 0, "no node"),
                                      ("many", 16, "number")):
         with pytest.raises(cli.ScriptError, match=words) as refused:
-            preflight.resolve_replicas(requested, slots, 16)
+            replica_plan.resolve_replicas(requested, slots, 16)
         assert refused.value.code == cli.EXIT_USAGE
 
 

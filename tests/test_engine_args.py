@@ -63,11 +63,11 @@ def test_data_parallel_is_refused_pointing_to_replicas():
 def test_help_vllm_prints_vllms_own_option_groups(capsys):
     from common.deploy import script_main
 
-    def build(*_):
+    def topology(*_):
         raise AssertionError("--help-vllm must not deploy")
 
     with pytest.raises(SystemExit) as exited:  # like --help
-        script_main(["--help-vllm"], description="test", build=build)
+        script_main(["--help-vllm"], description="test", topology=topology)
     assert exited.value.code in (0, None)
     text = capsys.readouterr().out
     assert "--kv-cache-dtype" in text and "--speculative-config" in text
@@ -78,6 +78,6 @@ def test_script_help_points_to_help_vllm(capsys):
     from common.deploy import script_main
 
     with pytest.raises(SystemExit):
-        script_main(["--help"], description="test", build=lambda *_: None)
+        script_main(["--help"], description="test", topology=lambda *_: None)
     text = capsys.readouterr().out
     assert "--help-vllm" in text and "--engine-kwargs" in text and "DEEPSEEK_SERVE_ENGINE_KWARGS]" in text

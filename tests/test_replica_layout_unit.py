@@ -1,7 +1,7 @@
 """Unit tests: a replica over several nodes (stage planning, bundle layout, vLLM's rank order, the GPUs-per-node column) and the network env its workers get."""
 from __future__ import annotations
 
-from common import preflight
+from common import replica_plan
 from common.cluster import ReplicaInfo
 from common.cluster_format import bundles_per_node
 from common.deploy_options import replica_resources
@@ -116,18 +116,12 @@ def test_gpus_per_node_column_names_the_stage_of_each_node():
                                         {"GPU": 1.0})) == ""
 
 
-def test_preflight_counts_multi_node_replicas():
+def test_slots_count_multi_node_replicas():
     nodes = [{"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}, {"CPU": 16, "GPU": 8}, {"CPU": 1}]
-    assert preflight.replica_slots({"CPU": 1, "GPU": 8}, None, nodes, stages=2) == 1
-    assert preflight.replica_slots({"CPU": 1, "GPU": 8}, None, nodes + nodes[:1], stages=2) == 2
-    assert preflight.replica_slots({"CPU": 1, "GPU": 4}, None, nodes, stages=4) == 1
-
-
-def test_report_capacity_says_how_many_nodes_a_replica_needs(capsys):
-    preflight.report_capacity(1, {"CPU": 1, "GPU": 8}, 1, 900, stages=2)
-    out = capsys.readouterr().out
-    assert "2 pipeline stages of 8 GPUs, each stage on one node" in out
-    assert "2 nodes with 8 free GPUs each" in out
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 8}, None, nodes, stages=2) == 1
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 8}, None, nodes + nodes[:1],
+                                      stages=2) == 2
+    assert replica_plan.replica_slots({"CPU": 1, "GPU": 4}, None, nodes, stages=4) == 1
 
 
 def test_network_env_reaches_multi_gpu_replicas_only(monkeypatch):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from common import builders, cli, preflight, serve_config
+from common import builders, cli, serve_config
 from common import cluster
-from common.deploy import parse_script_args
+from common.deploy import parse_script_args, plan_and_build
 
 TWO_GPU_NODES = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
 CPU_ARGS = ["--device", "cpu", "--model", "/models/demo", "--tensor-parallel-size", "1"]
@@ -24,8 +24,7 @@ def config_of(script: str, argv: list[str], capsys) -> dict:
 
 @pytest.fixture
 def two_gpu_nodes(monkeypatch):
-    """preflight's view of the cluster: the guide's 2 x 8 GPUs, without Ray."""
-    monkeypatch.setattr(preflight, "alive_node_resources", lambda: [dict(n) for n in TWO_GPU_NODES])
+    """The cluster the scripts read: the guide's 2 x 8 GPUs, without Ray."""
     monkeypatch.setattr(cluster, "list_nodes", lambda: [
         cluster.NodeInfo(node_id=f"node{i}", ip="127.0.0.1", alive=True, is_head=i == 0,
                          cpus_total=n["CPU"], cpus_available=n["CPU"], gpus_total=n["GPU"],
@@ -109,7 +108,8 @@ def _script_app(script: str, argv: list[str]):
     module = builders.load_script(script)
     parser = builders.script_parser_of(module)
     args, engine, serve_cfg, _ = parse_script_args(parser, argv)
-    return module.build(args, engine, serve_cfg)
+    return plan_and_build(module.topology, getattr(module, "build", None), args, engine,
+                          serve_cfg, cluster.list_nodes())
 
 
 def _comparable(options: dict) -> dict:

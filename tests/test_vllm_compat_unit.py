@@ -186,12 +186,6 @@ def test_a_vllm_without_a_version_says_so_instead_of_unknown(monkeypatch):
     assert "vLLM of unknown version lacks vllm.__version__" in message and TESTED in message
 
 
-def test_vllm_app_reexports_the_seams_version_for_common():
-    from replica import vllm_app
-
-    assert vllm_app.vllm_version() == vllm_compat.vllm_version()
-
-
 # ---- the two server layouts -------------------------------------------------------------------
 
 
