@@ -89,6 +89,8 @@ class ClusterReport:
     warnings: list
     healthy: bool
     ingress: str | None = None   # what answers HTTP: haproxy | proxy (see common.deploy)
+    # Where the GCS keeps the cluster's state: redis (fault tolerant), memory, rocksdb; None: unknown.
+    gcs_storage: str | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,6 +169,17 @@ def ray_nodes() -> list[dict]:
 def _cluster_status():
     from ray.autoscaler.v2.sdk import get_cluster_status
     return _read("cluster_status", lambda: get_cluster_status(_gcs_address()))
+
+
+def gcs_storage() -> str | None:
+    """Where the GCS keeps the cluster's state (see ray_compat.gcs_storage); None if unreadable."""
+    def fetch() -> str | None:
+        try:
+            return ray_compat.gcs_storage()
+        except Exception:  # noqa: BLE001 - an unknown store is reported as unknown
+            return None
+
+    return _read("gcs_storage", fetch)
 
 
 def _raw_actors() -> dict:
@@ -625,6 +638,26 @@ def _matches_spread(app: str, deployment: str, spread: set) -> bool:
     return deployment in spread or f"{app}/{deployment}" in spread or f"{app}:{deployment}" in spread
 
 
+def dead_node_warnings(nodes: list[NodeInfo], gcs: str | None) -> list[tuple[str, bool]]:
+    """(warning, whether it makes the cluster unhealthy) per dead node. An old head beside an
+    alive one is the head having restarted with the cluster kept (GCS fault tolerance): said,
+    not a problem. Any other dead node is (a node that restarts joins with a new ID)."""
+    head = next((n for n in nodes if n.alive and n.is_head), None)
+    out = []
+    for n in nodes:
+        if n.alive:
+            continue
+        if n.is_head and head is not None:
+            out.append((f"the head restarted: node {short_id(n.node_id)} ({n.ip}) is the old "
+                        f"head, DEAD; the head is now {short_id(head.node_id)} ({head.ip}), "
+                        "with the cluster's state reloaded from "
+                        f"{'Redis' if gcs == 'redis' else 'the GCS store'}", False))
+        else:
+            out.append((f"node {short_id(n.node_id)} ({n.ip}) is DEAD (a node that restarts "
+                        "joins with a new ID: see NODES)", True))
+    return out
+
+
 def collect_report(app: str | None = None, spread_deployments: set | None = None) -> ClusterReport:
     """The cluster's state and what is wrong with it, from one snapshot of Ray's state."""
     with state_snapshot():
@@ -646,13 +679,11 @@ def _collect_report(app: str | None, spread_deployments: set | None) -> ClusterR
     pending = pending_demands(nodes)
     pools = _pools(nodes)
 
-    warnings: list[str] = []
-    problems = False
     alive = [n for n in nodes if n.alive]
-    for n in nodes:
-        if not n.alive:
-            problems = True
-            warnings.append(f"node {short_id(n.node_id)} ({n.ip}) is DEAD")
+    gcs = gcs_storage()
+    dead_nodes = dead_node_warnings(nodes, gcs)
+    problems = any(problem for _, problem in dead_nodes)
+    warnings = [text for text, _ in dead_nodes]
     for name, a in apps.items():
         if a["status"] != "RUNNING":
             problems = True
@@ -704,7 +735,7 @@ def _collect_report(app: str | None, spread_deployments: set | None) -> ClusterR
 
     return ClusterReport(nodes=nodes, apps=apps, replicas=replicas, placement_groups=groups,
                          pending=pending, warnings=warnings, healthy=not problems,
-                         ingress=serve_ingress() if apps else None)
+                         ingress=serve_ingress() if apps else None, gcs_storage=gcs)
 
 
 def report_to_dict(report: ClusterReport) -> dict:

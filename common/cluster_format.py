@@ -64,6 +64,15 @@ def format_placement(replicas: list[ReplicaInfo]) -> str:
                    "GPUS PER NODE"], rows)
 
 
+GCS_WORDS = {
+    "redis": "state in Redis (fault tolerance on: the head can die and restart, the other nodes "
+             "keep serving meanwhile)",
+    "memory": "state in the head's memory (fault tolerance off: if the head dies, every node and "
+              "application go with it; docs/reliability.md has the Redis recipe)",
+    "rocksdb": "state on the head's disk (RocksDB: a head restarted on the same disk reloads it)",
+}
+
+
 def format_report(report: ClusterReport) -> str:
     out: list[str] = []
     alive = sum(1 for n in report.nodes if n.alive)
@@ -76,6 +85,10 @@ def format_report(report: ClusterReport) -> str:
           n.gpu_model if n.gpus_total else "-",
           (f"{_fmt_num(n.gpu_memory_gb)} GB" if n.gpu_memory_gb else UNKNOWN) if n.gpus_total else "-")
          for n in report.nodes]))
+
+    gcs = GCS_WORDS.get(report.gcs_storage or "", f"state in {report.gcs_storage}" if
+                        report.gcs_storage else "where it keeps its state is unknown")
+    out.append(f"GCS: {gcs}")
 
     out.append("")
     out.append("SERVE APPLICATIONS" + (f" (HTTP ingress: {report.ingress})"

@@ -44,6 +44,9 @@ _SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray._raylet", "AuthenticationTokenLoader"),
     ("ray._raylet", "GcsClient"),
     ("ray.serve.context", "_get_global_client"),
+    ("ray.experimental.internal_kv", "_internal_kv_get"),
+    ("ray._common.usage.usage_constants", "EXTRA_USAGE_TAG_PREFIX"),
+    ("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE"),
 )
 
 
@@ -71,6 +74,18 @@ def actor_table() -> dict:
 
 def available_resources_per_node() -> dict[str, dict]:
     return _symbol("ray._private.state", "available_resources_per_node")()
+
+
+def gcs_storage() -> str | None:
+    """Where the connected cluster's GCS keeps its state, as the head's `ray start` recorded it
+    in the GCS's own store: "redis" (GCS fault tolerance: the head can restart and the cluster
+    with it), "memory" or "rocksdb"; None when nothing was recorded. Ray records it whether or
+    not usage stats are on."""
+    prefix = _symbol("ray._common.usage.usage_constants", "EXTRA_USAGE_TAG_PREFIX")
+    namespace = _symbol("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE")
+    value = _symbol("ray.experimental.internal_kv", "_internal_kv_get")(
+        f"{prefix}gcs_storage", namespace=namespace)
+    return value.decode() if value else None
 
 
 def recorded_cluster_address() -> str | None:
@@ -131,3 +146,4 @@ def with_version(deployment: Any, version: str) -> Any:
         return deployment.options(version=version, _internal=True)
     except (TypeError, ValueError) as exc:
         raise _incompatible(f"Deployment.options(version=..., _internal=True) ({exc})") from None
+

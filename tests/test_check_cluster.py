@@ -55,6 +55,7 @@ def test_healthy_cluster_shows_nodes_and_replica_placement(sim, capsys):
     assert code == EXIT_OK, report["warnings"]
     assert report["healthy"] is True
     assert report["ingress"] == "haproxy"  # the scripts' default, started by the fixture
+    assert report["gcs_storage"] == "memory"  # no Redis: the head must not die
 
     nodes = {n["node_id"]: n for n in report["nodes"]}
     worker_ids = {w.node_id for w in workers}

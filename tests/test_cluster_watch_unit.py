@@ -69,3 +69,23 @@ def test_plain_frames_off_a_tty_and_ctrl_c_exits_zero():
     assert watch("deepseek", set(), 0.01, stream=out, frame=frame) == EXIT_OK
     assert out.getvalue() == "frame 1\n\nframe 2\n\n"
     assert "refresh 1" in seen[0] and "refresh 2" in seen[1]
+
+
+def test_a_restarted_head_is_said_and_a_dead_worker_is_a_problem():
+    from common.cluster import dead_node_warnings
+    from common.cluster_format import format_report
+
+    old_head = NodeInfo("o" * 56, "10.0.0.1", False, True, 8, 0, 8, 0)
+    new_head = NodeInfo(HEAD, "10.0.0.1", True, True, 8, 8, 8, 8)
+    dead_worker = NodeInfo(WORKER, "10.0.0.2", False, False, 8, 0, 8, 0)
+    [(said, problem)] = dead_node_warnings([new_head, old_head], "redis")
+    assert not problem and "the head restarted" in said and "reloaded from Redis" in said
+    [(said, problem)] = dead_node_warnings([new_head, dead_worker], "redis")
+    assert problem and "is DEAD" in said
+    # No alive head: a dead head is a dead cluster, not a restart.
+    assert dead_node_warnings([old_head], "memory")[0][1] is True
+    view = report()
+    view.gcs_storage = "memory"
+    assert "GCS: state in the head's memory (fault tolerance off" in format_report(view)
+    view.gcs_storage = "redis"
+    assert "GCS: state in Redis (fault tolerance on" in format_report(view)
