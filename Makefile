@@ -22,7 +22,7 @@ help:
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make chaos  - 10 minutes of load on a local 2-node cluster with a fault every 60 s (bench/chaos.py)"
-	@echo "make bench-routing - --routing spread vs session on multi-turn chats, local 2-node cluster"
+	@echo "make bench-routing - --routing spread vs session vs prefix on multi-turn chats, local 2-node cluster"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 	@echo "make bench-peers - CPU: vllm serve, this project and Ray's ray.serve.llm side by side"
 

@@ -62,6 +62,9 @@ def build_parser():
                   "first tokens grow")
     add_flag(chat, "--turns", env="LOAD_TURNS", default=4, type=positive_int,
              help="turns per conversation (questions from -p/--prompt-file in turn)")
+    add_flag(chat, "--no-session-header", env="LOAD_NO_SESSION_HEADER", type=bool, default=False,
+             help=f"send the turns without the {SESSION_HEADER} header (what --routing prefix "
+                  "must cope with: clients that name no session)")
     add_flag(chat, "--system-prompt-words", env="LOAD_SYSTEM_PROMPT_WORDS", default=0,
              type=non_negative_int,
              help="a system prompt of about this many words shared by every chat request: a "
@@ -151,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=args.stream, model=args.model, api_key=args.api_key, ignore_eos=args.ignore_eos,
         temperature=args.temperature, seed=args.seed, progress=not args.no_progress,
         expected_nodes=args.expected_nodes, conversations=args.conversations,
-        turns=args.turns, system_prompt=system_prompt_text(args.system_prompt_words))
+        turns=args.turns, system_prompt=system_prompt_text(args.system_prompt_words),
+        session_header=not args.no_session_header)
 
     try:
         result = run_load_sync(config, describe_server=bool(args.report_file))

@@ -1,4 +1,4 @@
-"""Routing side by side on a local 2-node cluster: --routing spread vs session on multi-turn conversations and on independent prompts, ratios from one run."""
+"""Routing side by side on a local 2-node cluster: --routing spread vs session vs prefix on multi-turn conversations and on independent prompts, ratios from one run."""
 from __future__ import annotations
 
 import argparse
@@ -22,8 +22,8 @@ EPILOG = """the run (CPU engines, the demo model, two raylets on this machine wi
   for each repetition, for each --routings value in turn: Serve started afresh with it
   (stop_service.py --shutdown, then ray-force-multi.py --num-replicas 2 --routing X: new
   replicas, empty prefix caches), then load_test.py on the conversation workload
-  (--conversations x --turns, a shared --system-prompt-words system prompt, streamed) and on
-  independent prompts (the same count of single requests); each replica's prefix-cache hit
+  (--conversations x --turns, a shared --system-prompt-words system prompt, streamed; the
+  x-session-id header only under session routing, which needs it) and on independent prompts (the same count of single requests); each replica's prefix-cache hit
   rate from check_cluster.py --json after each workload.
   Reported: medians over the repetitions, and each routing's ratio to the first.
 
@@ -207,6 +207,8 @@ def _one(cluster, args: argparse.Namespace, routing: str, workload: str, repetit
          "-c", str(args.concurrency), "--max-tokens", str(args.max_tokens), "--ignore-eos",
          "--stream", "--system-prompt-words", str(args.system_prompt_words),
          "--prompt-file", prompts,
+         # Only session routing reads the conversation's header; the others get none.
+         *([] if routing == "session" else ["--no-session-header"]),
          "--expected-nodes", "2", "--no-progress", "--json", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     if not out.exists():
@@ -265,7 +267,7 @@ _NUMBER_FLAGS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routings", default="spread,session",
+    parser.add_argument("--routings", default="spread,session,prefix",
                         help="routings to compare, the first is the base of the ratios "
                              "(default: %(default)s)")
     for flag, kind, default, text in _NUMBER_FLAGS:

@@ -227,9 +227,9 @@ def proxy_environments(class_name: str) -> list[dict[str, str]]:
     return environments
 
 
-def haproxy_balance(env_name: str, default: str) -> str | None:
-    """The balance algorithm Serve's HAProxy runs with (`env_name`, Serve's `default` when
-    unset); None when no HAProxy manager is readable here."""
+def haproxy_setting(env_name: str, default: str) -> str | None:
+    """A setting Serve's HAProxy runs with (`env_name` in its manager's environment, Serve's
+    `default` when unset); None when no HAProxy manager is readable here."""
     environments = proxy_environments("HAProxyManager")
     return environments[0].get(env_name, default) if environments else None
 
@@ -259,8 +259,19 @@ def _available_per_node() -> dict[str, dict]:
     return _read("available", ray_compat.available_resources_per_node)
 
 
+def _head_node_ids() -> set[str]:
+    def fetch() -> set[str]:
+        try:
+            return ray_compat.head_node_ids()
+        except Exception:  # noqa: BLE001 - an alive head still shows by its resources
+            return set()
+
+    return _read("head_node_ids", fetch)
+
+
 def list_nodes() -> list[NodeInfo]:
     available = _available_per_node()
+    heads = _head_node_ids()
     nodes = []
     for raw in ray_nodes():
         total = raw.get("Resources") or {}
@@ -279,7 +290,7 @@ def list_nodes() -> list[NodeInfo]:
                 break
         nodes.append(NodeInfo(
             node_id=raw["NodeID"], ip=raw.get("NodeManagerAddress", ""), alive=alive,
-            is_head=_HEAD_MARKER in total, cpus_total=_num(total.get("CPU")),
+            is_head=_HEAD_MARKER in total or raw["NodeID"] in heads, cpus_total=_num(total.get("CPU")),
             cpus_available=_num(free.get("CPU")), gpus_total=_num(total.get("GPU")),
             gpus_available=_num(free.get("GPU")), gpu_model=gpu_model, gpu_memory_gb=gpu_mem,
             labels=labels))

@@ -8,9 +8,10 @@ from typing import Any, Callable
 
 from common import cli, layout, replica_plan
 from common.replica_plan import ReplicaPlan, Topology
-from common.deploy_options import (DEFAULT_INGRESS, HAPROXY_BALANCE, HAPROXY_BALANCE_ENV,
-                                   INGRESSES, controller_env, deployment_options,
-                                   deployment_version, replica_code_runtime_env)
+from common.deploy_options import (DEFAULT_INGRESS, FORWARD_BODY_ENV, HAPROXY_BALANCE,
+                                   HAPROXY_BALANCE_ENV, INGRESSES, controller_env,
+                                   deployment_options, deployment_version,
+                                   replica_code_runtime_env, route_options)
 from replica import ray_compat
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
@@ -33,8 +34,16 @@ def llm_app(args: argparse.Namespace, engine: EngineConfig, serve_config: ServeC
     from replica.ingress import LLMDeployment
 
     options = deployment_options(engine, serve_config, plan)
-    return configure(LLMDeployment, "LLMDeployment", engine, serve_config, options).bind(
+    app = configure(LLMDeployment, "LLMDeployment", engine, serve_config, options).bind(
         engine, serve_config)
+    if serve_config.routing != "prefix":
+        return app
+    from replica.prefix_routing import PrefixRoute
+
+    # @serve.deployment makes the class a Deployment; mypy keeps a decorated class's own type
+    route = PrefixRoute.options(**route_options(serve_config)).bind(  # type: ignore[attr-defined]
+        app)
+    return ray_compat.with_ingress_request_router(app, route)
 
 
 TopologyFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig], Topology]
@@ -169,6 +178,9 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
     requested_layout.min_sequences = args.min_sequences
     requested_layout.check = not args.no_layout_check
     problems = engine.validate()
+    if serve_config.routing == "prefix" and getattr(args, "ingress", None) == "proxy":
+        problems.append("--routing prefix chooses replicas for Serve's HAProxy (--ingress "
+                        "haproxy); Serve's Python proxy routes by load and x-session-id only")
     if vllm_args or engine.extra_engine_kwargs:
         problems += check_vllm_args(engine, vllm_args)
         engine.vllm_args = list(vllm_args)
@@ -235,7 +247,8 @@ def check_upstreams(allow_untested: bool, engine: EngineConfig | None = None) ->
 def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS,
                 routing: str = "spread") -> None:
     """serve.start with the project's controller settings; a Serve that is already running keeps
-    its own (they apply only when the controller is created), so say what that means."""
+    its own (they apply only when the controller is created), so say what that means, and
+    refuse --routing prefix where the running Serve cannot do it."""
     from ray import serve
 
     from common import cluster
@@ -243,22 +256,28 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     with cluster.state_snapshot():
         running = cluster.serve_ingress() if cluster.serve_client() is not None else None
         spreads = cluster.serve_spreads_load() if running == "proxy" else None
-        balance = (cluster.haproxy_balance(HAPROXY_BALANCE_ENV, HAPROXY_BALANCE["spread"])
-                   if running == "haproxy" else None)
+        balance = forward_body = None
+        if running == "haproxy":
+            balance = cluster.haproxy_setting(HAPROXY_BALANCE_ENV, HAPROXY_BALANCE["spread"])
+            forward_body = cluster.haproxy_setting(FORWARD_BODY_ENV, "0")
+    restart = "`python stop_service.py --shutdown` and deploy again"
+    if routing == "prefix" and (running == "proxy" or forward_body not in (None, "1")):
+        raise cli.ScriptError(
+            "--routing prefix needs Serve's HAProxy to hand each request's body to the route "
+            f"deployment, and the running Serve was started {'with --ingress proxy' if running == 'proxy' else f'without {FORWARD_BODY_ENV}=1'}"
+            f": {restart}", cli.EXIT_USAGE)
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
-              "applies only when Serve starts. `python stop_service.py --shutdown` and deploy "
-              "again to change it.", file=sys.stderr)
+              f"applies only when Serve starts. {restart} to change it.", file=sys.stderr)
     if spreads is False:
         print("note: Serve was already running, started without "
               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
-              "get every request. `python stop_service.py --shutdown` and deploy again to "
-              "apply it (README: 故障排除).", file=sys.stderr)
+              f"get every request. {restart} to apply it (README: 故障排除).", file=sys.stderr)
     wanted = controller_env(ingress, routing).get(HAPROXY_BALANCE_ENV)
     if balance is not None and wanted is not None and balance != wanted:
         print(f"note: Serve's HAProxy is already running with `balance {balance}`; --routing "
-              f"{routing} (`balance {wanted}`) applies only when Serve starts. `python "
-              "stop_service.py --shutdown` and deploy again to change it.", file=sys.stderr)
+              f"{routing} (`balance {wanted}`) applies only when Serve starts. {restart} to "
+              "change it.", file=sys.stderr)
     serve.start(proxy_location=proxy_location,
                 http_options={"host": host, "port": port},
                 controller_options={"runtime_env": {"env_vars": controller_env(ingress,

@@ -67,6 +67,11 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
         options["max_surge_percent"] = serve_config.max_surge_percent
     if plan is not None:
         options.update(plan.deployment_topology())
+        if serve_config.routing == "prefix":
+            from replica.prefix_routing import request_router_config
+
+            options["request_router_config"] = request_router_config(
+                serve_config.prefix_imbalance)
     options.update(topology)
     return options
 
@@ -86,10 +91,20 @@ def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> d
             "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S}}
 
 
+def route_options(serve_config: ServeConfig) -> dict[str, Any]:
+    """The route deployment's (--routing prefix): one replica, so that one record of prefixes
+    sees every request; no CPU reserved (it answers in microseconds); requests in flight
+    unbounded in practice (HAProxy gives up on it after a few seconds and answers 503)."""
+    env = replica_env(None, serve_config.env_vars)
+    return {"num_replicas": 1, "max_ongoing_requests": 4096,
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}}}
+
+
 # Fields of ServeConfig that Serve applies to running replicas without restarting them (deployment
 # options and proxy/script settings); every other field reaches the replica's constructor.
 _LIGHTWEIGHT_SERVE_FIELDS = ("app_name", "route_prefix", "host", "port", "max_ongoing_requests",
-                             "max_queued_requests", "timeout_s", "max_surge_percent", "routing")
+                             "max_queued_requests", "timeout_s", "max_surge_percent", "routing",
+                             "prefix_imbalance")
 
 
 def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
@@ -168,13 +183,19 @@ DEFAULT_INGRESS = "haproxy"
 
 
 # HAProxy's balance algorithm per --routing: least connections, or a hash of the session header
-# (HAProxy sends a request without one round robin).
-HAPROXY_BALANCE = {"spread": "leastconn", "session": f"hdr({SESSION_HEADER})"}
+# (HAProxy sends a request without one round robin). Under prefix, the application's route
+# deployment chooses each POST's replica; the balance takes the rest.
+HAPROXY_BALANCE = {"spread": "leastconn", "session": f"hdr({SESSION_HEADER})",
+                   "prefix": "leastconn"}
 HAPROXY_BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+# HAProxy hands the consulted route deployment the request's body (Serve: headers only).
+FORWARD_BODY_ENV = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
 
 
 def controller_env(ingress: str, routing: str = "spread") -> dict[str, str]:
     """Env vars for Serve's controller, and through it its proxies and replicas; the same names
     set in this process's environment win."""
     routing_env = {HAPROXY_BALANCE_ENV: HAPROXY_BALANCE[routing]} if ingress == "haproxy" else {}
+    if ingress == "haproxy" and routing == "prefix":
+        routing_env[FORWARD_BODY_ENV] = "1"
     return operator_env_wins({**SERVE_CONTROLLER_ENV, **INGRESSES[ingress], **routing_env})

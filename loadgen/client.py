@@ -67,6 +67,7 @@ class LoadConfig:
     conversations: int = 0
     turns: int = 1
     system_prompt: str = ""          # a prefix every chat request shares (its first message)
+    session_header: bool = True      # the turns name their conversation in SESSION_HEADER
 
     def target_url(self) -> str:
         return self.url.rstrip("/") + self.endpoint
@@ -530,7 +531,8 @@ class _Run:
                 questions = questions + [conversation_turn(config, conversation, turn)]
                 body = request_body(config, questions[-1],
                                     chat_messages(config, questions, answers))
-                headers = {**self.headers, SESSION_HEADER: f"conversation-{conversation}"}
+                headers = {**self.headers, SESSION_HEADER: f"conversation-{conversation}"} \
+                    if config.session_header else self.headers
                 result = await self.one(index, json.dumps(body, ensure_ascii=False).encode(),
                                         headers, keep_answer=True)
                 result.conversation, result.turn = conversation, turn

@@ -10,7 +10,7 @@ DEFAULT_SERVED_MODEL_NAME = "DeepSeek-R1"
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
 # How a request picks a replica (the router's choice among backends for ray-placement-group.py).
-ROUTINGS = ("spread", "session")
+ROUTINGS = ("spread", "session", "prefix")
 # The header that names a conversation for --routing session (Ray Serve's own name for it).
 SESSION_HEADER = "x-session-id"
 
@@ -219,8 +219,17 @@ class ServeConfig:
              f"ray-placement-group.py's router: round robin over the backends up); session = "
              f"every request with the same {SESSION_HEADER} header goes to the same replica, "
              f"whose prefix cache then holds the conversation (requests without it: round "
-             f"robin). Serve's HTTP proxy (--ingress proxy) honours {SESSION_HEADER} either "
-             f"way. Applies when this script starts Serve (the router's: at every deploy)")
+             f"robin); prefix = the replica that served the longest start of the request's "
+             f"messages or prompt takes it (so a conversation's turns and a shared system "
+             f"prompt find their cache without a header), unless it is busier than "
+             f"--prefix-imbalance allows (needs --ingress haproxy). Serve's HTTP proxy "
+             f"(--ingress proxy) honours {SESSION_HEADER} either way. Applies when this script "
+             f"starts Serve (the router's: at every deploy)")
+    prefix_imbalance: int = option(
+        16,
+        help="with --routing prefix: requests in flight a replica may have beyond the least "
+             "busy replica and still take the requests whose prefix it holds (above that they "
+             "go to the least busy: no replica is buried under one hot prefix)")
     # Extra replicas Serve may start during a rolling restart, in % of the target count; 0 (Serve's
     # default) stops old replicas before starting new ones, which needs free GPUs for none.
     max_surge_percent: int = option(

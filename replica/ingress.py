@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import random
 from typing import Any
 
 from ray import serve
 
-from replica import api, vllm_app
+from replica import api, prefix_routing, vllm_app
 from replica.backend_http import BackendClient, BackendHttpServer, BackendUnreachable
 from replica.config import SESSION_HEADER, ServeConfig
 from replica.server import ROUTER_DEPLOYMENT, LLMServer
@@ -109,16 +110,19 @@ class RouterApp:
             return await vllm_app.send_json(send, err.status, err.body(), err.headers)
         scope = {**scope, "path": path}
         last_error: Exception | None = None
-        for index in router.order(headers.get(SESSION_HEADER)):
+        for index in router.order(headers.get(SESSION_HEADER), body):
             url = router.urls[index]
             if url is None:
                 continue
+            router.in_flight[index] += 1
             try:
                 return await router.client.forward(url, scope, body, send)
             except BackendUnreachable as exc:  # nothing sent yet: try the next
                 last_error = exc
                 router.up[index] = False
                 logger.warning("backend %d unreachable (%s); trying the next", index, exc)
+            finally:
+                router.in_flight[index] -= 1
         err = api.unavailable("no backend could take the request (" + (
             f"{type(last_error).__name__}: {last_error}" if last_error else "none is up") + ")")
         await vllm_app.send_json(send, err.status, err.body(), err.headers)
@@ -140,6 +144,9 @@ class RoundRobinRouter:
         self._turn = itertools.count(random.randrange(max(len(backends), 1)))
         self._prober: asyncio.Task | None = None
         self._first_round = asyncio.Event()
+        # --routing prefix: requests being answered per backend, and whose prompts each served.
+        self.in_flight = [0] * len(backends)
+        self.prefixes = prefix_routing.PrefixIndex()
 
     async def __serve_build_asgi_app__(self):
         return RouterApp(self)
@@ -176,19 +183,37 @@ class RoundRobinRouter:
         if alive:
             self.urls[index] = url
 
-    def order(self, session: str | None = None) -> list[int]:
+    def order(self, session: str | None = None, body: bytes = b"") -> list[int]:
         """Backends to try for the next request: round-robin over the ones up, then the rest.
         With --routing session and a session header: the backends ranked by a hash of the
         session and each backend (rendezvous hashing), so a session keeps its backend while it
-        is up, and only the sessions of a backend that goes down move."""
+        is up, and only the sessions of a backend that goes down move. With --routing prefix:
+        first the backend that prefix_routing.choose() picks among those up."""
         count = len(self.backends)
+        if self.serve_config.routing == "prefix" and any(self.up):
+            rest = self._rotation(count)
+            return [self._prefix_pick(body)] + [i for i in rest if not self.up[i]]
         if session and self.serve_config.routing == "session":
             rotation = sorted(range(count), key=lambda i: hashlib.blake2b(
                 f"{session}\0{i}".encode(), digest_size=8).digest(), reverse=True)
         else:
-            start = next(self._turn)
-            rotation = [(start + k) % count for k in range(count)]
+            rotation = self._rotation(count)
         return [i for i in rotation if self.up[i]] + [i for i in rotation if not self.up[i]]
+
+    def _rotation(self, count: int) -> list[int]:
+        start = next(self._turn)
+        return [(start + k) % count for k in range(count)]
+
+    def _prefix_pick(self, body: bytes) -> int:
+        try:
+            text = prefix_routing.prompt_text(json.loads(body or b"null"))
+        except ValueError:
+            text = None
+        hashes = prefix_routing.block_hashes(text) if text else []
+        loads = {i: float(self.in_flight[i]) for i in range(len(self.backends)) if self.up[i]}
+        pick, _ = prefix_routing.choose(self.prefixes, hashes, loads,
+                                        self.serve_config.prefix_imbalance)
+        return pick
 
     async def healthy(self) -> bool:
         return any(self.up)

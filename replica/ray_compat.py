@@ -39,6 +39,7 @@ _SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray._private.state", "available_resources_per_node"),
     ("ray._private.utils", "read_ray_address"),
     ("ray._private.worker", "_global_node"),
+    ("ray._private.worker", "global_worker"),
     ("ray._private.services", "canonicalize_bootstrap_address_or_die"),
     ("ray._private.authentication.authentication_token_setup", "_enable_token_auth"),
     ("ray._raylet", "AuthenticationTokenLoader"),
@@ -61,6 +62,11 @@ def check() -> list[str]:
     options = inspect.signature(_symbol("ray.serve.deployment", "Deployment").options)
     if "_internal" not in options.parameters:
         problems.append(str(_incompatible("Deployment.options(_internal=...)")))
+    if not hasattr(_symbol("ray.serve.deployment", "Application"),
+                   "_with_ingress_request_router"):
+        problems.append(str(_incompatible("Application._with_ingress_request_router")))
+    if not hasattr(_symbol("ray.serve.handle", "DeploymentHandle"), "choose_replica"):
+        problems.append(str(_incompatible("DeploymentHandle.choose_replica")))
     return problems
 
 
@@ -74,6 +80,13 @@ def actor_table() -> dict:
 
 def available_resources_per_node() -> dict[str, dict]:
     return _symbol("ray._private.state", "available_resources_per_node")()
+
+
+def head_node_ids() -> set[str]:
+    """IDs of the nodes that were started as a head, dead ones too (Ray's own node list gives a
+    dead node no resources, so not the head's marker): what tells a restarted head apart."""
+    info = _symbol("ray._private.worker", "global_worker").gcs_client.get_all_node_info(timeout=30)
+    return {node_id.hex() for node_id, node in info.items() if node.is_head_node}
 
 
 def gcs_storage() -> str | None:
@@ -147,3 +160,31 @@ def with_version(deployment: Any, version: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise _incompatible(f"Deployment.options(version=..., _internal=True) ({exc})") from None
 
+
+
+# ---- --routing prefix: Serve's HAProxy asks a route deployment (common/deploy.py) --------------
+
+
+def with_ingress_request_router(app: Any, router: Any) -> Any:
+    """`app` with `router` (an application whose POST /internal/route names a replica of `app`
+    for each request) as the router Serve's HAProxy consults, with the request's body, before
+    sending each request straight to that replica. The hook is private to Ray (Ray Serve LLM
+    attaches its own router with it)."""
+    attach = getattr(app, "_with_ingress_request_router", None)
+    if attach is None:
+        raise _incompatible("Application._with_ingress_request_router")
+    return attach(router)
+
+
+async def choose_backend(handle: Any, payload: Any) -> tuple[str, int, str]:
+    """(host, port, replica ID) of the replica of `handle`'s deployment that its request router
+    chooses for `payload`, as HAProxy's consulted router must answer: the replica's own HTTP
+    server and its full ID. Nothing is reserved on the replica: HAProxy sends the request."""
+    if not getattr(handle, "is_initialized", True):
+        handle._init()
+    async with handle.choose_replica(payload, _reserve=False) as selection:
+        replica = selection._replica
+        endpoint = replica.backend_http_endpoint
+        if endpoint is None:
+            raise RuntimeError(f"replica {selection.replica_id} has no HTTP endpoint")
+        return endpoint[0], endpoint[1], replica.replica_id.to_full_id_str()

@@ -200,6 +200,12 @@ class LLMServer:
                     "tokens": vllm_compat.kv_cache_tokens(self.engine),
                     "planned_tokens": self.engine_config.planned_kv_cache_tokens}}
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve asks this every few seconds where a request router wants it (--routing
+        prefix): the requests this replica is answering, its load."""
+        app = getattr(self, "replica_app", None)
+        return {"in_flight": app.in_flight if app is not None else 0}
+
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if vllm_compat.engine_errored(self.engine):

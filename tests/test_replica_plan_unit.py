@@ -104,3 +104,25 @@ def test_offline_plan_keeps_the_count_as_given():
     auto, engine, serve_config = script_topology("ray-single-gpu.py", [])
     with pytest.raises(cli.ScriptError, match="auto"):
         offline_plan(engine, serve_config, auto)
+
+
+def test_prefix_routing_asks_the_route_deployment_with_the_body():
+    from common.deploy import llm_app, parse_script_args
+    from common.deploy_options import FORWARD_BODY_ENV, controller_env
+
+    topology, engine, serve_config = script_topology(
+        "ray-force-multi.py", ["--routing", "prefix", "--prefix-imbalance", "8"])
+    plan = plan_replicas(engine, serve_config, topology, nodes(8, 8))
+    router = deployment_options(engine, serve_config, plan)["request_router_config"]
+    assert router["request_router_class"] == "replica.prefix_routing:PrefixAffinityRouter"
+    assert router["request_router_kwargs"] == {"imbalance": 8}
+    assert controller_env("haproxy", "prefix")[FORWARD_BODY_ENV] == "1"
+    assert FORWARD_BODY_ENV not in controller_env("haproxy", "spread")
+    app = llm_app(None, engine, serve_config, plan)
+    assert app._ingress_request_router is not None
+    module = builders.load_script("ray-force-multi.py")
+    with pytest.raises(cli.ScriptError, match="--routing prefix chooses replicas for Serve's "
+                                              "HAProxy") as refused:
+        parse_script_args(builders.script_parser_of(module),
+                          ["--routing", "prefix", "--ingress", "proxy"])
+    assert refused.value.code == cli.EXIT_USAGE

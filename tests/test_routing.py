@@ -1,4 +1,4 @@
-"""Session routing on a real 2-node `ray start` cluster (token auth, the head hosting a replica): every turn of a conversation lands on one replica while the conversations reach both nodes."""
+"""Session and prefix routing on a real 2-node `ray start` cluster (token auth, the head hosting a replica): every turn of a conversation lands on one replica while the conversations reach both nodes."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.reliability
 
 
-def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_path):
+@pytest.mark.parametrize("routing, header", [("session", True), ("prefix", False)])
+def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_path, routing,
+                                                                          header):
+    """--routing session by the x-session-id header; --routing prefix from the messages alone
+    (the turns carry no header), its route deployment consulted by HAProxy for every request."""
     base = Path(tempfile.mkdtemp(prefix="routing-", dir="/tmp"))
     cluster = chaos.LocalCluster(base, cpus=2)
     try:
@@ -29,12 +33,13 @@ def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_pa
                        "--max-model-len", "512", "--tensor-parallel-size", "1",
                        "--num-replicas", "2", "--host", "127.0.0.1",
                        "--port", str(cluster.http_port), "--proxy-location", "HeadOnly",
-                       "--app-name", "routing", "--timeout", "600", "--routing", "session")
+                       "--app-name", "routing", "--timeout", "600", "--routing", routing)
         out = tmp_path / "run.json"
         proc = subprocess.run(
             [sys.executable, "load_test.py", "--url", cluster.url, "--conversations", "16",
              "--turns", "3", "-c", "4", "--max-tokens", "8", "--system-prompt-words", "60",
-             "--expected-nodes", "2", "--no-progress", "--json", str(out)],
+             "--expected-nodes", "2", "--no-progress", "--json", str(out),
+             *([] if header else ["--no-session-header"])],
             cwd=ROOT, capture_output=True, text=True, timeout=900)
         print(proc.stdout)
         assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -43,6 +48,10 @@ def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_pa
         assert turns["completed"] == 16
         assert turns["one_node"] == turns["multi_turn"] == 16, turns
         assert len([n for n in data["nodes"] if n["count"] > 0]) == 2, data["nodes"]
+        if routing == "prefix":
+            # check_cluster.py lists the route deployment beside the engine replicas.
+            report = cluster.report("routing")
+            assert "PrefixRoute" in report["apps"]["routing"]["deployments"], report["apps"]
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
