@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -216,6 +217,10 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
     from common import cluster
     from common.ray_connect import connect
 
+    if serve_config.routing == "prefix":
+        # Serve builds an app with a route deployment only where its own process runs with
+        # HAProxy on (read when ray.serve is first imported, which is below).
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     connect(args.address, runtime_env=replica_code_runtime_env())
     nodes = [n for n in cluster.list_nodes() if n.alive]
     if engine.device == "cuda" and not any(n.gpus_total for n in nodes):
