@@ -191,20 +191,13 @@ class PrefixAffinityRouter(RequestRouter):
         self.sent.pop(replica_id, None)
 
 
-@serve.deployment(name=ROUTE_DEPLOYMENT)
-@serve.ingress()
-class PrefixRoute:
-    """Serve's HAProxy asks this deployment, per request and with its body, which replica of
-    the LLM deployment takes it (POST /internal/route: {"host", "port", "replica_id"}); the
-    deployment's PrefixAffinityRouter chooses, and HAProxy sends the request there."""
+class RouteApp:
+    """PrefixRoute's ASGI app: POST /internal/route with a request's body -> its replica."""
 
     def __init__(self, server: Any):
         self.server = server
 
-    async def __serve_build_asgi_app__(self):
-        return self.app
-
-    async def app(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
@@ -229,6 +222,20 @@ class PrefixRoute:
             logger.warning("no replica chosen: %s: %s", type(exc).__name__, exc)
             return await _json(send, 503, {"detail": f"{type(exc).__name__}: {exc}"})
         await _json(send, 200, {"host": host, "port": port, "replica_id": replica_id})
+
+
+@serve.deployment(name=ROUTE_DEPLOYMENT)
+@serve.ingress()
+class PrefixRoute:
+    """Serve's HAProxy asks this deployment, per request and with its body, which replica of
+    the LLM deployment takes it (POST /internal/route: {"host", "port", "replica_id"}); the
+    deployment's PrefixAffinityRouter chooses, and HAProxy sends the request there."""
+
+    def __init__(self, server: Any):
+        self.route_app = RouteApp(server)
+
+    async def __serve_build_asgi_app__(self):
+        return self.route_app
 
 
 async def _json(send: Any, status: int, payload: dict) -> None:
