@@ -66,6 +66,22 @@ def _progress(apps: dict, waiting: list[str]) -> str:
     return "; ".join(parts)
 
 
+def _end_prefix_indexes(apps: Sequence[str]) -> None:
+    """End the prefix index an application under --routing prefix kept (a detached actor:
+    Serve does not know it)."""
+    import ray
+
+    from replica.prefix_routing import SERVE_NAMESPACE, index_actor_name
+
+    for app in apps:
+        try:
+            actor = ray.get_actor(index_actor_name(app), namespace=SERVE_NAMESPACE)
+        except ValueError:
+            continue  # the application did not route by prefix
+        ray.kill(actor)
+        print(f"ended {app}'s prefix index")
+
+
 @exits_with_codes
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
@@ -133,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.sleep(0.5)
 
     print(f"Stopped {', '.join(targets)} in {time.monotonic() - start:.1f} s.")
+    _end_prefix_indexes(targets)
     if args.shutdown:
         serve.shutdown()
         print("Serve shut down (controller and proxies stopped).")

@@ -151,17 +151,49 @@ def choose(index: PrefixIndex, hashes: Sequence[bytes], loads: Mapping[Replica, 
 
 # ---- in Serve ----------------------------------------------------------------------------------
 
+# The index every route replica shares (Serve runs one or more per proxy node, and HAProxy asks
+# any of them): one actor per application, named after it in Serve's namespace.
+INDEX_ACTOR_PREFIX = "prefix-index:"
+SERVE_NAMESPACE = "serve"
+
+
+class SharedPrefixIndex:
+    """The application's PrefixIndex, in an actor of its own: every route replica chooses
+    through it, so a conversation's turns find their replica whichever route replica HAProxy
+    asks. stop_service.py ends it with its application."""
+
+    def __init__(self) -> None:
+        self.index = PrefixIndex()
+
+    def choose(self, hashes: list[bytes], loads: dict[str, float], imbalance: float
+               ) -> tuple[str, int]:
+        return choose(self.index, hashes, loads, imbalance)
+
+    def remove(self, replica: str) -> None:
+        self.index.remove(replica)
+
+
+def index_actor_name(app_name: str) -> str:
+    return f"{INDEX_ACTOR_PREFIX}{app_name}"
+
+
 class PrefixAffinityRouter(RequestRouter):
     """Serve's request router for the LLM deployment under --routing prefix (see choose()); a
-    replica's load is its own count of requests in flight (record_routing_stats) plus what was
-    sent to it since that count. Called by PrefixRoute, once per request."""
+    replica's load is its own count of requests in flight (record_routing_stats) plus what
+    this router sent it since that count. Called by PrefixRoute, once per request."""
 
     def initialize_state(self, imbalance: float = DEFAULT_IMBALANCE,
                          block_chars: int = BLOCK_CHARS, **_: Any) -> None:
+        import ray
+
         self.imbalance = imbalance
         self.block_chars = block_chars
-        self.index = PrefixIndex()
         self.sent: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
+        # Restarted (empty) where its node goes; meanwhile this router's own record serves.
+        self.shared = ray.remote(num_cpus=0, max_restarts=-1)(SharedPrefixIndex).options(
+            name=index_actor_name(self.app_name), namespace=SERVE_NAMESPACE,
+            get_if_exists=True, lifetime="detached").remote()
+        self.local = PrefixIndex()
 
     def _load(self, replica: Any, now: float) -> float:
         sent = self.sent[replica.replica_id]
@@ -175,20 +207,26 @@ class PrefixAffinityRouter(RequestRouter):
         if not candidate_replicas:
             return []
         now = time.monotonic()
-        by_id = {r.replica_id: r for r in candidate_replicas}
+        by_name = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         body = pending_request.args[0] if pending_request is not None and \
             pending_request.args else None
         text = prompt_text(body)
         hashes = block_hashes(text, self.block_chars) if text else []
-        pick, _ = choose(self.index, hashes, {i: self._load(r, now) for i, r in by_id.items()},
-                         self.imbalance)
-        self.sent[pick].append(now)
-        return [[by_id[pick]]]
+        loads = {name: self._load(r, now) for name, r in by_name.items()}
+        try:
+            pick, _ = await self.shared.choose.remote(hashes, loads, self.imbalance)
+        except Exception as exc:  # noqa: BLE001 - the index restarts; route on meanwhile
+            logger.warning("the shared prefix index did not answer (%s: %s); choosing from "
+                           "this route replica's own record", type(exc).__name__, exc)
+            pick, _ = choose(self.local, hashes, loads, self.imbalance)
+        replica = by_name[pick]
+        self.sent[replica.replica_id].append(now)
+        return [[replica]]
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
-        self.index.remove(replica_id)
         self.sent.pop(replica_id, None)
+        self.shared.remove.remote(replica_id.to_full_id_str())
 
 
 class RouteApp:
