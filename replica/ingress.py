@@ -206,10 +206,9 @@ class RoundRobinRouter:
 
     def _prefix_pick(self, body: bytes) -> int:
         try:
-            text = prefix_routing.prompt_text(json.loads(body or b"null"))
+            hashes = prefix_routing.request_blocks(json.loads(body or b"null"))
         except ValueError:
-            text = None
-        hashes = prefix_routing.block_hashes(text) if text else []
+            hashes = []
         loads = {i: float(self.in_flight[i]) for i in range(len(self.backends)) if self.up[i]}
         pick, _ = prefix_routing.choose(self.prefixes, hashes, loads,
                                         self.serve_config.prefix_imbalance)

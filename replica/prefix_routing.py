@@ -35,21 +35,24 @@ ROUTE_DEPLOYMENT = "PrefixRoute"
 
 # ---- the policy (pure) ---------------------------------------------------------------------------
 
-def prompt_text(body: Any) -> str | None:
-    """The text a request's prefix is read from: its chat messages (role and text of each, in
-    order, as a chat template lays them out) or its completion prompt; None for anything else."""
+def request_blocks(body: Any, block_chars: int = BLOCK_CHARS) -> list[bytes]:
+    """The digests of a request's prompt blocks (see block_hashes): chat messages block by
+    block, each message's end closing a block (a conversation's next turn repeats every earlier
+    message whole, so its blocks match up to the newest message), the role part of each; a
+    completion prompt in whole blocks; no blocks for anything else."""
     if not isinstance(body, dict):
-        return None
+        return []
     messages = body.get("messages")
     if isinstance(messages, list) and messages:
-        return "".join(f"\x1e{m.get('role', '')}\x1f{_content_text(m.get('content'))}"
-                       for m in messages if isinstance(m, dict))
+        return block_hashes([f"\x1e{m.get('role', '')}\x1f{_content_text(m.get('content'))}"
+                             for m in messages if isinstance(m, dict)], block_chars,
+                            partial=True)
     prompt = body.get("prompt")
-    if isinstance(prompt, str) and prompt:
-        return prompt
     if isinstance(prompt, list) and prompt:
-        return json.dumps(prompt)  # token IDs or several prompts: their literal form
-    return None
+        prompt = json.dumps(prompt)  # token IDs or several prompts: their literal form
+    if isinstance(prompt, str) and prompt:
+        return block_hashes([prompt], block_chars)
+    return []
 
 
 def _content_text(content: Any) -> str:
@@ -61,14 +64,19 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
-    """One digest per whole block of `text`, each covering every block before it too (so equal
-    digests mean equal prefixes); a last partial block is left out."""
+def block_hashes(segments: Sequence[str], block_chars: int = BLOCK_CHARS,
+                 partial: bool = False) -> list[bytes]:
+    """One digest per block of the segments in order, each covering every block before it
+    too (so equal digests mean equal prefixes). A segment's last, shorter block counts where
+    `partial` (its end is a boundary a later prompt keeps); else it is left out."""
     hashes, digest = [], b""
-    for start in range(0, len(text) - block_chars + 1, block_chars):
-        digest = hashlib.blake2b(digest + text[start:start + block_chars].encode(),
-                                 digest_size=12).digest()
-        hashes.append(digest)
+    for segment in segments:
+        for start in range(0, len(segment), block_chars):
+            block = segment[start:start + block_chars]
+            if len(block) < block_chars and not partial:
+                break
+            digest = hashlib.blake2b(digest + block.encode(), digest_size=12).digest()
+            hashes.append(digest)
     return hashes
 
 
@@ -210,8 +218,7 @@ class PrefixAffinityRouter(RequestRouter):
         by_name = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         body = pending_request.args[0] if pending_request is not None and \
             pending_request.args else None
-        text = prompt_text(body)
-        hashes = block_hashes(text, self.block_chars) if text else []
+        hashes = request_blocks(body, self.block_chars)
         loads = {name: self._load(r, now) for name, r in by_name.items()}
         try:
             pick, _ = await self.shared.choose.remote(hashes, loads, self.imbalance)

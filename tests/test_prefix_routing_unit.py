@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 
-from replica.prefix_routing import (PrefixIndex, block_hashes, choose, prompt_text)
+from replica.prefix_routing import PrefixIndex, block_hashes, choose, request_blocks
 
 SYSTEM = "You are a careful assistant. " * 20
 
@@ -17,29 +17,35 @@ def chat(*turns: str, system: str = SYSTEM) -> dict:
 
 
 def hashes(body: dict) -> list[bytes]:
-    text = prompt_text(body)
-    assert text is not None
-    return block_hashes(text)
+    blocks = request_blocks(body)
+    assert blocks
+    return blocks
 
 
-def test_prompt_text_reads_messages_in_order_or_the_prompt():
-    assert prompt_text({"prompt": "abc"}) == "abc"
-    assert prompt_text({"prompt": [1, 2, 3]}) == "[1, 2, 3]"
+def test_blocks_of_messages_end_with_each_message_and_of_a_prompt_are_whole():
+    assert len(request_blocks({"prompt": "p" * 300})) == 2          # the last 44 chars: no
+    assert request_blocks({"prompt": [1, 2, 3]}) == []              # shorter than a block
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    assert prompt_text(parts) == prompt_text({"messages": [{"role": "user", "content": "hi"}]})
+    assert request_blocks(parts) == request_blocks(
+        {"messages": [{"role": "user", "content": "hi"}]})
     # The role is part of the text: the same words from another role are another prefix.
-    assert prompt_text(chat("x", system="")) != prompt_text(
+    assert request_blocks(chat("x", system="")) != request_blocks(
         {"messages": [{"role": "system", "content": "x"}]})
+    # A conversation's next turn repeats the earlier messages whole: all their blocks match,
+    # the short last block of each message included.
+    first = request_blocks(chat("a short question"))
+    second = request_blocks(chat("a short question", "answer", "next"))
+    assert second[:len(first)] == first and len(second) > len(first)
     for nothing in (None, {}, {"messages": []}, {"prompt": ""}, "text", []):
-        assert prompt_text(nothing) is None
+        assert request_blocks(nothing) == []
 
 
 def test_blocks_cover_whole_prefixes_and_a_partial_block_is_left_out():
-    a, b = block_hashes("x" * 300 + "a" * 100), block_hashes("x" * 300 + "b" * 100)
+    a, b = block_hashes(["x" * 300 + "a" * 100]), block_hashes(["x" * 300 + "b" * 100])
     assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
-    assert block_hashes("y" * 127) == []
+    assert block_hashes(["y" * 127]) == [] and len(block_hashes(["y" * 127], partial=True)) == 1
     # Each digest covers every block before it: the same block after another start differs.
-    assert block_hashes("p" * 128 + "q" * 128)[1] != block_hashes("r" * 128 + "q" * 128)[1]
+    assert block_hashes(["p" * 128 + "q" * 128])[1] != block_hashes(["r" * 128 + "q" * 128])[1]
 
 
 def test_index_matches_the_longest_prefix_forgets_the_oldest_and_a_removed_replica():
@@ -51,7 +57,7 @@ def test_index_matches_the_longest_prefix_forgets_the_oldest_and_a_removed_repli
     holders, depth = index.match(later, ["A", "B"])
     assert holders == {"A"} and depth == len(first)
     assert index.match(later, ["B"]) == (set(), 0)
-    index.insert(block_hashes("z" * 128 * 10), "B")     # fills the index: A's blocks go
+    index.insert(block_hashes(["z" * 128 * 10]), "B")   # fills the index: A's blocks go
     assert len(index) == 10 and index.match(later, ["A", "B"]) == (set(), 0)
     index.remove("B")
     assert len(index) == 0
