@@ -35,11 +35,16 @@ def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_pa
                        "--port", str(cluster.http_port), "--proxy-location", "HeadOnly",
                        "--app-name", "routing", "--timeout", "600", "--routing", routing)
         out = tmp_path / "run.json"
+        # Each conversation asks its own questions (with one prompt for all, every first turn
+        # is the same request: nothing but a header could tell the conversations apart).
+        questions = tmp_path / "questions.txt"
+        questions.write_text("".join(f"Question {i}: what is {i} times {i + 7}?\n"
+                                     for i in range(48)))
         proc = subprocess.run(
             [sys.executable, "load_test.py", "--url", cluster.url, "--conversations", "16",
              "--turns", "3", "-c", "4", "--max-tokens", "8", "--system-prompt-words", "60",
              "--expected-nodes", "2", "--no-progress", "--json", str(out),
-             *([] if header else ["--no-session-header"])],
+             "--prompt-file", str(questions), *([] if header else ["--no-session-header"])],
             cwd=ROOT, capture_output=True, text=True, timeout=900)
         print(proc.stdout)
         assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
