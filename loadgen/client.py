@@ -103,6 +103,11 @@ class RequestResult:
     finish_reason: str | None = None
     ttft: float | None = None         # streaming only
     itl: list[float] | None = None    # streaming only: gaps between content chunks
+    # Streamed chats of a reasoning model (reasoning deltas before the answer's): time to the
+    # first answer chunk, and the chunks (about a token each) of thinking and of answer.
+    ttfa: float | None = None
+    reasoning_chunks: int = 0
+    answer_chunks: int = 0
     conversation: int | None = None   # multi-turn runs: which conversation, which turn (from 0)
     turn: int | None = None
     answer: str | None = None         # multi-turn runs, until the next turn carries it
@@ -208,6 +213,11 @@ class Summary:
     aborted: str | None = None
     sample_errors: dict[str, str] = field(default_factory=dict)
     conversation: ConversationStats | None = None
+    # Streamed answers of a reasoning model: time to the first answer chunk (after thinking),
+    # and the chunks of thinking and of answer over the run (None: no request reasoned).
+    ttfa: Stats | None = None
+    reasoning_chunks: int | None = None
+    answer_chunks: int | None = None
 
     @property
     def node_counts(self) -> dict[str, int]:
@@ -372,6 +382,13 @@ async def _read_stream(result: RequestResult, response: aiohttp.ClientResponse, 
             last_chunk_at = now
             if choice.get("text"):
                 content_chunks += 1
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning") or delta.get("reasoning_content"):
+                result.reasoning_chunks += 1
+            if choice.get("text") or delta.get("content"):
+                result.answer_chunks += 1
+                if result.ttfa is None:
+                    result.ttfa = now
             if keep_answer:
                 answer.append(choice.get("text") or (choice.get("delta") or {}).get("content")
                               or "")
@@ -780,8 +797,13 @@ def summarize(result: LoadResult) -> Summary:
     output_tokens = sum(r.output_tokens for r in successes)
     duration = result.duration
 
-    ttft = tpot = itl = None
+    ttft = tpot = itl = ttfa = None
+    reasoning = answer = None
     if result.config.stream:
+        if any(r.reasoning_chunks for r in successes):
+            ttfa = stats.describe([r.ttfa for r in successes if r.ttfa is not None])
+            reasoning = sum(r.reasoning_chunks for r in successes)
+            answer = sum(r.answer_chunks for r in successes)
         ttft = stats.describe([r.ttft for r in successes if r.ttft is not None])
         tpots = [stats.tpot(r.latency, r.ttft, r.output_tokens) for r in successes]
         tpot = stats.describe([value for value in tpots if value is not None])
@@ -815,6 +837,9 @@ def summarize(result: LoadResult) -> Summary:
         ttft=ttft,
         tpot=tpot,
         itl=itl,
+        ttfa=ttfa,
+        reasoning_chunks=reasoning,
+        answer_chunks=answer,
         nodes=nodes,
         balance=stats.balance(counts, expected),
         max_share_deviation=stats.max_share_deviation(counts, expected),
@@ -890,6 +915,11 @@ def format_report(summary: Summary, config: LoadConfig) -> str:
     ]
     lines += _stats_rows("End-to-end Latency", "E2EL", summary.latency)
     lines += _stats_rows("Time to First Token", "TTFT", summary.ttft)
+    if summary.ttfa is not None:
+        lines += _stats_rows("Time to First Answer Token (after reasoning)", "TTFA",
+                             summary.ttfa)
+        lines.append(_row("Reasoning / answer chunks", f"{summary.reasoning_chunks} / "
+                                                       f"{summary.answer_chunks}"))
     lines += _stats_rows("Time per Output Token (excl. 1st token)", "TPOT", summary.tpot)
     lines += _stats_rows("Inter-token Latency", "ITL", summary.itl)
     lines += _conversation_rows(summary.conversation, config.stream)

@@ -27,8 +27,9 @@ class FakeService:
 
     def __init__(self, node_pattern=(NODE_A, NODE_B), fail_every=0, slow_every=0, slow_s=3.0,
                  hold_s=0.005, tokens=4, api_key=None, with_node=True, garbage_every=0,
-                 replica_nodes=None, sticky=False):
+                 replica_nodes=None, sticky=False, think=0):
         self.node_pattern = node_pattern
+        self.think = think  # streamed chats: this many reasoning chunks before the answer
         self.fail_every = fail_every
         self.slow_every = slow_every
         self.slow_s = slow_s
@@ -176,6 +177,11 @@ class FakeService:
                 chunk["node"] = node
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
+        for _ in range(self.think if chat else 0):
+            await send({"id": "cmpl-s", "object": "chat.completion.chunk", "created": 1,
+                        "model": "DeepSeek-R1", "choices": [{
+                            "delta": {"reasoning": "hmm"}, "index": 0, "finish_reason": None}]})
+            await asyncio.sleep(0.002)
         for position in range(tokens):
             last = position == tokens - 1
             choice = ({"delta": {"content": "y"}} if chat else {"text": "y"})
@@ -317,6 +323,29 @@ def test_streaming_ttft_tpot_itl(service, tmp_path, capsys):
     assert service.bodies[0]["stream"] is True
     report = capsys.readouterr().out
     assert "TTFT" in report and "ITL" in report and "TPOT" in report
+
+
+def test_reasoning_streams_time_the_first_answer_token_and_count_thinking(service, tmp_path,
+                                                                        capsys):
+    service.tokens, service.think = 3, 5
+    out = tmp_path / "r.json"
+    code = run_cli(service, "--endpoint", "/v1/chat/completions", "--stream", "-c", "2",
+                   "-n", "6", "--max-tokens", "3", "--json", str(out), "--json-requests")
+    assert code == EXIT_OK
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    assert summary["reasoning_chunks"] == 6 * 5 and summary["answer_chunks"] == 6 * 3
+    assert summary["ttfa"]["count"] == 6 and summary["ttfa"]["p50"] > summary["ttft"]["p50"]
+    record = data["requests"][0]
+    assert record["ttft"] < record["ttfa"] <= record["latency"]
+    report = capsys.readouterr().out
+    assert "TTFA" in report and "Reasoning / answer chunks" in report and "30 / 18" in report
+    # A model that does not reason: no TTFA section.
+    service.think = 0
+    assert run_cli(service, "--endpoint", "/v1/chat/completions", "--stream", "-n", "2",
+                   "--max-tokens", "3", "--json", str(out)) == EXIT_OK
+    assert json.loads(out.read_text())["summary"]["ttfa"] is None
+    assert "TTFA" not in capsys.readouterr().out
 
 
 def test_openai_endpoint_stream_with_usage_chunk_and_api_key(service, tmp_path):
