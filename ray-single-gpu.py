@@ -10,7 +10,7 @@ import sys
 
 from common import cli
 from common.deploy import script_main
-from common.replica_plan import Topology
+from common.replica_plan import Topology, check_gpu_share
 from replica.config import EngineConfig, ServeConfig
 
 # The guide's memory settings for 64 GB GPUs: most of the card for weights + KV cache, and a
@@ -25,16 +25,23 @@ def add_topology_args(group) -> None:
                  help="upper bound on replicas")
     cli.add_flag(group, "--replicas-per-node", env="REPLICAS_PER_NODE", type=int, default=8,
                  help="at most this many replicas on one node (max_replicas_per_node)")
+    cli.add_flag(group, "--gpus-per-replica", env="GPUS_PER_REPLICA", type=float, default=1.0,
+                 help="the share of one GPU each replica takes: below 1, several replicas share "
+                      "a GPU (0.5: two per GPU; a small model, e.g. an R1 distill), each with "
+                      "--gpu-memory-utilization at most this share; raise --replicas-per-node "
+                      "and --max-replicas to match")
 
 
 def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:
     if engine.gpus_per_replica != 1:
         raise cli.ScriptError("ray-single-gpu.py runs one GPU per replica; for tensor "
                               "parallelism use ray-force-multi.py", cli.EXIT_USAGE)
+    check_gpu_share(engine, args.gpus_per_replica)
     # CPU engines: no GPU count to fill, so `auto` is one replica.
     return Topology(replicas=args.num_replicas, max_replicas=args.max_replicas,
                     replicas_per_node=args.replicas_per_node,
-                    auto_default=None if engine.device == "cuda" else 1)
+                    auto_default=None if engine.device == "cuda" else 1,
+                    gpu_share=args.gpus_per_replica)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ from replica.parallel_layout import TP_ENV
 
 
 def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
-                      layout: MultiNodeLayout | None = None) -> dict[str, Any]:
+                      layout: MultiNodeLayout | None = None,
+                      gpu_share: float = 1.0) -> dict[str, Any]:
     """Ray resources of one replica, reserved exactly once.
 
     - cpu: the replica reserves CPUs only (the demo and the simulated-cluster tests).
@@ -34,7 +35,9 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
     if engine.device == "cpu":
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env}}
     if not engine.uses_ray_workers:
-        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1, "runtime_env": env}}
+        # gpu_share below 1: Ray puts several such replicas on one GPU (same CUDA device).
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpu_share,
+                                      "runtime_env": env}}
     env["env_vars"][TP_ENV] = str(engine.tensor_parallel_size)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0, "runtime_env": env},
@@ -55,7 +58,8 @@ def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
                        plan: ReplicaPlan | None = None, **topology: Any) -> dict[str, Any]:
     """All options of an LLM deployment: resources + request limits + the replicas of `plan`
     (common/replica_plan.py) + any other `topology` option."""
-    options = replica_resources(engine, serve_config, plan.layout if plan else None)
+    options = replica_resources(engine, serve_config, plan.layout if plan else None,
+                                plan.gpu_share if plan else 1.0)
     options.update(
         max_ongoing_requests=serve_config.max_ongoing_requests,
         max_queued_requests=serve_config.max_queued_requests,

@@ -32,6 +32,8 @@ class Topology:
     span_nodes: bool = True
     # The node label that pins a spanning replica's stages (else their IPs, else node IDs).
     pin_label: str | None = None
+    # The share of one GPU each replica takes (below 1: several replicas on one GPU).
+    gpu_share: float = 1.0
     # Lines the deploy prints about this topology.
     notes: tuple[str, ...] = ()
 
@@ -45,6 +47,7 @@ class ReplicaPlan:
     slots: int                       # replicas the cluster's nodes hold
     per_node: int | None = None      # Serve's max_replicas_per_node
     autoscaling: dict[str, Any] | None = None
+    gpu_share: float = 1.0           # of one GPU, per replica of one GPU
     layout: MultiNodeLayout | None = None
     notes: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
@@ -83,13 +86,34 @@ def format_demand(demand: dict[str, float]) -> str:
     return ", ".join(f"{amount:g} {name}" for name, amount in sorted(demand.items()) if amount)
 
 
+def check_gpu_share(engine: EngineConfig, share: float) -> None:
+    """A replica on a share of one GPU: one GPU per replica, on a GPU, and a vLLM memory share
+    that fits it (vLLM's --gpu-memory-utilization is of the whole GPU, and a replica that
+    starts second finds only what the first left free)."""
+    if share == 1.0:
+        return
+    if not 0.0 < share < 1.0:
+        raise cli.ScriptError(f"--gpus-per-replica {share:g}: a share of one GPU, in (0, 1]",
+                              cli.EXIT_USAGE)
+    if engine.device != "cuda":
+        raise cli.ScriptError("--gpus-per-replica shares GPUs: it needs --device cuda",
+                              cli.EXIT_USAGE)
+    if engine.gpu_memory_utilization > share:
+        raise cli.ScriptError(
+            f"--gpus-per-replica {share:g} puts {int(1 / share)} replica(s) on one GPU, each "
+            f"with --gpu-memory-utilization {engine.gpu_memory_utilization:g} of its memory: "
+            f"they cannot all start. Give --gpu-memory-utilization at most {share:g} (e.g. "
+            f"{math.floor(share * 0.92 * 100) / 100:g}: model, KV cache and activations of one "
+            "replica, as vLLM measures them)", cli.EXIT_USAGE)
+
+
 def replica_demand(engine: EngineConfig, serve_config: ServeConfig,
-                   spans_nodes: bool = False) -> dict[str, float]:
+                   spans_nodes: bool = False, gpu_share: float = 1.0) -> dict[str, float]:
     """What one replica needs on a single node; for a replica that spans nodes, what its first
     pipeline stage needs on its node (each other stage: its GPUs)."""
     if engine.device == "cpu":
         return {"CPU": serve_config.cpus_per_replica}
-    gpus = engine.tensor_parallel_size if spans_nodes else engine.gpus_per_replica
+    gpus = engine.tensor_parallel_size if spans_nodes else engine.gpus_per_replica * gpu_share
     return {"CPU": serve_config.cpus_per_replica, "GPU": float(gpus)}
 
 
@@ -205,13 +229,14 @@ def plan_replicas(engine: EngineConfig, serve_config: ServeConfig, topology: Top
             "replica's pipeline stages over nodes", cli.EXIT_USAGE)
     layout = multi_node_layout(engine, serve_config, wanted or topology.max_replicas or 1,
                                alive, topology.pin_label)
-    demand = replica_demand(engine, serve_config, spans_nodes=layout is not None)
+    demand = replica_demand(engine, serve_config, layout is not None, topology.gpu_share)
     stages = layout.pipeline_parallel_size if layout else 1
     slots = replica_slots(demand, per_node, totals, stages)
     count = wanted if wanted is not None else resolve_replicas(
         AUTO, slots, topology.max_replicas, topology.auto_default)
     plan = ReplicaPlan(replicas=count, demand=demand, slots=slots, per_node=per_node,
-                       autoscaling=topology.autoscaling, layout=layout, notes=topology.notes)
+                       autoscaling=topology.autoscaling, layout=layout, notes=topology.notes,
+                       gpu_share=topology.gpu_share)
     if slots < count:
         plan.warnings.append(
             f"only {slots} of {count} replica(s) fit the cluster's nodes; the rest will stay "
@@ -227,6 +252,8 @@ def offline_plan(engine: EngineConfig, serve_config: ServeConfig,
         raise cli.ScriptError("--num-replicas auto is resolved against a cluster: give a number",
                               cli.EXIT_USAGE)
     count = resolve_replicas(topology.replicas, 0, topology.max_replicas)
-    return ReplicaPlan(replicas=count, demand=replica_demand(engine, serve_config), slots=count,
-                       per_node=per_node_cap(engine, topology), autoscaling=topology.autoscaling,
-                       notes=topology.notes)
+    return ReplicaPlan(replicas=count,
+                       demand=replica_demand(engine, serve_config, gpu_share=topology.gpu_share),
+                       slots=count, per_node=per_node_cap(engine, topology),
+                       autoscaling=topology.autoscaling, notes=topology.notes,
+                       gpu_share=topology.gpu_share)

@@ -219,7 +219,7 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
                     "num_replicas", "max_ongoing_requests", "max_queued_requests",
                     "ray_actor_options")}}]
     return [{"name": "LLMDeployment", **lightweight, **plan.deployment_topology(),
-             **replica_resources(engine, serve_config)}]
+             **replica_resources(engine, serve_config, gpu_share=plan.gpu_share)}]
 
 
 def serve_config_document(script_file: str, parser: argparse.ArgumentParser,

@@ -126,3 +126,22 @@ def test_prefix_routing_asks_the_route_deployment_with_the_body():
         parse_script_args(builders.script_parser_of(module),
                           ["--routing", "prefix", "--ingress", "proxy"])
     assert refused.value.code == cli.EXIT_USAGE
+
+
+def test_replicas_on_a_share_of_one_gpu():
+    topology, engine, serve_config = script_topology("ray-single-gpu.py", [
+        "--gpus-per-replica", "0.5", "--gpu-memory-utilization", "0.45",
+        "--replicas-per-node", "16", "--max-replicas", "32"])
+    plan = plan_replicas(engine, serve_config, topology, nodes(8, 8))
+    assert (plan.replicas, plan.slots, plan.demand["GPU"]) == (32, 32, 0.5)
+    options = deployment_options(engine, serve_config, plan)
+    assert options["ray_actor_options"]["num_gpus"] == 0.5
+    assert "0.5 GPU on one node, at most 16 per node" in plan.lines()[0]
+    # vLLM's memory share is of the whole GPU: the default 0.92 cannot fit two replicas.
+    for argv, words in ((["--gpus-per-replica", "0.5"], "at most 0.5 .e.g. 0.46"),
+                        (["--gpus-per-replica", "1.5"], r"in \(0, 1\]"),
+                        (["--gpus-per-replica", "0.5", "--device", "cpu", "--model", "/m"],
+                         "--device cuda")):
+        with pytest.raises(cli.ScriptError, match=words) as refused:
+            script_topology("ray-single-gpu.py", argv)
+        assert refused.value.code == cli.EXIT_USAGE

@@ -122,6 +122,8 @@ def _comparable(options: dict) -> dict:
     ("ray-force-multi.py", [*CPU_ARGS, "--num-replicas", "2", "--max-ongoing-requests", "64"]),
     ("ray-single-gpu.py", ["--num-replicas", "4", "--model", "/models/x", "--load-format",
                            "dummy"]),
+    ("ray-single-gpu.py", ["--num-replicas", "4", "--model", "/models/x", "--gpus-per-replica",
+                           "0.5", "--gpu-memory-utilization", "0.45"]),
     ("ray-product", ["--tensor-parallel-size", "8", "--max-replicas", "2"]),
     ("ray-placement-group.py", [*CPU_ARGS, "--num-backends", "2"]),
 ])

@@ -125,6 +125,18 @@ def test_single_gpu_16_replicas_8_per_node(sim):
     serve.delete("single")
 
 
+def test_single_gpu_replicas_on_half_a_gpu_share_it(sim):
+    assert deploy_script("ray-single-gpu.py", *gpu_args(
+        "half", "--num-replicas", "4", "--gpus-per-replica", "0.5",
+        "--gpu-memory-utilization", "0.45", "--replicas-per-node", "2")) == 0
+    replicas = running("half")
+    assert len(replicas) == 4
+    # Two replicas per node (the cap), each half a GPU: one GPU per node taken, not four.
+    assert set(collections.Counter(r.node_id for r in replicas).values()) == {2}
+    assert ray.available_resources().get("GPU", 0) == 16 - 2
+    serve.delete("half")
+
+
 def test_placement_group_backends_on_two_nodes_router_alternates(sim):
     assert deploy_script("ray-placement-group.py", *gpu_args("pg")) == 0
     backends = [r for r in running("pg") if r.deployment.startswith("LLMBackend")]
