@@ -22,9 +22,9 @@ BLOCK_CHARS = 128
 # Blocks remembered over all replicas, least recently used out first (about 100 MB at most).
 INDEX_BLOCKS = 500_000
 # A request sent to a replica counts in its load until the replica's own count, reported every
-# ROUTING_STATS_PERIOD_S, holds it.
+# ROUTING_STATS_PERIOD_S, was taken after it (at most SENT_WINDOW_S: a report that is late).
 ROUTING_STATS_PERIOD_S = 1.0
-SENT_WINDOW_S = 2 * ROUTING_STATS_PERIOD_S
+SENT_WINDOW_S = 3 * ROUTING_STATS_PERIOD_S
 # Default of --prefix-imbalance: requests in flight a replica may have beyond the least busy one
 # and still get the requests whose prefix it holds.
 DEFAULT_IMBALANCE = 16
@@ -181,6 +181,15 @@ class SharedPrefixIndex:
         self.index.remove(replica)
 
 
+def replica_load(sent: collections.deque, stats: dict, now: float) -> float:
+    """A replica's requests in flight: its own count (`stats`: in_flight, taken at `at`) plus
+    the requests sent to it since (`sent`: their times, oldest first; older ones are dropped)."""
+    taken = float(stats.get("at", 0.0))
+    while sent and (sent[0] <= taken or sent[0] < now - SENT_WINDOW_S):
+        sent.popleft()
+    return float(stats.get("in_flight", 0)) + len(sent)
+
+
 def index_actor_name(app_name: str) -> str:
     return f"{INDEX_ACTOR_PREFIX}{app_name}"
 
@@ -204,17 +213,14 @@ class PrefixAffinityRouter(RequestRouter):
         self.local = PrefixIndex()
 
     def _load(self, replica: Any, now: float) -> float:
-        sent = self.sent[replica.replica_id]
-        while sent and sent[0] < now - SENT_WINDOW_S:
-            sent.popleft()
         stats = replica.routing_stats or {}
-        return float(stats.get("in_flight", 0)) + len(sent)
+        return replica_load(self.sent[replica.replica_id], stats, now)
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None
                               ) -> list[list]:
         if not candidate_replicas:
             return []
-        now = time.monotonic()
+        now = time.time()
         by_name = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         body = pending_request.args[0] if pending_request is not None and \
             pending_request.args else None

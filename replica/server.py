@@ -204,7 +204,7 @@ class LLMServer:
         """Serve asks this every few seconds where a request router wants it (--routing
         prefix): the requests this replica is answering, its load."""
         app = getattr(self, "replica_app", None)
-        return {"in_flight": app.in_flight if app is not None else 0}
+        return {"in_flight": app.in_flight if app is not None else 0, "at": time.time()}
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica."""

@@ -127,3 +127,16 @@ def test_a_shared_system_prompt_does_not_draw_every_conversation_to_one_replica(
     for conversation, home in enumerate(homes):
         body = chat(f"question {conversation} " * 10, "answer " * 30, "next " * 10)
         assert choose(index, hashes(body), loads, 16, rng)[0] == home
+
+
+def test_a_replicas_load_counts_what_was_sent_after_its_own_count_was_taken():
+    import collections
+
+    from replica.prefix_routing import SENT_WINDOW_S, replica_load
+
+    sent = collections.deque([10.0, 10.5, 11.2, 11.8])
+    # The replica counted 2 in flight at 11.0: the two sent after that come on top.
+    assert replica_load(sent, {"in_flight": 2, "at": 11.0}, now=12.0) == 4
+    assert list(sent) == [11.2, 11.8]
+    # No count yet: what was sent lately, up to SENT_WINDOW_S back.
+    assert replica_load(sent, {}, now=11.8 + SENT_WINDOW_S - 0.1) == 1
