@@ -59,7 +59,7 @@ def build_script_app(script_file: str, args: dict[str, Any] | None):
     from common.deploy import plan_and_build
 
     return plan_and_build(module.topology, getattr(module, "build", None), namespace, engine,
-                          serve_config, [n for n in cluster.list_nodes() if n.alive])
+                          serve_config, cluster.list_nodes())
 
 
 def single_gpu(args: dict[str, Any]):

@@ -171,15 +171,20 @@ def _cluster_status():
     return _read("cluster_status", lambda: get_cluster_status(_gcs_address()))
 
 
-def gcs_storage() -> str | None:
-    """Where the GCS keeps the cluster's state (see ray_compat.gcs_storage); None if unreadable."""
-    def fetch() -> str | None:
+def _read_or(kind: str, fetch, default):
+    """_read(kind, fetch), or `default` when the read fails (what it reads is optional)."""
+    def guarded():
         try:
-            return ray_compat.gcs_storage()
-        except Exception:  # noqa: BLE001 - an unknown store is reported as unknown
-            return None
+            return fetch()
+        except Exception:  # noqa: BLE001 - the caller says what `default` means
+            return default
 
-    return _read("gcs_storage", fetch)
+    return _read(kind, guarded)
+
+
+def gcs_storage() -> str | None:
+    """Where the GCS keeps the cluster's state (see ray_compat.gcs_storage); None: unknown."""
+    return _read_or("gcs_storage", ray_compat.gcs_storage, None)
 
 
 def _raw_actors() -> dict:
@@ -259,19 +264,10 @@ def _available_per_node() -> dict[str, dict]:
     return _read("available", ray_compat.available_resources_per_node)
 
 
-def _head_node_ids() -> set[str]:
-    def fetch() -> set[str]:
-        try:
-            return ray_compat.head_node_ids()
-        except Exception:  # noqa: BLE001 - an alive head still shows by its resources
-            return set()
-
-    return _read("head_node_ids", fetch)
-
-
 def list_nodes() -> list[NodeInfo]:
     available = _available_per_node()
-    heads = _head_node_ids()
+    # Where this is unreadable, an alive head still shows by its resources.
+    heads = _read_or("head_node_ids", ray_compat.head_node_ids, set())
     nodes = []
     for raw in ray_nodes():
         total = raw.get("Resources") or {}
@@ -290,7 +286,8 @@ def list_nodes() -> list[NodeInfo]:
                 break
         nodes.append(NodeInfo(
             node_id=raw["NodeID"], ip=raw.get("NodeManagerAddress", ""), alive=alive,
-            is_head=_HEAD_MARKER in total or raw["NodeID"] in heads, cpus_total=_num(total.get("CPU")),
+            is_head=_HEAD_MARKER in total or raw["NodeID"] in heads,
+            cpus_total=_num(total.get("CPU")),
             cpus_available=_num(free.get("CPU")), gpus_total=_num(total.get("GPU")),
             gpus_available=_num(free.get("GPU")), gpu_model=gpu_model, gpu_memory_gb=gpu_mem,
             labels=labels))

@@ -222,8 +222,8 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
         # HAProxy on (read when ray.serve is first imported, which is below).
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     connect(args.address, runtime_env=replica_code_runtime_env())
-    nodes = [n for n in cluster.list_nodes() if n.alive]
-    if engine.device == "cuda" and not any(n.gpus_total for n in nodes):
+    nodes = cluster.list_nodes()
+    if engine.device == "cuda" and not any(n.alive and n.gpus_total for n in nodes):
         raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
                               "demo run `make demo`, or add --device cpu --model "
                               ".cache/demo-model")
@@ -267,10 +267,11 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
             forward_body = cluster.haproxy_setting(FORWARD_BODY_ENV, "0")
     restart = "`python stop_service.py --shutdown` and deploy again"
     if routing == "prefix" and (running == "proxy" or forward_body not in (None, "1")):
+        started = "with --ingress proxy" if running == "proxy" else f"without {FORWARD_BODY_ENV}=1"
         raise cli.ScriptError(
             "--routing prefix needs Serve's HAProxy to hand each request's body to the route "
-            f"deployment, and the running Serve was started {'with --ingress proxy' if running == 'proxy' else f'without {FORWARD_BODY_ENV}=1'}"
-            f": {restart}", cli.EXIT_USAGE)
+            f"deployment, and the running Serve was started {started}: {restart}",
+            cli.EXIT_USAGE)
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
               f"applies only when Serve starts. {restart} to change it.", file=sys.stderr)

@@ -54,21 +54,26 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
     return options
 
 
+def request_limits(serve_config: ServeConfig) -> dict[str, Any]:
+    """The deployment options that bound the requests a replica holds and queues (Serve applies
+    them without restarting replicas: a Serve config file carries them too)."""
+    limits: dict[str, Any] = {"max_ongoing_requests": serve_config.max_ongoing_requests,
+                              "max_queued_requests": serve_config.max_queued_requests}
+    if serve_config.max_surge_percent > 0:
+        limits["max_surge_percent"] = serve_config.max_surge_percent
+    return limits
+
+
 def deployment_options(engine: EngineConfig, serve_config: ServeConfig,
                        plan: ReplicaPlan | None = None, **topology: Any) -> dict[str, Any]:
     """All options of an LLM deployment: resources + request limits + the replicas of `plan`
     (common/replica_plan.py) + any other `topology` option."""
     options = replica_resources(engine, serve_config, plan.layout if plan else None,
                                 plan.gpu_share if plan else 1.0)
-    options.update(
-        max_ongoing_requests=serve_config.max_ongoing_requests,
-        max_queued_requests=serve_config.max_queued_requests,
-        # Past max_ongoing + max_queued, Serve's proxy answers 503 at once instead of queueing
-        # without bound; Retry-After tells clients (and load balancers) when to come back.
-        backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
-    )
-    if serve_config.max_surge_percent > 0:
-        options["max_surge_percent"] = serve_config.max_surge_percent
+    options.update(request_limits(serve_config))
+    # Past max_ongoing + max_queued, Serve's proxy answers 503 at once instead of queueing
+    # without bound; Retry-After tells clients (and load balancers) when to come back.
+    options["backpressure_config"] = {"status_code": 503, "retry_after_s": RETRY_AFTER_S}
     if plan is not None:
         options.update(plan.deployment_topology())
         if serve_config.routing == "prefix":
@@ -96,11 +101,11 @@ def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> d
 
 
 def route_options(serve_config: ServeConfig) -> dict[str, Any]:
-    """The route deployment's (--routing prefix): one replica, so that one record of prefixes
-    sees every request; no CPU reserved (it answers in microseconds); requests in flight
-    unbounded in practice (HAProxy gives up on it after a few seconds and answers 503)."""
+    """The route deployment's (--routing prefix; Serve runs its replicas on every proxy node,
+    whatever their count says): no CPU reserved (it answers in about a millisecond); requests
+    in flight unbounded in practice (HAProxy gives up on it after a few seconds: a 503)."""
     env = replica_env(None, serve_config.env_vars)
-    return {"num_replicas": 1, "max_ongoing_requests": 4096,
+    return {"max_ongoing_requests": 4096,
             "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}}}
 
 

@@ -176,15 +176,14 @@ def resolve_replicas(requested: str | int, slots: int, max_replicas: int | None,
 
 
 def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig, replicas: int,
-                      nodes: Sequence[Any], pin_label: str | None = None
+                      alive: Sequence[Any], pin_label: str | None = None
                       ) -> MultiNodeLayout | None:
     """None when a replica fits one node (STRICT_PACK); else the nodes of each pipeline stage
-    for up to `replicas` replicas (`nodes`: common.cluster.NodeInfo), chosen from the GPUs free
+    for up to `replicas` replicas (`alive`: common.cluster.NodeInfo of the alive nodes), chosen from the GPUs free
     now (or, when none fit now, from the nodes' totals: the replica then waits for what others
     hold), with the pins that hold the stages there across a node's restart."""
     if not engine.uses_ray_workers:
         return None
-    alive = [n for n in nodes if n.alive]
     largest = max((n.gpus_total for n in alive), default=0.0)
     if engine.gpus_per_replica <= largest:
         return None
@@ -213,7 +212,8 @@ def multi_node_layout(engine: EngineConfig, serve_config: ServeConfig, replicas:
 
 def plan_replicas(engine: EngineConfig, serve_config: ServeConfig, topology: Topology,
                   nodes: Sequence[Any]) -> ReplicaPlan:
-    """The topology planned against `nodes` (common.cluster.NodeInfo, read once by the caller):
+    """The topology planned against `nodes` (common.cluster.NodeInfo as read once by the
+    caller; the dead ones are left out here):
     the layout of a replica larger than a node, the replicas the nodes hold, the count to run;
     a ScriptError for what cannot be deployed at all."""
     alive = [n for n in nodes if n.alive]

@@ -191,7 +191,7 @@ def resolve_autos(args: argparse.Namespace, engine: EngineConfig, serve_config: 
         args.pipeline_parallel_size = engine.pipeline_parallel_size
         if str(getattr(args, "num_replicas", "")).lower() == "auto":
             plan = plan_replicas(engine, serve_config, topology(args, engine, serve_config),
-                                 [n for n in cluster.list_nodes() if n.alive])
+                                 cluster.list_nodes())
             args.num_replicas = plan.replicas
             print(f"--num-replicas auto: {args.num_replicas}")
 
@@ -203,14 +203,11 @@ def deployment_entries(script: str, args: argparse.Namespace, engine: EngineConf
     replicas (the script's topology, as given: no cluster is read); placement-group backends
     carry only lightweight options (their node pin is chosen when the application is built,
     and a ray_actor_options here would replace it)."""
-    from common.deploy_options import replica_resources, router_options
+    from common.deploy_options import replica_resources, request_limits, router_options
     from common.replica_plan import offline_plan
 
     plan = offline_plan(engine, serve_config, topology(args, engine, serve_config))
-    lightweight: dict[str, Any] = {"max_ongoing_requests": serve_config.max_ongoing_requests,
-                                   "max_queued_requests": serve_config.max_queued_requests}
-    if serve_config.max_surge_percent > 0:
-        lightweight["max_surge_percent"] = serve_config.max_surge_percent
+    lightweight = request_limits(serve_config)
     if script == "ray-placement-group.py":
         router = router_options(serve_config, args.num_backends, args.router_replicas)
         return [*({"name": f"LLMBackend{i}", "num_replicas": 1, **lightweight}

@@ -85,7 +85,7 @@ def check_app(app: dict[str, Any], memory_gib: float | None) -> list[str]:
     topology = replica_plan.Topology(replicas=wanted, replicas_per_node=per_node,
                                      span_nodes=script != "ray-placement-group.py")
     plan = replica_plan.plan_replicas(engine, serve_config, topology,
-                                      [n for n in cluster.list_nodes() if n.alive])
+                                      cluster.list_nodes())
     print("\n".join(plan.lines()), flush=True)
     if plan.slots < wanted:
         problems.append(f"{name}: {wanted} replica(s) planned, the cluster's nodes hold "

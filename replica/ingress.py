@@ -191,8 +191,9 @@ class RoundRobinRouter:
         first the backend that prefix_routing.choose() picks among those up."""
         count = len(self.backends)
         if self.serve_config.routing == "prefix" and any(self.up):
-            rest = self._rotation(count)
-            return [self._prefix_pick(body)] + [i for i in rest if not self.up[i]]
+            pick = self._prefix_pick(body)
+            rest = [i for i in self._rotation(count) if i != pick]
+            return [pick] + [i for i in rest if self.up[i]] + [i for i in rest if not self.up[i]]
         if session and self.serve_config.routing == "session":
             rotation = sorted(range(count), key=lambda i: hashlib.blake2b(
                 f"{session}\0{i}".encode(), digest_size=8).digest(), reverse=True)

@@ -19,7 +19,7 @@ logger = logging.getLogger("ray.serve")
 # Prompts are compared block by block from their start, as vLLM's prefix cache compares blocks
 # of tokens: a request shares a replica's cache only up to the first block that differs.
 BLOCK_CHARS = 128
-# Blocks remembered over all replicas, least recently used out first (about 100 MB at most).
+# Blocks remembered over all replicas, least recently used out first.
 INDEX_BLOCKS = 500_000
 # A request sent to a replica counts in its load until the replica's own count, reported every
 # ROUTING_STATS_PERIOD_S, was taken after it (at most SENT_WINDOW_S: a report that is late).
@@ -29,8 +29,8 @@ SENT_WINDOW_S = 3 * ROUTING_STATS_PERIOD_S
 # and still get the requests whose prefix it holds.
 DEFAULT_IMBALANCE = 16
 ROUTER_CLASS = f"{__name__}:PrefixAffinityRouter"
-Replica = TypeVar("Replica", bound=Hashable)
 ROUTE_DEPLOYMENT = "PrefixRoute"
+Replica = TypeVar("Replica", bound=Hashable)
 
 
 # ---- the policy (pure) ---------------------------------------------------------------------------
@@ -211,6 +211,7 @@ class PrefixAffinityRouter(RequestRouter):
             name=index_actor_name(self.app_name), namespace=SERVE_NAMESPACE,
             get_if_exists=True, lifetime="detached").remote()
         self.local = PrefixIndex()
+        self.shared_down = False
 
     def _load(self, replica: Any, now: float) -> float:
         stats = replica.routing_stats or {}
@@ -228,9 +229,13 @@ class PrefixAffinityRouter(RequestRouter):
         loads = {name: self._load(r, now) for name, r in by_name.items()}
         try:
             pick, _ = await self.shared.choose.remote(hashes, loads, self.imbalance)
+            self.shared_down = False
         except Exception as exc:  # noqa: BLE001 - the index restarts; route on meanwhile
-            logger.warning("the shared prefix index did not answer (%s: %s); choosing from "
-                           "this route replica's own record", type(exc).__name__, exc)
+            if not self.shared_down:  # once per outage, not once per request
+                logger.warning("the shared prefix index did not answer (%s: %s); choosing "
+                               "from this route replica's own record until it does",
+                               type(exc).__name__, exc)
+            self.shared_down = True
             pick, _ = choose(self.local, hashes, loads, self.imbalance)
         replica = by_name[pick]
         self.sent[replica.replica_id].append(now)

@@ -161,7 +161,6 @@ def with_version(deployment: Any, version: str) -> Any:
         raise _incompatible(f"Deployment.options(version=..., _internal=True) ({exc})") from None
 
 
-
 # ---- --routing prefix: Serve's HAProxy asks a route deployment (common/deploy.py) --------------
 
 
