@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -427,6 +429,38 @@ def scrape_when_counted(url: str, requests: int, timeout_s: float = 45.0
         time.sleep(1.0)
 
 
+# What vLLM says it chose (attention, MLA prefill, fp8 linear, MoE experts and their
+# prepare/finalize, DeepGEMM): its "Using ..." / "Selected ..." lines and the DeepGEMM ones.
+KERNEL_WORDS = re.compile(r"backend|GEMM|MoE|kernel|[Ll]inear|Experts|Finalize|Modular|MLA")
+LOG_PREFIX = re.compile(r"^.*?\b(?:DEBUG|INFO|WARNING)\s+\S+\s+\S+\s+\[[^\]]*\]\s*")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def kernel_lines(text: str) -> list[str]:
+    """vLLM's kernel choices in a log, without the log prefix or the list of candidates, each
+    once, in the order they appear."""
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        if "Using " not in line and "Selected " not in line and "DeepGEMM" not in line:
+            continue
+        message, n = LOG_PREFIX.subn("", ANSI.sub("", line))
+        message = message.split(" out of potential backends")[0].strip().rstrip(".")
+        chosen = message.startswith(("Using ", "Selected ")) and KERNEL_WORDS.search(message)
+        if n and (chosen or "DeepGEMM" in message):
+            seen.setdefault(message, None)
+    return list(seen)
+
+
+def log_texts(folder: Path, pattern: str = "*") -> str:
+    """The logs matching `pattern` under `folder`, joined (a Ray temp dir: every worker and Serve
+    log, a replica's engine among them); "" when there are none."""
+    texts = []
+    for path in sorted(folder.rglob(pattern)):
+        if path.is_file() and path.suffix in (".out", ".err", ".log"):
+            texts.append(path.read_text(errors="replace"))
+    return "\n".join(texts)
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark driver
 
@@ -441,6 +475,7 @@ class Bench:
                              for phase in ("main", "stream", "stream-v1", "warmup")}
         self.cpu = args.device == "cpu"
         self.logs: list[str] = []
+        self.kernels: dict[str, list[str]] = {}   # per target, from its first run's logs
         self.machine = machine_info()   # once: every partial copy carries it
 
     # -- engine settings shared by every target ------------------------------------------------
@@ -551,6 +586,7 @@ class Bench:
                 process.wait(timeout=self.args.start_timeout + 600)
             finally:
                 stop_group(process, grace_s=5)
+        self.note_kernels("offline", log_texts(self.workdir, f"offline-{rep}.log"))
         if not out.exists():
             raise RuntimeError(f"offline run failed; see {self.workdir}/offline-{rep}.log")
         return {"offline": json.loads(out.read_text())}
@@ -582,6 +618,7 @@ class Bench:
                 raise RuntimeError(f"vllm serve failed; see {logpath}") from None
             finally:
                 stop_group(process)
+                self.note_kernels("vllm-serve", log_texts(self.workdir, logpath.name))
 
     def run_ray(self, rep: int, target: str = "ray") -> dict[str, dict[str, Any]]:
         port = free_port()
@@ -594,8 +631,22 @@ class Bench:
         self.command_lines.setdefault(target, "ray.init(_node_ip_address='127.0.0.1') + python "
                                       f"{script} " + " ".join(script_args).replace(
                                           str(REPO_ROOT) + "/", "").replace(str(port), "PORT"))
-        return self._run_helper(rep, target, ["_ray", script, *script_args], port,
-                                self.args.ray_endpoint)
+        # A Ray temp dir of its own (short: Ray's socket paths must stay under 108 bytes), so that
+        # the replica's engine log can be read for the kernels vLLM chose.
+        ray_dir = Path(tempfile.mkdtemp(prefix="bench-ray-", dir="/tmp"))
+        try:
+            return self._run_helper(rep, target, ["_ray", script, *script_args], port,
+                                    self.args.ray_endpoint, {"BENCH_RAY_TEMP_DIR": str(ray_dir)})
+        finally:
+            self.note_kernels(target, log_texts(ray_dir))
+            shutil.rmtree(ray_dir, ignore_errors=True)
+
+    def note_kernels(self, target: str, text: str) -> None:
+        """Keep the kernels vLLM chose for `target` (its first run that logged any)."""
+        lines = kernel_lines(text)
+        if lines and target not in self.kernels:
+            self.kernels[target] = lines
+            log(f"  {target} kernels: " + "; ".join(lines))
 
     def run_serve_llm(self, rep: int, target: str) -> dict[str, dict[str, Any]]:
         port = free_port()
@@ -735,6 +786,7 @@ class Bench:
             },
             "command": "python bench/serving_benchmark.py " + " ".join(a.argv),
             "target_commands": self.command_lines,
+            "kernels": self.kernels,
             "table": table,
             "ratios": ratios(runs, table),
             "runs": runs,
@@ -910,6 +962,10 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{', '.join(f'{x:.3f}' for x in r['per_repetition'])} |")
     lines += ["", f"Command: `{result['command']}`", "", "Targets as run:", ""]
     lines += [f"- {k}: `{v}`" for k, v in result["target_commands"].items()]
+    if result.get("kernels"):
+        lines += ["", "Kernels vLLM chose (its log, per target):", ""]
+        lines += [f"- {k}: " + "; ".join(f"`{x}`" for x in v)
+                  for k, v in result["kernels"].items()]
     return "\n".join(lines) + "\n"
 
 

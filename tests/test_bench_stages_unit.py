@@ -1,4 +1,4 @@
-"""The benchmark's engine-stage maths: vLLM's histograms from a scrape, and means between two."""
+"""The benchmark's pure parts: vLLM's histograms from a scrape, means between two, partial reports, kernel choices from a log."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 # The benchmark runs as a script beside its own helper modules (bench/machine.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from serving_benchmark import engine_stage_totals, stage_means_ms, wave_ttft_p50_ms
+from serving_benchmark import engine_stage_totals, kernel_lines, stage_means_ms, wave_ttft_p50_ms
 
 VLLM_SERVE_SCRAPE = """\
 # TYPE vllm:time_to_first_token_seconds histogram
@@ -152,3 +152,27 @@ def test_wave_ttft_splits_the_first_concurrency_requests_from_the_rest():
                                              "ttft_later_p50_ms": 400.0}
     assert wave_ttft_p50_ms(requests[:2], 2) == {"ttft_wave1_p50_ms": 200.0}
     assert wave_ttft_p50_ms([], 2) == {}
+
+
+def test_kernel_choices_from_a_vllm_log():
+    log = "\n".join([
+        "(EngineCore_DP0 pid=412) INFO 12-04 18:02:11 [cuda.py:366] Using FLASH_ATTN_MLA "
+        "attention backend out of potential backends: ['FLASH_ATTN_MLA', 'TRITON_MLA'].",
+        "(ServeReplica:r1:Replica pid=90) (EngineCore_DP0 pid=412) INFO 12-04 18:02:11 "
+        "[deep_gemm.py:137] DeepGEMM E8M0 enabled on current platform.",
+        "INFO 12-04 18:02:12 [fp8.py:446] Using TRITON Fp8 MoE backend out of potential "
+        "backends: ['DEEPGEMM', 'TRITON'].",
+        "INFO 12-04 18:02:12 [fp8.py:856] Using MoEPrepareAndFinalizeNoDPEPModular",
+        "INFO 12-04 18:02:12 [fp8.py:446] Using TRITON Fp8 MoE backend out of potential "
+        "backends: ['DEEPGEMM', 'TRITON'].",
+        "INFO 12-04 18:02:13 [__init__.py:759] Selected CutlassFP8ScaledMMLinearKernel for "
+        "Fp8LinearMethod",
+        "INFO 12-04 18:02:13 [gpu_model_runner.py:4000] Using 4 CUDA graph sizes",
+        "Using a random seed (no log prefix: not vLLM's)",
+    ])
+    assert kernel_lines(log) == [
+        "Using FLASH_ATTN_MLA attention backend",
+        "DeepGEMM E8M0 enabled on current platform",
+        "Using TRITON Fp8 MoE backend",
+        "Using MoEPrepareAndFinalizeNoDPEPModular",
+        "Selected CutlassFP8ScaledMMLinearKernel for Fp8LinearMethod"]
