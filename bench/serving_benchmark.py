@@ -441,14 +441,23 @@ def kernel_lines(text: str) -> list[str]:
     once, in the order they appear."""
     seen: dict[str, None] = {}
     for line in text.splitlines():
-        if "Using " not in line and "Selected " not in line and "DeepGEMM" not in line:
+        if not any(word in line for word in ("Using ", "Selected ", "DeepGEMM", "scheduling")):
             continue
         message, n = LOG_PREFIX.subn("", ANSI.sub("", line))
         message = message.split(" out of potential backends")[0].strip().rstrip(".")
         chosen = message.startswith(("Using ", "Selected ")) and KERNEL_WORDS.search(message)
-        if n and (chosen or "DeepGEMM" in message):
+        if n and (chosen or "DeepGEMM" in message or "sync scheduling" in message):
             seen.setdefault(message, None)
     return list(seen)
+
+
+def engine_config_line(text: str) -> str | None:
+    """vLLM's "Initializing a V1 LLM engine ... with config: ..." message (every setting the
+    engine ran with), the first in a log."""
+    for line in text.splitlines():
+        if "LLM engine" in line and "with config:" in line:
+            return LOG_PREFIX.sub("", ANSI.sub("", line)).strip()
+    return None
 
 
 def log_texts(folder: Path, pattern: str = "*") -> str:
@@ -476,6 +485,7 @@ class Bench:
         self.cpu = args.device == "cpu"
         self.logs: list[str] = []
         self.kernels: dict[str, list[str]] = {}   # per target, from its first run's logs
+        self.engine_configs: dict[str, str] = {}  # per target, vLLM's own config line
         self.machine = machine_info()   # once: every partial copy carries it
 
     # -- engine settings shared by every target ------------------------------------------------
@@ -642,11 +652,15 @@ class Bench:
             shutil.rmtree(ray_dir, ignore_errors=True)
 
     def note_kernels(self, target: str, text: str) -> None:
-        """Keep the kernels vLLM chose for `target` (its first run that logged any)."""
+        """Keep the kernels vLLM chose for `target` and its engine config line (from its first
+        run that logged them)."""
         lines = kernel_lines(text)
         if lines and target not in self.kernels:
             self.kernels[target] = lines
             log(f"  {target} kernels: " + "; ".join(lines))
+        config = engine_config_line(text)
+        if config and target not in self.engine_configs:
+            self.engine_configs[target] = config
 
     def run_serve_llm(self, rep: int, target: str) -> dict[str, dict[str, Any]]:
         port = free_port()
@@ -787,6 +801,7 @@ class Bench:
             "command": "python bench/serving_benchmark.py " + " ".join(a.argv),
             "target_commands": self.command_lines,
             "kernels": self.kernels,
+            "engine_configs": self.engine_configs,
             "table": table,
             "ratios": ratios(runs, table),
             "runs": runs,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 # The benchmark runs as a script beside its own helper modules (bench/machine.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from serving_benchmark import engine_stage_totals, kernel_lines, stage_means_ms, wave_ttft_p50_ms
+from serving_benchmark import engine_config_line, engine_stage_totals, kernel_lines, stage_means_ms, wave_ttft_p50_ms
 
 VLLM_SERVE_SCRAPE = """\
 # TYPE vllm:time_to_first_token_seconds histogram
@@ -169,10 +169,18 @@ def test_kernel_choices_from_a_vllm_log():
         "Fp8LinearMethod",
         "INFO 12-04 18:02:13 [gpu_model_runner.py:4000] Using 4 CUDA graph sizes",
         "Using a random seed (no log prefix: not vLLM's)",
+        "WARNING 12-04 18:02:10 [vllm.py:1620] Async scheduling will be disabled because it is "
+        "not supported with the `ray` distributed executor backend. ",
+        "(EngineCore pid=5) INFO 12-04 18:02:09 [core.py:134] Initializing a V1 LLM engine "
+        "(v0.26.0) with config: model='m', async_scheduling=True",
     ])
+    assert engine_config_line(log) == ("Initializing a V1 LLM engine (v0.26.0) with config: "
+                                       "model='m', async_scheduling=True")
     assert kernel_lines(log) == [
         "Using FLASH_ATTN_MLA attention backend",
         "DeepGEMM E8M0 enabled on current platform",
         "Using TRITON Fp8 MoE backend",
         "Using MoEPrepareAndFinalizeNoDPEPModular",
-        "Selected CutlassFP8ScaledMMLinearKernel for Fp8LinearMethod"]
+        "Selected CutlassFP8ScaledMMLinearKernel for Fp8LinearMethod",
+        "Async scheduling will be disabled because it is not supported with the `ray` "
+        "distributed executor backend"]
