@@ -56,10 +56,12 @@ def build_script_app(script_file: str, args: dict[str, Any] | None):
                               "--pipeline-parallel-size (`auto` is planned by the scripts and "
                               "`python check_cluster.py --model PATH`)", cli.EXIT_USAGE)
     from common import cluster
-    from common.deploy import plan_and_build
+    from common.deploy import StagedApp, plan_and_build
 
-    return plan_and_build(module.topology, getattr(module, "build", None), namespace, engine,
-                          serve_config, cluster.list_nodes())
+    app = plan_and_build(module.topology, getattr(module, "build", None), namespace, engine,
+                         serve_config, cluster.list_nodes())
+    # Serve applies a config in one step: a staged redeploy is the scripts' alone.
+    return app.final if isinstance(app, StagedApp) else app
 
 
 def single_gpu(args: dict[str, Any]):

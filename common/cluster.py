@@ -319,6 +319,15 @@ class ServeUnreadable(ScriptError):
     """Serve's controller runs but its state could not be read."""
 
 
+def deployment_user_configs(app: str) -> dict[str, Any]:
+    """Deployment name -> the user_config Serve keeps for it, of one running application ({}
+    when it does not run)."""
+    deployments = ((_serve_details().get("applications") or {}).get(app) or {}).get(
+        "deployments") or {}
+    return {name: (dep.get("deployment_config") or {}).get("user_config")
+            for name, dep in deployments.items()}
+
+
 def serve_apps() -> dict:
     """App name -> {status, message, route_prefix, deployments: {name -> status, message, replica_states, target}}."""
     details = _serve_details()

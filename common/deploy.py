@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from common import cli, layout, replica_plan
@@ -20,12 +21,28 @@ from replica.config import EngineConfig, ServeConfig
 
 
 def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: ServeConfig,
-              options: dict[str, Any], version_note: str = "") -> Any:
+              options: dict[str, Any], version_note: str = "", version: str | None = None
+              ) -> Any:
     """An LLM deployment with its options and the version that keeps in-place updates working;
     `options` from deployment_options(), possibly pinned (common/placement.py); `version_note`:
-    any other constructor argument whose change must restart the replicas."""
+    any other constructor argument whose change must restart the replicas; `version`: the one
+    to keep instead (a backend not yet reached by a staged redeploy)."""
     return ray_compat.with_version(deployment.options(name=name, **options),
-                        deployment_version(engine, serve_config) + version_note)
+                                   version or deployment_version(engine, serve_config)
+                                   + version_note)
+
+
+@dataclass
+class StagedApp:
+    """One application deployed in steps under one name, each step once the last runs: a
+    redeploy that moves one backend at a time while the others serve. Each stage is (what it
+    changes, the application); the last is the application as the flags describe it."""
+
+    stages: list[tuple[str, Any]]
+
+    @property
+    def final(self) -> Any:
+        return self.stages[-1][1]
 
 
 def llm_app(args: argparse.Namespace, engine: EngineConfig, serve_config: ServeConfig,
@@ -298,13 +315,16 @@ def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode
 
     start_serve(serve_config.host, serve_config.port, proxy_location, ingress,
                 serve_config.routing)
-    print(f"deploying application {serve_config.app_name!r} "
-          f"(route {serve_config.route_prefix}) ...", flush=True)
-    serve.run_many([RunTarget(target=app, name=serve_config.app_name,
-                              route_prefix=serve_config.route_prefix)],
-                   wait_for_ingress_deployment_creation=False,
-                   wait_for_applications_running=False)
-    wait_ready(serve_config.app_name, serve_config.timeout_s, engine=engine)
+    stages = app.stages if isinstance(app, StagedApp) else [("", app)]
+    for number, (change, stage) in enumerate(stages, 1):
+        step = f" step {number}/{len(stages)}: {change}" if len(stages) > 1 else ""
+        print(f"deploying application {serve_config.app_name!r} "
+              f"(route {serve_config.route_prefix}){step} ...", flush=True)
+        serve.run_many([RunTarget(target=stage, name=serve_config.app_name,
+                                  route_prefix=serve_config.route_prefix)],
+                       wait_for_ingress_deployment_creation=False,
+                       wait_for_applications_running=False)
+        wait_ready(serve_config.app_name, serve_config.timeout_s, engine=engine)
     print_ready(serve_config)
     return cli.EXIT_OK
 

@@ -94,6 +94,8 @@ def router_options(serve_config: ServeConfig, backends: int, replicas: int) -> d
     env = replica_env(None, serve_config.env_vars)
     return {"num_replicas": replicas,
             "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}},
+            # It takes no GPU, so a restart starts each new router before its old one stops.
+            "max_surge_percent": 100,
             "max_ongoing_requests": max(1, math.ceil(
                 backends * serve_config.max_ongoing_requests / replicas)),
             "max_queued_requests": serve_config.max_queued_requests,
@@ -127,13 +129,31 @@ def deployment_version(engine: EngineConfig, serve_config: ServeConfig) -> str:
     the running replicas in place, and anything else is a rolling restart (Serve compares
     ray_actor_options and placement separately: resources and env vars restart too)."""
     import dataclasses
+
+    return _code_and_settings_version({"engine": dataclasses.asdict(engine),
+                                       "serve": _restarting_serve_fields(serve_config)})
+
+
+def router_version(serve_config: ServeConfig, backends: int) -> str:
+    """The placement-group router's version, on the same terms as deployment_version: it
+    changes with the router's own settings and code, not with a backend's engine, so that a
+    redeploy moving the backends one at a time leaves the router running."""
+    return _code_and_settings_version({"backends": backends,
+                                       "serve": _restarting_serve_fields(serve_config)})
+
+
+def _restarting_serve_fields(serve_config: ServeConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(serve_config).items()
+            if k not in _LIGHTWEIGHT_SERVE_FIELDS}
+
+
+def _code_and_settings_version(settings: dict[str, Any]) -> str:
     import hashlib
     import json
 
     digest = hashlib.sha256()
-    settings = {"engine": dataclasses.asdict(engine),
-                "serve": {k: v for k, v in dataclasses.asdict(serve_config).items()
-                          if k not in _LIGHTWEIGHT_SERVE_FIELDS}}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     root = replica_package_dir()
     for source in sorted(root.rglob("*.py")):

@@ -93,6 +93,25 @@ def pin_to_node(options: dict[str, Any], pin: NodePin) -> dict[str, Any]:
     return options
 
 
+def pin_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float, name: str,
+                       pin_label: str | None = None) -> list[NodePin]:
+    """`count` distinct nodes with room for `bundle` each (pick_distinct_nodes), pinned by what
+    survives a restart (stable_pins); says which node each pin holds, and warns where a pin
+    would not survive one."""
+    import sys
+
+    from common.cluster import list_nodes
+
+    pins = stable_pins(pick_distinct_nodes(bundle, count, timeout_s, name), list_nodes(),
+                       pin_label)
+    warning = pin_warning(pins)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    for index, pin in enumerate(pins):
+        print(f"backend {index}: node {pin.node_id}, pinned by {pin.describe()}")
+    return pins
+
+
 def pick_distinct_nodes(bundle: dict[str, float], count: int, timeout_s: float,
                         name: str) -> list[str]:
     """Reserve `count` bundles on `count` different nodes at once (STRICT_SPREAD) and return their

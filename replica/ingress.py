@@ -63,6 +63,11 @@ class BackendServer(LLMServer):
         if not self.http.running:
             raise RuntimeError("the backend's HTTP server stopped")
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config of a backend records what the script deployed it with (version,
+        node pin; common/backend_stages.py) for the script's next run; the replica needs none
+        of it, and a change of it alone restarts nothing."""
+
     def __del__(self):
         # Serve counts no requests in flight here (they come over the backend's own server):
         # finish them before the engine goes. Serve awaits what its destructor call returns;

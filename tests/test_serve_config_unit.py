@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from common import builders, cli, serve_config
-from common import cluster
+from common import cluster, placement
 from common.deploy import parse_script_args, plan_and_build
 
 TWO_GPU_NODES = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
@@ -29,8 +29,9 @@ def two_gpu_nodes(monkeypatch):
         cluster.NodeInfo(node_id=f"node{i}", ip="127.0.0.1", alive=True, is_head=i == 0,
                          cpus_total=n["CPU"], cpus_available=n["CPU"], gpus_total=n["GPU"],
                          gpus_available=n["GPU"]) for i, n in enumerate(TWO_GPU_NODES)])
-    monkeypatch.setattr(builders.load_script("ray-placement-group.py"), "pick_distinct_nodes",
+    monkeypatch.setattr(placement, "pick_distinct_nodes",
                         lambda demand, count, timeout_s, name: [f"node{i}" for i in range(count)])
+    monkeypatch.setattr(cluster, "deployment_user_configs", lambda app: {})  # none runs
 
 
 def test_config_holds_the_flags(capsys):

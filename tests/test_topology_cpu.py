@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import threading
 
 from _cluster_fixtures import LOCAL_IP
 
@@ -149,3 +150,45 @@ def test_placement_group_cpu_backends_on_two_nodes_router_alternates(sim, capsys
                    what=f"the backend's engine request aborted (stream={stream})")
     # stop_service drains the backends' own servers too.
     assert_stop_drains("pg", streams=1)
+
+
+def test_placement_group_redeploy_moves_one_backend_at_a_time(sim, capsys):
+    """Run again with an engine change on a running application, ray-placement-group.py keeps the
+    backends' nodes (each node's only CPU is held, like a node's GPUs by a TP=8 backend, so a
+    fresh pick could never place) and replaces one backend at a time while the router stays:
+    requests sent all through the redeploy are all answered."""
+    assert deploy_script("ray-placement-group.py", *args("pgr")) == 0
+    capsys.readouterr()
+    before = {r.deployment: r.replica_id for r in running("pgr")}
+    assert len(before) == 3
+    answered: list[str] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            try:
+                answered.append(generate("pgr")["node"])
+            except Exception as exc:  # noqa: BLE001 - every failure is kept, then asserted on
+                failed.append(repr(exc))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        assert deploy_script("ray-placement-group.py", *args("pgr", "--max-num-seqs", "32")) == 0
+    finally:
+        stop.set()
+        sender.join()
+    out = capsys.readouterr().out
+    assert "its backends stay on their nodes" in out
+    assert "step 1/2: backend 0 on the new version" in out
+    assert "step 2/2: backend 1 on the new version" in out
+    assert not failed and set(answered) == worker_nodes()
+    after = {r.deployment: r.replica_id for r in running("pgr")}
+    assert after["Router"] == before["Router"]
+    assert all(after[name] != before[name] for name in ("LLMBackend0", "LLMBackend1"))
+    # The same flags again: nothing to move, nothing restarts.
+    assert deploy_script("ray-placement-group.py", *args("pgr", "--max-num-seqs", "32")) == 0
+    assert "step 1/" not in capsys.readouterr().out
+    assert {r.deployment: r.replica_id for r in running("pgr")} == after
+    assert stop_service.main(["--app", "pgr", "--timeout", "120"]) == 0
