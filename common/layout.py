@@ -469,6 +469,7 @@ def plan_for_report(model_path: str, memory_gib: float | None, max_model_len: in
     dict (an "error" key when there is none)."""
     engine = EngineConfig(model=model_path, max_model_len=max_model_len,
                           gpu_memory_utilization=gpu_memory_utilization)
+    wide_ep = None
     try:
         checkpoint = hub.fetch_metadata(model_path) if hub.is_hub_id(model_path) else None
         model = local_footprint(engine, checkpoint)
@@ -479,17 +480,29 @@ def plan_for_report(model_path: str, memory_gib: float | None, max_model_len: in
         reports = probe_gpu_nodes(folder, checkpoint)
         problems = node_problems(reports, folder) + hub_download_notes(reports, checkpoint)
         nodes = gpu_nodes_for_planning(reports, memory_gib)
+        wide_ep = planner.compare_wide_ep(model, nodes, settings_for(engine))
         plan = planner.plan_layout(model, nodes, settings_for(engine))
-    except (planner.PlanningError, hub.HubError) as exc:
+    except planner.PlanningError as exc:
+        # No TP x PP layout: a MoE model may still fit as DP x EP ranks.
+        if wide_ep is None:
+            return {"error": str(exc)}
+        return {"error": str(exc), **_wide_ep_view(wide_ep)}
+    except hub.HubError as exc:
         return {"error": str(exc)}
     return {**plan.to_dict(), "node_problems": problems,
-            "weights_source": model.weights_source}
+            "weights_source": model.weights_source,
+            **(_wide_ep_view(wide_ep) if wide_ep else {})}
+
+
+def _wide_ep_view(comparison: planner.WideEpComparison) -> dict[str, Any]:
+    return {"wide_ep": comparison.to_dict(), "wide_ep_lines": comparison.lines()}
 
 
 def format_plan(view: dict[str, Any]) -> str:
-    if "error" in view:
-        return f"LAYOUT: {view['error']}"
-    lines = [f"LAYOUT: {view['reason']}"]
+    lines = [f"LAYOUT: {view['error']}" if "error" in view else f"LAYOUT: {view['reason']}"]
     lines += [f"  ! {p}" for p in view.get("node_problems", [])]
+    if view.get("wide_ep_lines"):
+        lines += [f"LAYOUT, wide expert parallelism vs tensor parallelism on "
+                  f"{view['wide_ep']['gpus']} GPUs:"] + view["wide_ep_lines"]
     return "\n".join(lines)
 

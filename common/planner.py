@@ -98,10 +98,18 @@ class LayerBytes:
     sharded: float      # divided by tp
     replicated: float   # held in full by every rank
     kv_proj: float = 0  # GQA K/V projections: divided by min(tp, kv_heads)
+    experts: float = 0  # a MoE layer's routed experts: divided by tp, or by the expert-parallel ranks
 
-    def per_gpu(self, tp: int, kv_heads: int | None) -> float:
+    @property
+    def total(self) -> float:
+        return self.sharded + self.replicated + self.kv_proj + self.experts
+
+    def per_gpu(self, tp: int, kv_heads: int | None, expert_ranks: int | None = None) -> float:
+        """On one GPU of `tp` tensor-parallel ranks; with expert parallelism, each of
+        `expert_ranks` ranks (data-parallel x tensor-parallel) holds whole routed experts."""
         kv_split = min(tp, kv_heads) if kv_heads else tp
-        return self.sharded / tp + self.replicated + self.kv_proj / kv_split
+        return (self.sharded / tp + self.replicated + self.kv_proj / kv_split
+                + self.experts / (expert_ranks or tp))
 
 
 @dataclass(frozen=True)
@@ -294,8 +302,10 @@ def _deepseek_layers(config: dict, quant: _Quant, dtype_bytes: int
     for index in range(layers):
         moe = experts > 0 and index >= first_dense and index % freq == 0
         if moe:
-            out.append(LayerBytes(sharded=attn_sharded + (experts + shared) * expert_mlp,
-                                  replicated=attn_replicated + router))
+            # Shared experts are a dense MLP to vLLM: split by tensor parallelism only.
+            out.append(LayerBytes(sharded=attn_sharded + shared * expert_mlp,
+                                  replicated=attn_replicated + router,
+                                  experts=experts * expert_mlp))
             params.append(attn_params + (experts + shared) * 3 * hidden * moe_inter + router_params)
             active.append(attn_params + (top_k + shared) * 3 * hidden * moe_inter + router_params)
         else:
@@ -337,7 +347,7 @@ def footprint_from_config(config: dict, name: str = "model", dtype: str = "auto"
             multiples = (int(config["intermediate_size"]),)
     edge_params = vocab * hidden * (1 if tied else 2) + hidden
     params = sum(layer_params) + edge_params
-    weight_bytes = sum(l.sharded + l.replicated + l.kv_proj for l in layers) + embed + head + \
+    weight_bytes = sum(l.total for l in layers) + embed + head + \
         final_norm
     max_pos = int(config.get("max_position_embeddings") or 0) or 4096
     return ModelFootprint(
@@ -392,18 +402,18 @@ def _measured_weight_bytes(folder: Path, config: dict, estimate: ModelFootprint
             return None
         if skip:
             # The index has no per-tensor sizes: take off one estimated layer for the MTP module.
-            total -= max(l.sharded + l.replicated for l in estimate.layers)
+            total -= max(l.sharded + l.replicated + l.experts for l in estimate.layers)
         return total, "safetensors index"
     return None
 
 
 def _scaled_to(estimate: ModelFootprint, measured: float, source: str) -> ModelFootprint:
     """The estimate's split over layers and ranks, scaled so the layers add up to `measured`."""
-    layer_total = sum(l.sharded + l.replicated + l.kv_proj for l in estimate.layers)
+    layer_total = sum(l.total for l in estimate.layers)
     edges = estimate.embed_bytes + estimate.head_bytes
     factor = max(measured - edges, 0.0) / layer_total if layer_total else 1.0
-    layers = tuple(LayerBytes(l.sharded * factor, l.replicated * factor, l.kv_proj * factor)
-                   for l in estimate.layers)
+    layers = tuple(LayerBytes(l.sharded * factor, l.replicated * factor, l.kv_proj * factor,
+                              l.experts * factor) for l in estimate.layers)
     return replace(estimate, layers=layers, weight_bytes=measured, weights_source=source)
 
 
@@ -519,10 +529,12 @@ class Plan:
     chosen: str = "auto"             # auto | given
     reason: str = ""
     extra: dict = field(default_factory=dict)
+    dp: int = 1                      # data-parallel ranks of one replica (a gang of engines)
+    expert_parallel: bool = False    # routed experts split over the dp x tp ranks
 
     @property
     def gpus_per_replica(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.dp
 
     @property
     def kv_tokens(self) -> int:
@@ -532,7 +544,9 @@ class Plan:
         return max(0, int(self.kv_room_per_gpu / self.kv_bytes_per_token))
 
     def flags(self) -> str:
-        return f"--tensor-parallel-size {self.tp} --pipeline-parallel-size {self.pp}"
+        wide = (f" --data-parallel-size {self.dp}" if self.dp > 1 else "") + \
+            (" --enable-expert-parallel" if self.expert_parallel else "")
+        return f"--tensor-parallel-size {self.tp} --pipeline-parallel-size {self.pp}{wide}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp,
@@ -545,6 +559,7 @@ class Plan:
                 "kv_bytes_per_token_per_gpu": round(self.kv_bytes_per_token),
                 "max_model_len": self.max_model_len, "sequences": self.sequences,
                 "kv_cache_tokens": self.kv_tokens,
+                "data_parallel_size": self.dp, "enable_expert_parallel": self.expert_parallel,
                 "replicas": self.replicas, "reason": self.reason, **self.extra}
 
 
@@ -562,8 +577,12 @@ def pp_stage_layers(num_layers: int, pp: int) -> list[range]:
 
 
 def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
-             settings: Settings) -> Plan:
-    """The numbers of one layout on GPUs of `memory_bytes` (replicas left at 0)."""
+             settings: Settings, dp: int = 1, expert_parallel: bool = False) -> Plan:
+    """The numbers of one layout on GPUs of `memory_bytes` (replicas left at 0). With dp > 1
+    every data-parallel rank is an engine of its own holding the whole model but, with
+    expert parallelism, only its share of the routed experts; KV room and sequences are per
+    rank (each rank caches only its own requests)."""
+    expert_ranks = tp * dp if expert_parallel else None
     max_len = settings.max_model_len or model.max_position_embeddings
     kv_bytes = kv_dtype_bytes(settings.kv_cache_dtype, model.dtype_bytes)
     reserve = runtime_reserve(model, tp, memory_bytes, settings)
@@ -571,7 +590,8 @@ def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
     kv_layer = model.kv_bytes_per_token_layer(tp, kv_bytes)
     worst_weights, worst = 0.0, None
     for index, stage in enumerate(pp_stage_layers(model.num_layers, pp)):
-        weights = sum(model.layers[i].per_gpu(tp, model.num_kv_heads) for i in stage)
+        weights = sum(model.layers[i].per_gpu(tp, model.num_kv_heads, expert_ranks)
+                      for i in stage)
         if index == 0:
             weights += model.embed_bytes / tp
         if index == pp - 1:
@@ -589,7 +609,8 @@ def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
                 reserve_per_gpu=reserve,
                 weights_per_gpu=worst_weights, kv_room_per_gpu=room, kv_bytes_per_token=per_token,
                 max_model_len=max_len, sequences=whole,
-                replicas=0, fits=sequences >= settings.min_sequences)
+                replicas=0, fits=sequences >= settings.min_sequences, dp=dp,
+                expert_parallel=expert_parallel)
 
 
 def replicas_on(nodes: Sequence[GpuNode], tp: int, pp: int) -> int:
@@ -682,7 +703,8 @@ def _suggestions(model: ModelFootprint, nodes: Sequence[GpuNode], memory: float,
 
 
 def _fp8_weights(model: ModelFootprint) -> ModelFootprint:
-    layers = tuple(LayerBytes(l.sharded / model.dtype_bytes, l.replicated, l.kv_proj / model.dtype_bytes)
+    layers = tuple(LayerBytes(l.sharded / model.dtype_bytes, l.replicated,
+                              l.kv_proj / model.dtype_bytes, l.experts / model.dtype_bytes)
                    for l in model.layers)
     return replace(model, layers=layers, quantization="fp8")
 
@@ -796,3 +818,84 @@ def _refusal(model: ModelFootprint, plan: Plan, nodes: Sequence[GpuNode], memory
     if options:
         text += " Would fit: " + "; or ".join(options) + "."
     return text
+
+
+# --------------------------------------------------------------------------- wide expert parallelism
+
+
+@dataclass
+class WideEpComparison:
+    """The `auto` tensor x pipeline layout (its replicas over the cluster) against one gang of
+    data-parallel ranks with expert parallelism over every GPU (tp 1 in each rank)."""
+
+    gpus: int
+    tp_plan: Plan | None          # None: no TP x PP layout holds the model
+    ep_plan: Plan                 # one gang over every GPU; fits False when a rank cannot hold it
+    multi_node: bool
+
+    @staticmethod
+    def cluster_tokens(plan: Plan | None) -> int:
+        """KV-cache tokens over the cluster: a TP x PP replica caches each token once (on every
+        one of its GPUs), a DP rank caches only its own requests' tokens."""
+        if plan is None or not plan.fits:
+            return 0
+        return plan.kv_tokens * (plan.dp if plan.dp > 1 else max(plan.replicas, 0))
+
+    @property
+    def pick(self) -> str:
+        """The rule: DP x EP when its ranks fit and its KV cache holds more tokens over the
+        cluster than the TP x PP replicas together; TP x PP otherwise; "" when neither fits."""
+        tp_tokens, ep_tokens = self.cluster_tokens(self.tp_plan), self.cluster_tokens(self.ep_plan)
+        if not tp_tokens and not ep_tokens:
+            return ""
+        return "dp-ep" if ep_tokens > tp_tokens else "tp-pp"
+
+    def lines(self) -> list[str]:
+        out = []
+        for label, plan in (("TP x PP", self.tp_plan), ("DP x EP", self.ep_plan)):
+            if plan is None:
+                out.append(f"  {label}: no layout holds the model")
+                continue
+            count = (f"{plan.dp} ranks of {plan.tp} GPU" if plan.dp > 1
+                     else f"{plan.replicas} replica(s) of {plan.gpus_per_replica} GPU(s)")
+            fit = "" if plan.fits else ", does not fit"
+            unit = "per rank" if plan.dp > 1 else "per replica"
+            out.append(f"  {label}: {plan.flags()} ({count}){fit}: weights "
+                       f"{gib(plan.weights_per_gpu)} per GPU, KV room {gib(plan.kv_room_per_gpu)} "
+                       f"per GPU, {max(plan.kv_tokens, 0):,} KV tokens {unit}, "
+                       f"{self.cluster_tokens(plan):,} on the cluster")
+        pick = {"dp-ep": "DP x EP: its ranks cache more tokens together",
+                "tp-pp": "TP x PP: DP x EP does not fit, or holds no more tokens",
+                "": "neither fits"}[self.pick]
+        out.append(f"  pick: {pick} (rule: DP x EP when every rank fits and the cluster's KV "
+                   "cache holds more tokens that way; an MLA layer's cache is not split by "
+                   "tensor parallelism, so a TP x PP replica keeps a copy on each GPU)")
+        if self.multi_node:
+            out.append("  DP x EP over several nodes exchanges tokens between all ranks at every "
+                       "MoE layer (all-to-all): it needs RDMA (InfiniBand or RoCE) between every "
+                       "pair of NICs; over TCP it is far slower (not measured here)")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpus": self.gpus, "pick": self.pick,
+                "tp_pp": self.tp_plan.to_dict() if self.tp_plan else None,
+                "dp_ep": self.ep_plan.to_dict(),
+                "tp_pp_cluster_kv_tokens": self.cluster_tokens(self.tp_plan),
+                "dp_ep_cluster_kv_tokens": self.cluster_tokens(self.ep_plan)}
+
+
+def compare_wide_ep(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Settings
+                    ) -> WideEpComparison | None:
+    """TP x PP against DP x EP over the same GPUs, for a MoE model (None otherwise)."""
+    if not model.moe:
+        return None
+    nodes = _gpu_nodes(nodes)
+    memory = _memory(nodes)
+    gpus = sum(n.gpus for n in nodes)
+    try:
+        tp_plan: Plan | None = plan_layout(model, nodes, settings)
+    except PlanningError:
+        tp_plan = None
+    ep_plan = evaluate(model, 1, 1, memory, settings, dp=gpus, expert_parallel=True)
+    ep_plan.replicas = 1 if ep_plan.fits else 0
+    return WideEpComparison(gpus, tp_plan, ep_plan, multi_node=len(nodes) > 1)

@@ -297,6 +297,12 @@ def test_model_flag_adds_the_planned_layout(sim, capsys):
     layout = data["layout"]
     assert (layout["tensor_parallel_size"], layout["pipeline_parallel_size"]) == (8, 2)
     assert layout["replicas"] == 1 and layout["sequences"] >= 2 and layout["node_problems"] == []
+    # Wide expert parallelism beside it: 16 ranks of 1 GPU do not hold R1 on 80 GiB GPUs.
+    assert layout["wide_ep"]["pick"] == "tp-pp" and not layout["wide_ep"]["dp_ep"]["fits"]
+    check_cluster.main(["--model", r1, "--gpu-memory-gib", "141"])
+    out = capsys.readouterr().out
+    assert "LAYOUT, wide expert parallelism vs tensor parallelism on 16 GPUs:" in out
+    assert "--data-parallel-size 16 --enable-expert-parallel" in out and "pick: DP x EP" in out
     check_cluster.main(["--model", r1, "--gpu-memory-gib", "64"])
     out = capsys.readouterr().out
     assert "LAYOUT: no layout on 2 node(s) x 8 GPU(s) of 64 GiB" in out and "3 nodes" in out

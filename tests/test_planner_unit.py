@@ -303,3 +303,39 @@ def test_kv_cache_report_sets_vllms_figure_beside_the_planners():
     assert "the deploy's planner predicted 1000 (-2.0%)" in line and not short
     line, short = kv_cache_report(900, 1000)
     assert short and "(-10.0%)" in line and "over-estimated" in line
+
+
+# Wide expert parallelism: R1's routed experts are 256 per MoE layer, 58 MoE layers of 61.
+def test_r1_routed_experts_split_over_the_expert_parallel_ranks(r1):
+    experts = sum(layer.experts for layer in r1.layers)
+    rest = r1.weight_bytes - experts
+    # Routed experts are nearly all of R1: 58 layers x 256 x 3 x 7168 x 2048 fp8 bytes (+ scales).
+    assert experts / GIB == pytest.approx(58 * 256 * 3 * 7168 * 2048 * (1 + 4 / 128**2) / GIB,
+                                          rel=1e-6)
+    assert 15 * GIB < rest < 20 * GIB
+    rank = planner.evaluate(r1, 1, 1, 141 * GIB, Settings(gpu_memory_utilization=0.9), dp=16,
+                            expert_parallel=True)
+    # Each of 16 ranks: everything but the routed experts in full, and 16 of the 256 experts.
+    assert rank.weights_per_gpu == pytest.approx(rest + experts / 16, rel=1e-9)
+    assert rank.gpus_per_replica == 16 and "--data-parallel-size 16 --enable-expert-parallel" in \
+        rank.flags()
+    # Without expert parallelism a data-parallel rank holds every expert.
+    assert planner.evaluate(r1, 1, 1, 141 * GIB, Settings(), dp=16).weights_per_gpu == \
+        pytest.approx(r1.weight_bytes, rel=1e-9)
+
+
+def test_r1_wide_ep_against_tp_on_the_guides_clusters(r1):
+    """2 x 8 x 141 GiB: 16 DP ranks each hold about 56 GiB of weights and cache their own
+    requests, more than 12x the KV tokens of two TP 8 replicas, whose every GPU keeps a copy of
+    each token's MLA cache. 2 x 8 x 80 GiB: a rank's 56 GiB leave no KV room, TP 8 x PP 2 fits."""
+    big = planner.compare_wide_ep(r1, cluster(2, 8, 141), Settings(gpu_memory_utilization=0.9))
+    assert big is not None and big.pick == "dp-ep"
+    assert (big.tp_plan.tp, big.tp_plan.pp, big.tp_plan.replicas) == (8, 1, 2)
+    assert big.ep_plan.fits and big.ep_plan.dp == 16 and big.ep_plan.kv_bytes_per_token == 576 * 2 * 61
+    assert big.cluster_tokens(big.ep_plan) > 12 * big.cluster_tokens(big.tp_plan)
+    assert any("RDMA" in line for line in big.lines())
+    small = planner.compare_wide_ep(r1, cluster(2, 8, 80), Settings(gpu_memory_utilization=0.82))
+    assert small is not None and small.pick == "tp-pp" and not small.ep_plan.fits
+    assert (small.tp_plan.tp, small.tp_plan.pp) == (8, 2)
+    assert planner.compare_wide_ep(planner.read_checkpoint(QWEN7B), cluster(2, 8, 80),
+                                   Settings()) is None  # dense: nothing to compare
