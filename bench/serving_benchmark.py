@@ -609,7 +609,8 @@ class Bench:
             head = [sys.executable, __file__, "_vllm"]
         command = head + ["serve", self.args.model, "--served-model-name", SERVED_NAME,
                           "--host", HOST, "--port", str(port), "--disable-uvicorn-access-log",
-                          *self.cli_engine_flags(), *self.args.vllm_serve_args]
+                          *self.cli_engine_flags(), *self.reasoning_flags(),
+                          *self.args.vllm_serve_args]
         self.command_lines.setdefault("vllm-serve", " ".join(
             ["python"] + command[1:]).replace(str(REPO_ROOT) + "/", "").replace(
             str(port), "PORT"))
@@ -629,6 +630,17 @@ class Bench:
             finally:
                 stop_group(process)
                 self.note_kernels("vllm-serve", log_texts(self.workdir, logpath.name))
+
+    def reasoning_flags(self) -> list[str]:
+        """`vllm serve` gets the reasoning parser the project's replicas pick for this model
+        (their --reasoning-parser auto: deepseek_r1 where the chat template opens <think>), so
+        that both run the same engine settings; unless --vllm-serve-args names one."""
+        if any(a.startswith("--reasoning-parser") for a in self.args.vllm_serve_args):
+            return []
+        from replica.server import reasoning_parser_for
+
+        parser = reasoning_parser_for("auto", self.args.model)
+        return ["--reasoning-parser", parser] if parser else []
 
     def run_ray(self, rep: int, target: str = "ray") -> dict[str, dict[str, Any]]:
         port = free_port()

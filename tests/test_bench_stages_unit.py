@@ -184,3 +184,15 @@ def test_kernel_choices_from_a_vllm_log():
         "Selected CutlassFP8ScaledMMLinearKernel for Fp8LinearMethod",
         "Async scheduling will be disabled because it is not supported with the `ray` "
         "distributed executor backend"]
+
+
+def test_vllm_serve_gets_the_reasoning_parser_the_replicas_pick():
+    import argparse
+
+    from serving_benchmark import MODEL7B, Bench
+
+    bench = Bench.__new__(Bench)
+    bench.args = argparse.Namespace(vllm_serve_args=[], model=str(MODEL7B))
+    assert bench.reasoning_flags() == ["--reasoning-parser", "deepseek_r1"]  # opens <think>
+    bench.args.vllm_serve_args = ["--reasoning-parser", "qwen3"]
+    assert bench.reasoning_flags() == []   # the operator's own choice stays
