@@ -24,7 +24,7 @@ WEIGHTS_S = {
     "test_check_cluster.py": 71, "test_multinode_busy_placement.py": 70,
     "test_stop_service.py": 43, "test_startup_failures.py": 120,
     "test_r1_architecture.py": 60, "test_chaos.py": 330, "test_gcs_fault_tolerance.py": 120,
-    "test_routing.py": 160,
+    "test_routing.py": 160, "test_pinned_restart.py": 130,
 }
 DEFAULT_WEIGHT_S = 30
 UNIT_WEIGHT_S = 1

@@ -37,7 +37,8 @@ def started_with_retry(start: Callable[[], T], what: str,
 
 @contextlib.contextmanager
 def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: float = 1,
-                      worker_resources: list[dict] | None = None, ingress: str | None = None):
+                      worker_resources: list[dict] | None = None, ingress: str | None = None,
+                      worker_labels: list[dict] | None = None):
     """Head (no GPU) + `gpu_nodes` nodes with 8 logical GPUs each; the driver is connected and
     Serve started with the scripts' `--ingress` (None: their default)."""
     from ray import serve
@@ -46,7 +47,8 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
 
     c, workers, temp_dir = started_with_retry(
         lambda: started_cluster(gpu_nodes, head_cpus, worker_cpus,
-                                worker_resources or [{}] * gpu_nodes), "simulated cluster")
+                                worker_resources or [{}] * gpu_nodes,
+                                worker_labels or [{}] * gpu_nodes), "simulated cluster")
     try:
         ray.init(address=c.address, _node_ip_address=LOCAL_IP, namespace=NAMESPACE,
                  logging_level="WARNING", log_to_driver=False)
@@ -62,7 +64,8 @@ def simulated_cluster(gpu_nodes: int = 2, head_cpus: float = 2, worker_cpus: flo
 
 
 def started_cluster(gpu_nodes: int, head_cpus: float, worker_cpus: float,
-                    worker_resources: list[dict]) -> tuple[Cluster, list, str]:
+                    worker_resources: list[dict],
+                    worker_labels: list[dict]) -> tuple[Cluster, list, str]:
     """The cluster and its worker nodes, all registered, and the temp dir that holds its
     session (its own, so that a failed start's processes are found and ended). The dir is
     directly under /tmp: Ray's socket paths in it must stay within 107 bytes."""
@@ -76,11 +79,18 @@ def started_cluster(gpu_nodes: int, head_cpus: float, worker_cpus: float,
         c = Cluster(initialize_head=True, connect=False,
                     head_node_args={"num_cpus": head_cpus, "node_ip_address": LOCAL_IP,
                                     "include_dashboard": False, "temp_dir": temp_dir})
-        workers = [c.add_node(num_cpus=worker_cpus, num_gpus=8, node_ip_address=LOCAL_IP,
-                              resources={"accelerator_type:H100": 1, **extra})
-                   for extra in worker_resources[:gpu_nodes]]
+        workers = [add_gpu_node(c, worker_cpus, extra, labels)
+                   for extra, labels in zip(worker_resources[:gpu_nodes], worker_labels)]
         c.wait_for_nodes()
     return c, workers, temp_dir
+
+
+def add_gpu_node(c: Cluster, cpus: float, resources: dict | None = None,
+                 labels: dict | None = None):
+    """A node with 8 logical GPUs (and the operator's `ray start --labels`, if any)."""
+    return c.add_node(num_cpus=cpus, num_gpus=8, node_ip_address=LOCAL_IP,
+                      resources={"accelerator_type:H100": 1, **(resources or {})},
+                      **({"labels": labels} if labels else {}))
 
 
 @contextlib.contextmanager

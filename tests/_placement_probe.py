@@ -47,6 +47,11 @@ class PlacementProbe:
         self.worker_gpus = [gpus for _, gpus, _ in worker_places]
         self.worker_nccl_ifname = [ifname for _, _, ifname in worker_places]
 
+    def check_health(self) -> None:
+        """Fails once a worker is gone (its node died), as vLLM's engine does when a rank dies:
+        Serve then replaces the replica."""
+        ray.get([w.where.remote() for w in self.workers], timeout=10)
+
     def describe(self, delay_s: float = 0.0) -> dict:
         return {"node": self.node_id, "own_gpus": self.own_gpus,
                 "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus,
