@@ -21,7 +21,8 @@ ENGINE_DEFAULTS = EngineConfig(tensor_parallel_size=8)
 
 def add_topology_args(group) -> None:
     cli.add_flag(group, "--num-replicas", env="NUM_REPLICAS", type=int, default=2,
-                 help="replicas, each on its own node")
+                 help="replicas, each on its own node; with --data-parallel-size: gangs of "
+                      "that many ranks (default then 1)")
 
 
 def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:

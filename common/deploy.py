@@ -104,11 +104,24 @@ def check_vllm_args(engine: EngineConfig, vllm_args: list[str]) -> list[str]:
                           extra=engine.extra_engine_kwargs)
     except Exception as exc:  # noqa: BLE001 - argparse and vLLM both raise their own types
         return [f"{' '.join(vllm_args)}: {exc}"]
-    if int(getattr(args, "data_parallel_size", 1) or 1) > 1:
+    # vLLM's own data-parallel flags (or their short forms, -dp ...) would reach every rank
+    # unchanged: the size is ours, the rest is each rank's own.
+    rank_fields = ("data_parallel_rank", "data_parallel_address", "data_parallel_rpc_port",
+                   "data_parallel_start_rank", "data_parallel_size_local")
+    given = [f"--{name.replace('_', '-')}" for name in rank_fields
+             if getattr(args, name, None) is not None]
+    given += [flag for flag, name in (("--data-parallel-hybrid-lb", "data_parallel_hybrid_lb"),
+                                      ("--data-parallel-external-lb",
+                                       "data_parallel_external_lb"), ("--headless", "headless"))
+              if getattr(args, name, False)]
+    if given:
         problems.append(
-            f"--data-parallel-size {args.data_parallel_size}: vLLM's data parallelism inside "
-            "one Serve replica is not supported here; Serve replicas are the data parallelism: "
-            "use --num-replicas (or --min/--max-replicas), each replica one engine")
+            f"{', '.join(given)}: each data-parallel rank's number, address and port come from "
+            "its Serve gang (replica/data_parallel.py); give --data-parallel-size (ranks per "
+            "gang) and --num-replicas (gangs) only")
+    if int(getattr(args, "data_parallel_size", 1) or 1) != engine.data_parallel_size:
+        problems.append(f"--data-parallel-size is this script's flag: give it as "
+                        f"--data-parallel-size {args.data_parallel_size}")
     return problems
 
 
@@ -192,6 +205,8 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
     args, vllm_args = parser.parse_known_args(argv)
     engine = engine_config_from_args(args)
     serve_config = serve_config_from_args(args)
+    if engine.data_parallel_size > 1:
+        data_parallel_defaults(engine, args, argv)
     requested_layout = layout.set_aside_auto(engine)
     requested_layout.min_sequences = args.min_sequences
     requested_layout.check = not args.no_layout_check
@@ -205,6 +220,23 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None
     if problems:
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_USAGE)
     return args, engine, serve_config, requested_layout
+
+
+def data_parallel_defaults(engine: EngineConfig, args: argparse.Namespace,
+                           argv: list[str] | None) -> None:
+    """With --data-parallel-size each rank is one GPU and --num-replicas (gangs) is 1 unless the
+    operator said otherwise: a script's own defaults (ray-force-multi.py: 2 replicas of tensor
+    parallel 8) are not a rank's nor a gang count."""
+    for flag, env, name in (("--tensor-parallel-size", "TENSOR_PARALLEL_SIZE",
+                             "tensor_parallel_size"),
+                            ("--pipeline-parallel-size", "PIPELINE_PARALLEL_SIZE",
+                             "pipeline_parallel_size")):
+        if getattr(engine, name) != 1 and not layout.flag_given(argv, flag, env):
+            setattr(engine, name, 1)
+            setattr(args, name, 1)
+    if getattr(args, "num_replicas", 1) != 1 and \
+            not layout.flag_given(argv, "--num-replicas", "NUM_REPLICAS"):
+        args.num_replicas = 1
 
 
 @cli.exits_with_codes

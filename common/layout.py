@@ -439,7 +439,9 @@ def resolve_layout(request: LayoutRequest, engine: EngineConfig, serve_config: S
     lower_default_utilization(engine, model, nodes, argv)
     settings = settings_for(engine, request.min_sequences)
     try:
-        plan = planner.plan_layout(model, nodes, settings, request.tp, request.pp)
+        plan = planner.plan_layout(model, nodes, settings, request.tp, request.pp,
+                                   dp=engine.data_parallel_size,
+                                   expert_parallel=engine.enable_expert_parallel)
         print(f"layout: {plan.reason}", flush=True)
     except planner.PlanDoubt as doubt:
         plan = doubt.plan

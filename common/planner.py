@@ -742,9 +742,11 @@ class PlanDoubt(PlanningError):
 
 
 def plan_layout(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Settings,
-                tp: int | str = "auto", pp: int | str = "auto") -> Plan:
+                tp: int | str = "auto", pp: int | str = "auto", dp: int = 1,
+                expert_parallel: bool = False) -> Plan:
     """The layout for tp/pp (each an int or "auto"): the first candidate that fits, or the given
-    one when it fits; a PlanningError with the numbers and what would fit otherwise."""
+    one when it fits; a PlanningError with the numbers and what would fit otherwise. With dp > 1
+    (data-parallel ranks, given tp and pp) the given layout per rank."""
     nodes = _gpu_nodes(nodes)
     memory = _memory(nodes)
     gpn = max(n.gpus for n in nodes)
@@ -752,10 +754,19 @@ def plan_layout(model: ModelFootprint, nodes: Sequence[GpuNode], settings: Setti
     if given_tp and model.tp_problem(int(tp)):
         raise PlanningError(f"--tensor-parallel-size {tp} cannot split {model.name}: "
                             f"{model.tp_problem(int(tp))}")
+    if dp > 1 and not (given_tp and given_pp):
+        raise PlanningError("--data-parallel-size plans per rank: give --tensor-parallel-size "
+                            "and --pipeline-parallel-size as numbers (1 and 1 for wide EP)")
+    if dp > 1 and not model.moe:
+        raise PlanningError(f"--data-parallel-size {dp}: {model.name} has no MoE layers, and "
+                            "vLLM runs data-parallel groups of separate engines for MoE models "
+                            "only; for a dense model use --num-replicas (independent replicas)")
     if given_tp and given_pp:
-        plan = evaluate(model, int(tp), int(pp), memory, settings)
+        plan = evaluate(model, int(tp), int(pp), memory, settings, dp=dp,
+                        expert_parallel=expert_parallel)
         plan.chosen = "given"
-        plan.replicas = replicas_on(nodes, plan.tp, plan.pp)
+        plan.replicas = (replicas_on(nodes, plan.tp, plan.pp) if dp == 1
+                         else sum(n.gpus // (plan.tp * plan.pp) for n in nodes) // dp)
         if plan.fits:
             plan.reason = _reason(model, plan, settings, nodes, memory)
             return plan

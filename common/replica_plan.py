@@ -51,6 +51,9 @@ class ReplicaPlan:
     layout: MultiNodeLayout | None = None
     notes: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
+    # Data-parallel ranks per gang (--data-parallel-size): `replicas` and `slots` count gangs,
+    # each gang that many Serve replicas placed and restarted together.
+    gang_size: int = 1
 
     @property
     def stages(self) -> int:
@@ -61,12 +64,20 @@ class ReplicaPlan:
         per-node cap."""
         options: dict[str, Any] = ({"autoscaling_config": self.autoscaling} if self.autoscaling
                                    else {"num_replicas": self.replicas})
-        if self.per_node is not None:
+        if self.gang_size > 1:
+            options = gang_topology(options, self.gang_size)
+        elif self.per_node is not None:
             options["max_replicas_per_node"] = self.per_node
         return options
 
     def lines(self) -> list[str]:
         """What the deploy prints before deploying."""
+        if self.gang_size > 1:
+            return [f"{self.replicas} gang(s) of {self.gang_size} data-parallel ranks "
+                    f"({self.replicas * self.gang_size} replicas), each rank needing "
+                    f"{format_demand(self.demand)} on one node; a gang's ranks are placed "
+                    f"together over as few nodes as hold them and restart together; the "
+                    f"cluster's nodes can hold {self.slots} gang(s)", *self.notes]
         if self.stages > 1:
             gpus = f"{self.demand.get('GPU', 0):g}"
             needs = (f"{self.stages} pipeline stages of {gpus} GPUs, each stage on one node "
@@ -80,6 +91,31 @@ class ReplicaPlan:
             out.append("each replica spans nodes, one pipeline stage per node, pinned "
                        f"{self.layout.pin_words()}:\n{self.layout.describe()}")
         return out + list(self.notes)
+
+
+# Serve's gang scheduling (Ray >= 2.60): a gang's ranks are reserved in one placement group, packed
+# onto as few nodes as hold them, and when one rank fails the whole gang restarts (a vLLM
+# data-parallel group cannot lose a rank and go on).
+GANG_PLACEMENT = "PACK"
+GANG_FAILURE_POLICY = "RESTART_GANG"
+
+
+def gang_topology(options: dict[str, Any], gang_size: int) -> dict[str, Any]:
+    """Replica counts of gangs made counts of Serve replicas (autoscaling bounds too), with
+    Serve's gang scheduling."""
+    out = dict(options)
+    if "autoscaling_config" in out:
+        scaled = dict(out["autoscaling_config"])
+        for key in ("min_replicas", "max_replicas", "initial_replicas"):
+            if scaled.get(key) is not None:
+                scaled[key] *= gang_size
+        out["autoscaling_config"] = scaled
+    else:
+        out["num_replicas"] *= gang_size
+    out["gang_scheduling_config"] = {"gang_size": gang_size,
+                                     "gang_placement_strategy": GANG_PLACEMENT,
+                                     "runtime_failure_policy": GANG_FAILURE_POLICY}
+    return out
 
 
 def format_demand(demand: dict[str, float]) -> str:
@@ -121,7 +157,8 @@ def per_node_cap(engine: EngineConfig, topology: Topology) -> int | None:
     """Serve's max_replicas_per_node for the topology. A replica with its own placement group
     (tensor/pipeline parallel) gets none: Serve refuses it beside placement_group_bundles, and
     such a replica's group fills the GPUs it takes anyway."""
-    if engine.uses_ray_workers:
+    if engine.uses_ray_workers or engine.data_parallel_size > 1:
+        # Serve refuses a per-node cap beside a gang too: the gang's group places its ranks.
         return None
     if topology.one_per_node:
         return 1
@@ -231,15 +268,17 @@ def plan_replicas(engine: EngineConfig, serve_config: ServeConfig, topology: Top
                                alive, topology.pin_label)
     demand = replica_demand(engine, serve_config, layout is not None, topology.gpu_share)
     stages = layout.pipeline_parallel_size if layout else 1
-    slots = replica_slots(demand, per_node, totals, stages)
+    gang = engine.data_parallel_size
+    slots = replica_slots(demand, per_node, totals, stages) // gang
     count = wanted if wanted is not None else resolve_replicas(
         AUTO, slots, topology.max_replicas, topology.auto_default)
     plan = ReplicaPlan(replicas=count, demand=demand, slots=slots, per_node=per_node,
                        autoscaling=topology.autoscaling, layout=layout, notes=topology.notes,
-                       gpu_share=topology.gpu_share)
+                       gpu_share=topology.gpu_share, gang_size=gang)
+    what = "gang(s)" if gang > 1 else "replica(s)"
     if slots < count:
         plan.warnings.append(
-            f"only {slots} of {count} replica(s) fit the cluster's nodes; the rest will stay "
+            f"only {slots} of {count} {what} fit the cluster's nodes; the rest will stay "
             f"pending, and the wait ends with an error after --timeout "
             f"{serve_config.timeout_s:.0f}s")
     return plan
@@ -256,4 +295,4 @@ def offline_plan(engine: EngineConfig, serve_config: ServeConfig,
                        demand=replica_demand(engine, serve_config, gpu_share=topology.gpu_share),
                        slots=count, per_node=per_node_cap(engine, topology),
                        autoscaling=topology.autoscaling, notes=topology.notes,
-                       gpu_share=topology.gpu_share)
+                       gpu_share=topology.gpu_share, gang_size=engine.data_parallel_size)

@@ -247,8 +247,11 @@ def validate_document(document: dict[str, Any]) -> None:
     """Serve's own schema check of a config (what `serve deploy` runs)."""
     from ray.serve.schema import ServeDeploySchema
 
+    import copy
+
     try:
-        ServeDeploySchema.model_validate(document)
+        # A copy: Serve's validators replace parts of what they check (gang_scheduling_config).
+        ServeDeploySchema.model_validate(copy.deepcopy(document))
     except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, shown as is
         raise cli.ScriptError(f"the generated Serve config is invalid: {exc}",
                               cli.EXIT_FAILURE) from None

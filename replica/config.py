@@ -77,6 +77,17 @@ class EngineConfig:
     pipeline_parallel_size: int = option(
         1, parse="parallel",
         help="pipeline stages per replica; auto: planned (one stage per node)")
+    data_parallel_size: int = option(
+        1,
+        help="data-parallel ranks per gang (wide expert parallelism for MoE models such as R1): "
+             "each rank is a Serve replica with an engine of its own on one GPU, the ranks of "
+             "a gang are one vLLM data-parallel group, placed together and restarted together "
+             "(Serve's gang scheduling); --num-replicas then counts gangs. MoE models only")
+    enable_expert_parallel: bool = option(
+        False,
+        help="split each MoE layer's routed experts over the GPUs of all data-parallel ranks "
+             "(vLLM's flag; with --data-parallel-size: DP x EP) instead of slicing every expert "
+             "by tensor parallelism")
     dtype: str = option(
         "auto",
         help="weights/activations dtype (auto, bfloat16, float16, ...); auto is float32 on "
@@ -155,6 +166,12 @@ class EngineConfig:
                 kwargs[name] = value
         if self.uses_ray_workers:
             kwargs["distributed_executor_backend"] = "ray"
+        # The rank and its group's address are the gang's, known only inside the replica
+        # (replica/data_parallel.py).
+        if self.data_parallel_size > 1:
+            kwargs["data_parallel_size"] = self.data_parallel_size
+        if self.enable_expert_parallel:
+            kwargs["enable_expert_parallel"] = True
         return kwargs
 
     def validate(self) -> list[str]:
@@ -170,6 +187,17 @@ class EngineConfig:
         if self.device == "cpu" and self.gpus_per_replica > 1:
             problems.append("--device cpu runs one engine process per replica: "
                             "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
+        if self.data_parallel_size < 1:
+            problems.append("--data-parallel-size must be >= 1")
+        elif self.data_parallel_size > 1 and self.gpus_per_replica > 1:
+            problems.append(
+                f"--data-parallel-size {self.data_parallel_size} with "
+                f"{self.gpus_per_replica} GPUs per rank (--tensor-parallel-size "
+                f"{self.tensor_parallel_size}, --pipeline-parallel-size "
+                f"{self.pipeline_parallel_size}): data-parallel ranks here are one GPU each "
+                "(the wide-EP layout); give --tensor-parallel-size 1 "
+                "--pipeline-parallel-size 1, or drop --data-parallel-size for tensor x "
+                "pipeline parallel replicas")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             problems.append("--gpu-memory-utilization must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 16:

@@ -46,6 +46,8 @@ _SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray._raylet", "GcsClient"),
     ("ray.serve.context", "_get_global_client"),
     ("ray.experimental.internal_kv", "_internal_kv_get"),
+    ("ray.experimental.internal_kv", "_internal_kv_put"),
+    ("ray.experimental.internal_kv", "_internal_kv_del"),
     ("ray._common.usage.usage_constants", "EXTRA_USAGE_TAG_PREFIX"),
     ("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE"),
 )
@@ -117,6 +119,25 @@ def bootstrap_address(address: str) -> str:
     return _symbol("ray._private.services", "canonicalize_bootstrap_address_or_die")(address)
 
 
+# A namespace of the GCS's key-value store of our own (Ray's and Serve's keys live in others).
+KV_NAMESPACE = "deepseek-serve"
+
+
+def kv_put(key: str, value: bytes) -> None:
+    _symbol("ray.experimental.internal_kv", "_internal_kv_put")(
+        key.encode(), value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+def kv_get(key: str) -> bytes | None:
+    return _symbol("ray.experimental.internal_kv", "_internal_kv_get")(
+        key.encode(), namespace=KV_NAMESPACE)
+
+
+def kv_del(key: str) -> None:
+    _symbol("ray.experimental.internal_kv", "_internal_kv_del")(key.encode(),
+                                                                namespace=KV_NAMESPACE)
+
+
 # ---- token auth -----------------------------------------------------------------------------
 
 
@@ -148,6 +169,16 @@ def serve_client() -> Any:
 def serve_details(client: Any) -> dict:
     """The controller's whole state (applications, deployments, replicas, proxies)."""
     return client.get_serve_details() or {}
+
+
+def gang_context() -> Any:
+    """This replica's gang (rank, world_size, gang_id: Serve's GangContext), None outside one."""
+    from ray import serve
+
+    context = serve.get_replica_context()
+    if not hasattr(context, "gang_context"):
+        raise _incompatible("ReplicaContext.gang_context (Serve's gang scheduling)")
+    return context.gang_context
 
 
 def with_version(deployment: Any, version: str) -> Any:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replica import versions, vllm_app, vllm_compat
+from replica import data_parallel, ray_compat, versions, vllm_app, vllm_compat
 from replica.config import EngineConfig, ServeConfig
 
 logger = logging.getLogger("ray.serve")
@@ -116,6 +117,9 @@ class LLMServer:
 
     # Set when Serve stops the replica: the engine then ends on purpose.
     _stopping = False
+    # With --data-parallel-size: this replica's rank, and on rank 0 the group address's key.
+    data_parallel_rank: int | None = None
+    _group_key: str | None = None
 
     async def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
@@ -129,7 +133,13 @@ class LLMServer:
         with serve_log_handlers_kept():
             # Inside: the first import of vLLM reconfigures logging (serve_log_handlers_kept).
             warn_if_untested(ray.__version__, vllm_compat.vllm_version(), self.node_id)
-            args = vllm_app.serve_args(engine_config.engine_kwargs(), engine_config.vllm_args,
+            engine_kwargs = engine_config.engine_kwargs()
+            if engine_config.data_parallel_size > 1:
+                rank_kwargs, self._group_key = await data_parallel.join_group(
+                    engine_config.data_parallel_size)
+                engine_kwargs.update(rank_kwargs)
+                self.data_parallel_rank = rank_kwargs["data_parallel_rank"]
+            args = vllm_app.serve_args(engine_kwargs, engine_config.vllm_args,
                                        extra=engine_config.extra_engine_kwargs)
             # vLLM's own request log carries the prompt text: only when the operator asks.
             vllm_compat.set_request_logging(args, serve_config.log_prompts)
@@ -195,6 +205,8 @@ class LLMServer:
                 "engine_layout": {"device": self.engine_config.device,
                                   "tensor_parallel_size": self.engine_config.tensor_parallel_size,
                                   "pipeline_parallel_size": self.engine_config.pipeline_parallel_size,
+                                  "data_parallel_size": self.engine_config.data_parallel_size,
+                                  "data_parallel_rank": self.data_parallel_rank,
                                   "max_model_len": vllm_compat.max_model_len(self.engine)},
                 "engine_kv_cache": {
                     "tokens": vllm_compat.kv_cache_tokens(self.engine),
@@ -217,3 +229,6 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             vllm_compat.shutdown_engine(engine)
+        if self._group_key is not None:
+            with contextlib.suppress(Exception):  # the GCS may be gone with the cluster
+                ray_compat.kv_del(self._group_key)

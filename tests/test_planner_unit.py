@@ -339,3 +339,25 @@ def test_r1_wide_ep_against_tp_on_the_guides_clusters(r1):
     assert (small.tp_plan.tp, small.tp_plan.pp) == (8, 2)
     assert planner.compare_wide_ep(planner.read_checkpoint(QWEN7B), cluster(2, 8, 80),
                                    Settings()) is None  # dense: nothing to compare
+
+
+def test_r1_data_parallel_ranks_are_planned_per_rank_with_experts_split(r1):
+    settings = Settings(gpu_memory_utilization=0.9)
+    plan = planner.plan_layout(r1, cluster(2, 8, 141), settings, tp=1, pp=1, dp=16,
+                               expert_parallel=True)
+    assert (plan.tp, plan.pp, plan.dp, plan.expert_parallel, plan.chosen) == \
+        (1, 1, 16, True, "given")
+    assert plan.fits and plan.replicas == 1   # one gang of 16 ranks on 2 x 8 GPUs
+    assert "--data-parallel-size 16 --enable-expert-parallel" in plan.reason
+    assert round(plan.weights_per_gpu / GIB, 1) == 55.8   # compare_wide_ep's golden figure
+    # Without expert parallelism every rank would hold all 671B parameters.
+    with pytest.raises(PlanningError):
+        planner.plan_layout(r1, cluster(2, 8, 141), settings, tp=1, pp=1, dp=16)
+
+
+def test_data_parallel_needs_a_moe_model_and_a_given_layout(r1):
+    with pytest.raises(PlanningError, match="no MoE layers"):
+        planner.plan_layout(planner.read_checkpoint(QWEN7B), cluster(2, 8, 80), Settings(),
+                            tp=1, pp=1, dp=2)
+    with pytest.raises(PlanningError, match="plans per rank"):
+        planner.plan_layout(r1, cluster(2, 8, 141), Settings(), tp="auto", pp=1, dp=16)

@@ -312,3 +312,44 @@ def script_default(flag: str):
 
     parser = script_parser("test")
     return next(a.default for a in parser._actions if flag in a.option_strings)
+
+
+def test_wide_ep_config_is_one_gang_of_one_gpu_ranks_serve_accepts(capsys):
+    config = config_of("ray-force-multi.py",
+                       ["--data-parallel-size", "16", "--enable-expert-parallel"], capsys)
+    serve_config.validate_document(config)
+    [app] = config["applications"]
+    args = app["args"]
+    # The script's own defaults (2 replicas of tensor parallel 8) are not a rank's.
+    assert (args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (1, 1)
+    assert (args["data_parallel_size"], args["enable_expert_parallel"]) == (16, True)
+    [deployment] = app["deployments"]
+    assert deployment["num_replicas"] == 16
+    assert deployment["gang_scheduling_config"] == {
+        "gang_size": 16, "gang_placement_strategy": "PACK",
+        "runtime_failure_policy": "RESTART_GANG"}
+    assert deployment["ray_actor_options"]["num_gpus"] == 1.0
+    # Serve refuses both beside a gang.
+    assert "max_replicas_per_node" not in deployment
+    assert "placement_group_strategy" not in deployment
+
+
+def test_wide_ep_autoscaling_counts_gangs(capsys):
+    config = config_of("ray-product", ["--data-parallel-size", "8", "--min-replicas", "1",
+                                       "--max-replicas", "2"], capsys)
+    serve_config.validate_document(config)
+    [deployment] = config["applications"][0]["deployments"]
+    scaling = deployment["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (8, 16)
+    assert deployment["gang_scheduling_config"]["gang_size"] == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-parallel-size", "2", "--tensor-parallel-size", "8"], "one GPU each"),
+    (["--data-parallel-size", "2", "--data-parallel-rank", "1"], "--data-parallel-rank"),
+    (["-dp", "2"], "--data-parallel-size is this script's flag"),
+])
+def test_data_parallel_flags_the_gang_owns_are_refused(argv, message, capsys):
+    module = builders.load_script("ray-force-multi.py")
+    assert module.main(["--print-config", *argv]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
