@@ -28,11 +28,21 @@ class GpuWorker:
 
 
 class PlacementProbe:
-    def __init__(self, engine_config, serve_config, port: int = 0):
+    async def __init__(self, engine_config, serve_config, port: int = 0):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.workers = []
+        # A data-parallel rank joins its group as the real replica does (replica/server.py).
+        self.gang = None
+        if engine_config.data_parallel_size > 1:
+            from replica import data_parallel, ray_compat
+
+            group, _ = await data_parallel.join_group(engine_config.data_parallel_size)
+            context = ray_compat.gang_context()
+            self.gang = {"id": context.gang_id, "rank": group["data_parallel_rank"],
+                         "address": group["data_parallel_address"],
+                         "port": group["data_parallel_rpc_port"]}
         group = ray.util.get_current_placement_group()
-        if group is not None and engine_config.device == "cuda":
+        if group is not None and engine_config.uses_ray_workers:  # as replica/engine.py
             from replica.engine import check_stage_placement
 
             check_stage_placement(group, engine_config)  # as the real engine does first
@@ -47,6 +57,9 @@ class PlacementProbe:
         self.worker_gpus = [gpus for _, gpus, _ in worker_places]
         self.worker_nccl_ifname = [ifname for _, _, ifname in worker_places]
 
+    def reconfigure(self, user_config: dict) -> None:
+        """A backend's user_config records its version and pin (common/backend_stages.py)."""
+
     def check_health(self) -> None:
         """Fails once a worker is gone (its node died), as vLLM's engine does when a rank dies:
         Serve then replaces the replica."""
@@ -55,7 +68,8 @@ class PlacementProbe:
     def describe(self, delay_s: float = 0.0) -> dict:
         return {"node": self.node_id, "own_gpus": self.own_gpus,
                 "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus,
-                "worker_nccl_ifname": self.worker_nccl_ifname}
+                "worker_nccl_ifname": self.worker_nccl_ifname, "gang": self.gang,
+                "pid": os.getpid()}
 
     async def endpoint(self) -> str:
         """The backend interface the router uses: the URL of a server answering POST /."""

@@ -5,10 +5,13 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 import threading
 
-from _cluster_fixtures import LOCAL_IP, ended_after, wait_until
+from _cluster_fixtures import (LOCAL_IP, ended_after, ended_on_error, started_with_retry,
+                               wait_until)
 
 import ray
 import requests
@@ -56,11 +59,23 @@ def local_ray(num_cpus: int = 2, dashboard: bool = False):
     state API, for tests that read replicas' logs)."""
     from ray import serve
 
-    # address="local": a new cluster even when another Ray on this machine left its address in
-    # /tmp/ray/ray_current_cluster (ray.init would try to join that one and refuse num_cpus).
-    context = ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOCAL_IP,
-                       include_dashboard=dashboard, namespace="serve", logging_level="WARNING",
-                       log_to_driver=False)
+    def start():
+        # A temp dir of its own, directly under /tmp (Ray's socket paths stay short): a start
+        # that fails is ended by its processes there, and started once more.
+        temp_dir = tempfile.mkdtemp(prefix="local-", dir="/tmp")
+        with ended_on_error(temp_dir):
+            try:
+                # address="local": a new cluster even when another Ray on this machine left its
+                # address in /tmp/ray/ray_current_cluster (ray.init would join that one).
+                return ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOCAL_IP,
+                                include_dashboard=dashboard, namespace="serve",
+                                logging_level="WARNING", log_to_driver=False,
+                                _temp_dir=temp_dir), temp_dir
+            except BaseException:
+                ray.shutdown()
+                raise
+
+    context, temp_dir = started_with_retry(start, "local Ray")
     try:
         yield
     finally:
@@ -68,6 +83,7 @@ def local_ray(num_cpus: int = 2, dashboard: bool = False):
             with contextlib.suppress(Exception):
                 serve.shutdown()
             ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def deploy_script(script: str, *argv: str) -> int:

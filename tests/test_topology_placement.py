@@ -6,7 +6,10 @@ the same scripts run the real engine on a simulated cluster in tests/test_topolo
 from __future__ import annotations
 
 import collections
+import concurrent.futures as concurrent_futures
 import os
+import signal
+import time
 
 from _cluster_fixtures import LOCAL_IP
 
@@ -160,6 +163,68 @@ def test_product_scales_out_to_the_other_node_and_back(sim):
     wait_until(lambda: len(cluster.list_replicas("product")) == 1, timeout=120,
                what="scale back to one replica")
     serve.delete("product")
+
+
+def ranks_answering(app: str, concurrent: int = 32) -> tuple[dict, list]:
+    """(gang id, rank) -> that rank's answer, and the failed requests' statuses and bodies, from
+    concurrent requests that each hold their replica a second (HAProxy's least connections
+    then spreads them over every rank)."""
+    def post(_) -> tuple[int | None, str, dict | None]:
+        try:
+            r = requests.post(f"{URL}/{app}/", json={"delay_s": 1.0}, timeout=60)
+        except requests.RequestException as exc:
+            return None, repr(exc)[:300], None
+        return r.status_code, r.text[:300], r.json() if r.status_code == 200 else None
+
+    with concurrent_futures.ThreadPoolExecutor(concurrent) as pool:
+        results = list(pool.map(post, range(concurrent)))
+    answers = [answer for _, _, answer in results if answer is not None]
+    failures = [(status, text) for status, text, answer in results if answer is None]
+    return {(a["gang"]["id"], a["gang"]["rank"]): a for a in answers}, failures
+
+
+def by_gang(answers: dict) -> dict[str, list]:
+    gangs = collections.defaultdict(list)
+    for (gang, _), answer in sorted(answers.items()):
+        gangs[gang].append(answer)
+    return gangs
+
+
+def test_force_multi_wide_ep_gangs_each_on_one_node_a_dead_rank_restarts_its_gang_only(sim):
+    assert deploy_script("ray-force-multi.py", *gpu_args(
+        "wide", "--data-parallel-size", "8", "--enable-expert-parallel",
+        "--num-replicas", "2")) == 0
+    assert len(running("wide")) == 16 and ray.available_resources().get("GPU", 0) == 0
+    answers, failures = wait_until(lambda: (lambda r: r if len(r[0]) == 16 else None)(
+        ranks_answering("wide")), timeout=60, what="every rank answering")
+    assert failures == []
+    gangs = by_gang(answers)
+    assert len(gangs) == 2
+    for members in gangs.values():
+        assert [a["gang"]["rank"] for a in members] == list(range(8))
+        assert len({a["node"] for a in members}) == 1        # a gang packs onto one node
+        # every rank of a gang got rank 0's group address (through the GCS)
+        assert len({(a["gang"]["address"], a["gang"]["port"]) for a in members}) == 1
+    assert {members[0]["node"] for members in gangs.values()} == gpu_nodes()
+
+    # One rank dies: Serve restarts its whole gang (a vLLM data-parallel group cannot lose a
+    # rank) while the other gang keeps its replicas and answers all along.
+    victim, kept = sorted(gangs)
+    os.kill(gangs[victim][3]["pid"], signal.SIGKILL)
+    deadline, failed = time.monotonic() + 180, []
+    while True:
+        answers, failures = ranks_answering("wide")
+        failed += failures
+        assert len(by_gang(answers)[kept]) > 0   # the kept gang answers in every round
+        if len(answers) == 16 and victim not in by_gang(answers):
+            break
+        assert time.monotonic() < deadline, "the dead rank's gang did not restart in 180 s"
+    after = by_gang(answers)
+    print(f"requests failed while the gang restarted: {len(failed)}", failed[:3])
+    assert failures == [] and kept in after and len(after) == 2
+    assert [a["pid"] for a in after[kept]] == [a["pid"] for a in gangs[kept]]
+    assert not {a["pid"] for a in gangs[victim]} & {a["pid"] for m in after.values() for a in m}
+    serve.delete("wide")
 
 
 R1_CONFIG = os.path.join(os.path.dirname(__file__), "fixtures", "deepseek-r1")
