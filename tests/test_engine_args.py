@@ -27,11 +27,12 @@ def test_r1_operators_flags_pass_as_vllm_serve_flags():
 def test_the_same_options_pass_as_engine_kwargs_and_reach_the_engine_args():
     from vllm import AsyncEngineArgs
 
-    extra = {"quantization": "fp8", "kv_cache_dtype": "fp8", "enable_expert_parallel": True,
+    extra = {"quantization": "fp8", "kv_cache_dtype": "fp8",
              "enable_prefix_caching": True, "speculative_config": SPECULATIVE}
     # A local checkpoint: AsyncEngineArgs of vLLM 0.26 looks a Hugging Face ID up on the Hub.
     engine = EngineConfig(model=str(ensure_demo_model(quiet=True)), tensor_parallel_size=8,
-                          pipeline_parallel_size=2, extra_engine_kwargs=extra)
+                          pipeline_parallel_size=2, enable_expert_parallel=True,
+                          extra_engine_kwargs=extra)
     assert check_vllm_args(engine, []) == []
     engine_args = AsyncEngineArgs.from_cli_args(
         serve_args(engine.engine_kwargs(), [], extra=engine.extra_engine_kwargs))
@@ -53,11 +54,17 @@ def test_engine_kwarg_that_a_flag_sets_is_refused_naming_the_flag():
     assert any("'enable_log_requests'" in p and "this script itself" in p for p in problems)
 
 
-def test_data_parallel_is_refused_pointing_to_replicas():
-    for engine, flags in ((R1_ENGINE, ["--data-parallel-size", "2"]),
-                          (EngineConfig(extra_engine_kwargs={"data_parallel_size": 2}), [])):
-        [problem] = check_vllm_args(engine, flags)
-        assert "--num-replicas" in problem
+def test_data_parallel_given_to_vllm_is_refused_pointing_to_the_scripts_flags():
+    # The size is the script's flag (a gang of that many replicas); a rank's own settings come
+    # from its gang.
+    [problem] = check_vllm_args(R1_ENGINE, ["-dp", "2"])
+    assert "give it as --data-parallel-size 2" in problem
+    [problem] = check_vllm_args(EngineConfig(extra_engine_kwargs={"data_parallel_size": 2}), [])
+    assert "set by --data-parallel-size" in problem
+    [problem] = check_vllm_args(EngineConfig(data_parallel_size=2),
+                                ["--data-parallel-rank", "0", "--data-parallel-rpc-port", "5"])
+    assert "--data-parallel-rank, --data-parallel-rpc-port" in problem
+    assert "--num-replicas (gangs)" in problem
 
 
 def test_help_vllm_prints_vllms_own_option_groups(capsys):
