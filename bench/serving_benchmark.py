@@ -31,7 +31,10 @@ DEMO_MODEL = REPO_ROOT / ".cache" / "demo-model"
 HOST = "127.0.0.1"  # loopback only: no traffic leaves the machine
 SERVED_NAME = "DeepSeek-R1"
 TARGETS = ("offline", "vllm-serve", "ray", "ray-no-metrics", "ray-offline", "ray-proxy",
-           "ray-router", "ray-router2", "serve-llm", "serve-llm-direct")
+           "ray-router", "ray-router2", "serve-llm", "serve-llm-direct", "ray-tp", "ray-wide-ep")
+# Only when --targets names them: one replica over --gpus GPUs, tensor parallel vs wide EP.
+OPT_IN_TARGETS = ("ray-tp", "ray-wide-ep")
+GPUS = "{gpus}"  # --gpus, in a Ray target's flags
 # The deployment script and its flags of each Ray target (beside the engine's and --ray-args).
 SINGLE_REPLICA = ("ray-single-gpu.py", ["--num-replicas", "1"])
 ONE_BACKEND = ["--num-backends", "1", "--tensor-parallel-size", "1", "--ingress", "haproxy"]
@@ -41,7 +44,12 @@ RAY_TARGETS = {"ray": (SINGLE_REPLICA[0], DIRECT),
                "ray-offline": (SINGLE_REPLICA[0], [*DIRECT, "--batch-limits", "offline"]),
                "ray-proxy": (SINGLE_REPLICA[0], [*SINGLE_REPLICA[1], "--ingress", "proxy"]),
                "ray-router": ("ray-placement-group.py", ONE_BACKEND),
-               "ray-router2": ("ray-placement-group.py", [*ONE_BACKEND, "--router-replicas", "2"])}
+               "ray-router2": ("ray-placement-group.py", [*ONE_BACKEND, "--router-replicas", "2"]),
+               "ray-tp": ("ray-force-multi.py", ["--num-replicas", "1", "--tensor-parallel-size",
+                                                 GPUS, "--ingress", "haproxy"]),
+               "ray-wide-ep": ("ray-force-multi.py", [
+                   "--num-replicas", "1", "--data-parallel-size", GPUS,
+                   "--enable-expert-parallel", "--ingress", "haproxy"])}
 # Ray targets also compared with `ray` itself.
 RAY_VARIANTS = ("ray-no-metrics", "ray-router", "ray-router2")
 # ray.serve.llm targets: the environment of their Ray head.
@@ -70,6 +78,10 @@ EPILOG = """targets (each started fresh and torn down in every repetition, in th
   ray-router  ray-placement-group.py --num-backends 1 --tensor-parallel-size 1: the guide's
               round-robin router in front of one backend (the router hop; ratios also to ray)
   ray-router2 the same with --router-replicas 2 (two routers, HAProxy balancing between them)
+  ray-tp      (only when named) ray-force-multi.py, one replica of tensor parallel --gpus
+  ray-wide-ep (only when named) ray-force-multi.py --data-parallel-size --gpus
+              --enable-expert-parallel: one gang of one-GPU ranks, experts split over them
+              (MoE models; ratios wide-ep/tp; on --device cpu, CPU ranks against `ray`)
   serve-llm   Ray's own ray.serve.llm (LLMConfig + build_openai_app, its defaults but one
               replica), the same engine settings, driven over /v1/completions
   serve-llm-direct  the same with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 and
@@ -645,6 +657,7 @@ class Bench:
     def run_ray(self, rep: int, target: str = "ray") -> dict[str, dict[str, Any]]:
         port = free_port()
         script, flags = RAY_TARGETS[target]
+        flags = [flag.replace(GPUS, str(self.args.gpus)) for flag in flags]
         script_args = [*flags, "--proxy-location", "HeadOnly", "--host", HOST,
                        "--port", str(port), "--model", self.args.model,
                        "--timeout", str(self.args.start_timeout),
@@ -892,6 +905,11 @@ def ratios(runs: list[dict[str, Any]], table: list[dict[str, Any]]) -> dict[str,
         pairs += [(f"{variant}-stream/ray-stream {metric.removesuffix('_ms')}",
                    f"{variant}-stream", "ray-stream", metric)
                   for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
+    # Wide EP against tensor parallelism over the same GPUs (--gpus).
+    pairs += [("ray-wide-ep/ray-tp", "ray-wide-ep", "ray-tp", "output_tok_s")]
+    pairs += [(f"ray-wide-ep-stream/ray-tp-stream {metric.removesuffix('_ms')}",
+               "ray-wide-ep-stream", "ray-tp-stream", metric)
+              for metric in ("ttft_p50_ms", "itl_p50_ms", "itl_p99_ms", "output_tok_s")]
     for name, num, den, metric in pairs:
         top, bottom = _median_of(table, num, metric), _median_of(table, den, metric)
         if top is None or not bottom:
@@ -1091,6 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--seed", type=int, default=0, help="prompt seed")
     opt("--start-timeout", type=float, default=600.0, help="seconds a target may take to start")
     opt("--vllm-serve-args", default="", help="extra flags for vllm serve (one string)")
+    opt("--gpus", type=int, default=2,
+        help="GPUs (CPU ranks on --device cpu) of the ray-tp and ray-wide-ep targets")
     opt("--ray-args", default="", help="extra flags for the Ray targets' scripts (one string)")
     opt("--results-dir", default=str(RESULTS_DIR), help="where the JSON and Markdown go")
     opt("--tag", default=None, help="file name tag; None: the device")
@@ -1115,7 +1135,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.concurrency is None:
         args.concurrency = args.num_requests
     if args.targets is None:
-        args.targets = ",".join(t for t in TARGETS if not (cpu and t == "ray-offline"))
+        args.targets = ",".join(t for t in TARGETS if not (cpu and t == "ray-offline")
+                                and t not in OPT_IN_TARGETS)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:

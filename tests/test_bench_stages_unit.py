@@ -196,3 +196,15 @@ def test_vllm_serve_gets_the_reasoning_parser_the_replicas_pick():
     assert bench.reasoning_flags() == ["--reasoning-parser", "deepseek_r1"]  # opens <think>
     bench.args.vllm_serve_args = ["--reasoning-parser", "qwen3"]
     assert bench.reasoning_flags() == []   # the operator's own choice stays
+
+
+def test_wide_ep_is_compared_with_tensor_parallel_over_the_same_gpus():
+    from serving_benchmark import RAY_TARGETS, aggregate, ratios
+
+    runs = [{"rep": 0, "row": "ray-tp", "output_tok_s": 100.0, "requests": 4, "failures": 0},
+            {"rep": 0, "row": "ray-wide-ep", "output_tok_s": 150.0, "requests": 4,
+             "failures": 0}]
+    table = aggregate(runs, ["ray-tp", "ray-wide-ep"], False)
+    assert ratios(runs, table)["ray-wide-ep/ray-tp"]["of_medians"] == 1.5
+    script, flags = RAY_TARGETS["ray-wide-ep"]
+    assert script == "ray-force-multi.py" and "--enable-expert-parallel" in flags
