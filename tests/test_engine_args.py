@@ -88,3 +88,12 @@ def test_script_help_points_to_help_vllm(capsys):
         script_main(["--help"], description="test", topology=lambda *_: None)
     text = capsys.readouterr().out
     assert "--help-vllm" in text and "--engine-kwargs" in text and "DEEPSEEK_SERVE_ENGINE_KWARGS]" in text
+
+
+def test_wide_ep_options_pass_through_and_a_wrong_one_is_refused_before_deploying():
+    engine = EngineConfig(data_parallel_size=16, enable_expert_parallel=True)
+    assert check_vllm_args(engine, [
+        "--enable-eplb", "--eplb-config", json.dumps({"num_redundant_experts": 32}),
+        "--all2all-backend", "deepep_low_latency", "--enable-dbo"]) == []
+    [problem] = check_vllm_args(engine, ["--all2all-backend", "nonsense"])
+    assert "invalid choice: 'nonsense'" in problem
