@@ -19,7 +19,7 @@ LOOPBACK = ROOT / "scripts" / "loopback.sh"
 # DEFAULT_WEIGHT_S, one that starts neither Ray nor an engine (*_unit.py) as UNIT_WEIGHT_S.
 WEIGHTS_S = {
     "test_operator.py": 625, "test_reliability.py": 436, "test_openai_parity.py": 300,
-    "test_declarative.py": 270, "test_topology_placement.py": 290, "test_demo.py": 190,
+    "test_declarative.py": 270, "test_topology_placement.py": 400, "test_demo.py": 190,
     "test_operations.py": 209, "test_topology_cpu.py": 146, "test_api_http.py": 144,
     "test_check_cluster.py": 71, "test_multinode_busy_placement.py": 70,
     "test_stop_service.py": 43, "test_startup_failures.py": 120,
