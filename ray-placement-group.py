@@ -42,6 +42,10 @@ def add_topology_args(group) -> None:
 
 
 def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:
+    if engine.data_parallel_size > 1:
+        raise cli.ScriptError("--data-parallel-size: each backend here is one replica pinned to "
+                              "its node; data-parallel gangs are ray-force-multi.py's and "
+                              "ray-product's", cli.EXIT_USAGE)
     return Topology(replicas=args.num_backends, one_per_node=True, span_nodes=False,
                     pin_label=args.pin_label)
 

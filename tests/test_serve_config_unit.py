@@ -353,3 +353,10 @@ def test_data_parallel_flags_the_gang_owns_are_refused(argv, message, capsys):
     module = builders.load_script("ray-force-multi.py")
     assert module.main(["--print-config", *argv]) == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_placement_group_backends_are_no_data_parallel_gangs(capsys):
+    module = builders.load_script("ray-placement-group.py")
+    assert module.main(["--print-config", "--data-parallel-size", "2"]) == cli.EXIT_USAGE
+    assert "gangs are ray-force-multi.py's" in capsys.readouterr().err
+
