@@ -68,15 +68,15 @@ def kept_pins(running: Sequence[RunningBackend | None], nodes: Sequence[Any],
     """The running backends' pins, each on its node now, when every backend runs with a record
     and sits on an alive node of its own, pinned as `pin_label` asks (by that label, or by
     anything without one); None otherwise (the script picks nodes afresh)."""
-    if not running or any(r is None for r in running):
+    recorded = [r for r in running if r is not None]
+    if not running or len(recorded) < len(running):
         return None
-    if pin_label and any(r is not None and (r.pin.kind, r.pin.key) != ("label", pin_label)
-                         for r in running):
+    if pin_label and any((r.pin.kind, r.pin.key) != ("label", pin_label) for r in recorded):
         return None
-    pins = [current_pin(r.pin, nodes) for r in running if r is not None]
-    if any(p is None for p in pins) or len({p.node_id for p in pins if p}) < len(pins):
+    pins = [pin for r in recorded if (pin := current_pin(r.pin, nodes)) is not None]
+    if len(pins) < len(recorded) or len({p.node_id for p in pins}) < len(pins):
         return None
-    return [p for p in pins if p is not None]
+    return pins
 
 
 def stage_versions(old: Sequence[str], new: str) -> list[tuple[int, list[str]]]:

@@ -98,8 +98,7 @@ def gcs_storage() -> str | None:
     not usage stats are on."""
     prefix = _symbol("ray._common.usage.usage_constants", "EXTRA_USAGE_TAG_PREFIX")
     namespace = _symbol("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE")
-    value = _symbol("ray.experimental.internal_kv", "_internal_kv_get")(
-        f"{prefix}gcs_storage", namespace=namespace)
+    value = kv_get(f"{prefix}gcs_storage", namespace=namespace)
     return value.decode() if value else None
 
 
@@ -128,9 +127,10 @@ def kv_put(key: str, value: bytes) -> None:
         key.encode(), value, overwrite=True, namespace=KV_NAMESPACE)
 
 
-def kv_get(key: str) -> bytes | None:
+def kv_get(key: str, namespace: str = KV_NAMESPACE) -> bytes | None:
+    """A value of the GCS's key-value store (our namespace unless another is named)."""
     return _symbol("ray.experimental.internal_kv", "_internal_kv_get")(
-        key.encode(), namespace=KV_NAMESPACE)
+        key.encode(), namespace=namespace)
 
 
 def kv_del(key: str) -> None:
