@@ -174,21 +174,24 @@ class ReplicaApp:
         self.status = status
         self.replica_nodes = replica_nodes
         self._node_header = [(NODE_HEADER.encode(), node_id.encode())]
-        self.requests_served = 0   # HTTP requests this replica answered, GET /nodes aside
+        # HTTP requests this replica answered; /nodes and /health (the router's probes) aside.
+        self.requests_served = 0
         self._calls: set[asyncio.Task] = set()   # vLLM's app calls in flight (call_detached)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan: vLLM's own (its stats logger task)
             return await self.openai_app(scope, receive, send)
         path, headers = request_head(scope)
+        probe = path.rstrip("/") == "/health"
         try:
-            if path.rstrip("/") != "/health":
+            if not probe:
                 self._authorize(headers)
             body = await read_body(receive, self.max_body_bytes, headers.get("content-length"))
             method = scope["method"].upper()
             if path.rstrip("/") == "/nodes" and method == "GET":
                 return await send_json(send, 200, await self._nodes(), self._header_dict())
-            self.requests_served += 1
+            if not probe:
+                self.requests_served += 1
             if path == "/":
                 if method != "POST":
                     raise api.ApiError(405, f"{method} is not allowed on /; use POST",

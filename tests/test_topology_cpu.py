@@ -15,9 +15,11 @@ import threading
 
 from _cluster_fixtures import LOCAL_IP
 
+import pytest
 import ray
 import requests
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 import check_cluster
 import load_test
@@ -29,6 +31,19 @@ URL = f"http://{LOCAL_IP}:8000"
 
 
 SIMULATED_CLUSTER = {"gpu_nodes": 2, "head_cpus": 0, "worker_cpus": 1, "ingress": "proxy"}
+
+
+@pytest.fixture(autouse=True)
+def apps_deleted_after(sim):
+    """Each test deploys its own application; one a failed test leaves would hold the nodes'
+    only CPUs and fail every later test here for that reason instead of its own."""
+    yield
+    try:
+        apps = serve.status().applications
+    except RayServeException:  # no Serve instance: nothing deployed
+        return
+    for app in apps:
+        serve.delete(app)
 
 
 def test_serve_runs_on_the_python_proxy_here(sim):
