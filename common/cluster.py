@@ -8,7 +8,7 @@ from typing import Any
 
 
 from common.cli import ScriptError
-from replica import ray_compat
+from replica import data_parallel, ray_compat
 from replica.config import PROJECT_MARKER_ENV
 
 UNKNOWN = "unknown"
@@ -56,6 +56,8 @@ class ReplicaInfo:
     # tensor-parallel size that makes consecutive ranks a pipeline stage.
     bundle_nodes: list = field(default_factory=list)
     tensor_parallel_size: int | None = None
+    # With --data-parallel-size: the replica's gang ({id, rank, size}), as its rank recorded it.
+    gang: dict | None = None
 
 
 @dataclass
@@ -420,6 +422,7 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
     replicas: list[ReplicaInfo] = []
     details = _serve_details()
     group_bundles = _replica_group_bundles() if details else {}
+    gangs = _read("gangs", data_parallel.members) if details else {}
     for app_name, app_details in (details.get("applications") or {}).items():
         if app is not None and app_name != app:
             continue
@@ -443,7 +446,7 @@ def list_replicas(app: str | None = None) -> list[ReplicaInfo]:
                     resources=_replica_resources(group)
                     if (group := group_bundles.get(rep.get("actor_name"))) else resources,
                     bundle_nodes=list((group or {}).get("bundle_nodes") or []),
-                    tensor_parallel_size=tp))
+                    tensor_parallel_size=tp, gang=gangs.get(rep.get("replica_id", ""))))
     if details:
         return replicas
     # No controller answer: replica actors still tell where they are.

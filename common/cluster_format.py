@@ -57,11 +57,24 @@ def bundles_per_node(replica: ReplicaInfo) -> str:
 def format_placement(replicas: list[ReplicaInfo]) -> str:
     if not replicas:
         return "(no replicas)"
+    gangs = any(r.gang for r in replicas)
+
+    def order(r: ReplicaInfo) -> tuple:
+        # Ranks of one gang side by side, in rank order: a gang is what restarts as a whole.
+        gang = (r.gang["id"], r.gang["rank"]) if r.gang else ("", 0)
+        return (r.app, r.deployment, gang, r.node_id or "~", r.replica_id)
+
     rows = [(f"{r.app}/{r.deployment}", r.replica_id, r.state, short_id(r.node_id), r.node_ip,
-             _fmt_resources(r.resources), bundles_per_node(r) or "-")
-            for r in sorted(replicas, key=lambda r: (r.app, r.deployment, r.node_id or "~", r.replica_id))]
+             _fmt_resources(r.resources), bundles_per_node(r) or "-",
+             *([gang_label(r.gang)] if gangs else []))
+            for r in sorted(replicas, key=order)]
     return _table(["DEPLOYMENT", "REPLICA", "STATE", "NODE", "NODE IP", "RESOURCES",
-                   "GPUS PER NODE"], rows)
+                   "GPUS PER NODE", *(["GANG (RANK/SIZE)"] if gangs else [])], rows)
+
+
+def gang_label(gang: dict | None) -> str:
+    """A data-parallel rank's gang, as the placement table shows it: "<gang id> <rank>/<size>"."""
+    return f"{gang['id']} {gang['rank']}/{gang['size']}" if gang else "-"
 
 
 GCS_WORDS = {

@@ -48,6 +48,7 @@ _SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray.experimental.internal_kv", "_internal_kv_get"),
     ("ray.experimental.internal_kv", "_internal_kv_put"),
     ("ray.experimental.internal_kv", "_internal_kv_del"),
+    ("ray.experimental.internal_kv", "_internal_kv_list"),
     ("ray._common.usage.usage_constants", "EXTRA_USAGE_TAG_PREFIX"),
     ("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE"),
 )
@@ -131,6 +132,14 @@ def kv_get(key: str, namespace: str = KV_NAMESPACE) -> bytes | None:
     """A value of the GCS's key-value store (our namespace unless another is named)."""
     return _symbol("ray.experimental.internal_kv", "_internal_kv_get")(
         key.encode(), namespace=namespace)
+
+
+def kv_items(prefix: str) -> dict[str, bytes]:
+    """Key -> value of every key of our namespace that starts with prefix."""
+    keys = _symbol("ray.experimental.internal_kv", "_internal_kv_list")(
+        prefix.encode(), namespace=KV_NAMESPACE)
+    values = {key.decode(): kv_get(key.decode()) for key in keys}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def kv_del(key: str) -> None:

@@ -119,7 +119,7 @@ class LLMServer:
     _stopping = False
     # With --data-parallel-size: this replica's rank, and on rank 0 the group address's key.
     data_parallel_rank: int | None = None
-    _group_key: str | None = None
+    _group_keys: list[str] = []
 
     async def __init__(self, engine_config: EngineConfig, serve_config: ServeConfig):
         import ray
@@ -135,7 +135,7 @@ class LLMServer:
             warn_if_untested(ray.__version__, vllm_compat.vllm_version(), self.node_id)
             engine_kwargs = engine_config.engine_kwargs()
             if engine_config.data_parallel_size > 1:
-                rank_kwargs, self._group_key = await data_parallel.join_group(
+                rank_kwargs, self._group_keys = await data_parallel.join_group(
                     engine_config.data_parallel_size)
                 engine_kwargs.update(rank_kwargs)
                 self.data_parallel_rank = rank_kwargs["data_parallel_rank"]
@@ -229,6 +229,6 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             vllm_compat.shutdown_engine(engine)
-        if self._group_key is not None:
+        for key in self._group_keys:
             with contextlib.suppress(Exception):  # the GCS may be gone with the cluster
-                ray_compat.kv_del(self._group_key)
+                ray_compat.kv_del(key)

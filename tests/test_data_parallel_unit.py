@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import ray
+from ray import serve
 
 from replica import data_parallel, ray_compat
 
@@ -15,6 +16,9 @@ def gcs_kv(monkeypatch):
     store: dict[str, bytes] = {}
     monkeypatch.setattr(ray_compat, "kv_put", store.__setitem__)
     monkeypatch.setattr(ray_compat, "kv_get", store.get)
+    monkeypatch.setattr(ray_compat, "kv_del", store.pop)
+    monkeypatch.setattr(ray_compat, "kv_items", lambda prefix: {
+        k: v for k, v in store.items() if k.startswith(prefix)})
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     return store
 
@@ -22,6 +26,8 @@ def gcs_kv(monkeypatch):
 def in_gang(monkeypatch, rank: int, size: int = 2, gang_id: str = "g1") -> None:
     monkeypatch.setattr(ray_compat, "gang_context", lambda: SimpleNamespace(
         rank=rank, world_size=size, gang_id=gang_id))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(
+        replica_id=SimpleNamespace(unique_id=f"r{rank}")))
 
 
 def test_rank_0_publishes_and_rank_1_gets_the_same_group(monkeypatch, gcs_kv):
@@ -32,11 +38,15 @@ def test_rank_0_publishes_and_rank_1_gets_the_same_group(monkeypatch, gcs_kv):
         await asyncio.sleep(0.1)   # rank 1 is waiting: nothing published yet
         assert not later.done()
         in_gang(monkeypatch, 0)
-        first, key = await data_parallel.join_group(2)
-        return first, key, await later
+        first, keys = await data_parallel.join_group(2)
+        return first, keys, await later
 
-    first, key, (second, second_key) = asyncio.run(both())
-    assert key == data_parallel.group_key("g1") and second_key is None
+    first, keys, (second, second_keys) = asyncio.run(both())
+    assert keys == [data_parallel.member_key("r0"), data_parallel.group_key("g1")]
+    assert second_keys == [data_parallel.member_key("r1")]
+    # every rank recorded its gang under its replica ID (what check_cluster.py groups by)
+    assert data_parallel.members() == {"r0": {"id": "g1", "rank": 0, "size": 2},
+                                       "r1": {"id": "g1", "rank": 1, "size": 2}}
     assert first["data_parallel_rank"] == 0 and second["data_parallel_rank"] == 1
     assert first["data_parallel_address"] == second["data_parallel_address"] == "127.0.0.1"
     assert first["data_parallel_rpc_port"] == second["data_parallel_rpc_port"] > 0
@@ -56,3 +66,4 @@ def test_a_rank_whose_rank_0_never_publishes_gives_up(monkeypatch, gcs_kv):
     in_gang(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="rank 0 published no group address"):
         asyncio.run(data_parallel.join_group(2, timeout_s=0.2))
+    assert data_parallel.members() == {}   # its record went with it

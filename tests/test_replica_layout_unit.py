@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from common import replica_plan
 from common.cluster import ReplicaInfo
-from common.cluster_format import bundles_per_node
+from common.cluster_format import bundles_per_node, format_placement
 from common.deploy_options import replica_resources
 from common.replica_layout import NODE_ID_LABEL, MultiNodeLayout, plan_stages
 from replica.config import EngineConfig, ServeConfig, network_env, replica_env
@@ -114,6 +114,22 @@ def test_gpus_per_node_column_names_the_stage_of_each_node():
     assert bundles_per_node(replica) == "node aaaaaaaaaaaa: 8 GPU, node bbbbbbbbbbbb: 8 GPU"
     assert bundles_per_node(ReplicaInfo("a", "D", "r", "RUNNING", A, None, None, None,
                                         {"GPU": 1.0})) == ""
+
+
+def test_placement_table_lists_the_ranks_of_a_gang_together_in_rank_order():
+    def rank(rid: str, node: str, gang: str, r: int) -> ReplicaInfo:
+        return ReplicaInfo("wide", "LLM", rid, "RUNNING", node, None, None, None, {"GPU": 1.0},
+                           gang={"id": gang, "rank": r, "size": 2})
+
+    table = format_placement([rank("z1", B, "g2", 1), rank("a0", A, "g1", 0),
+                              rank("b1", A, "g1", 1), rank("y0", B, "g2", 0)])
+    lines = table.splitlines()
+    assert "GANG (RANK/SIZE)" in lines[0]
+    assert [line.split()[1] for line in lines[1:]] == ["a0", "b1", "y0", "z1"]
+    assert lines[1].endswith("g1 0/2") and lines[4].endswith("g2 1/2")
+    # without gangs the table has no gang column
+    plain = ReplicaInfo("app", "LLM", "r", "RUNNING", A, None, None, None, {"GPU": 1.0})
+    assert "GANG" not in format_placement([plain])
 
 
 def test_slots_count_multi_node_replicas():

@@ -206,6 +206,14 @@ def test_force_multi_wide_ep_gangs_each_on_one_node_a_dead_rank_restarts_its_gan
         # every rank of a gang got rank 0's group address (through the GCS)
         assert len({(a["gang"]["address"], a["gang"]["port"]) for a in members}) == 1
     assert {members[0]["node"] for members in gangs.values()} == gpu_nodes()
+    # check_cluster.py's placement table names each replica's gang and rank, as the ranks say.
+    said = {a["pid"]: {**a["gang"], "size": 8} for m in gangs.values() for a in m}
+    listed = running("wide")
+    assert {r.pid: {k: r.gang[k] for k in ("id", "rank", "size")} for r in listed} == {
+        pid: {k: g[k] for k in ("id", "rank", "size")} for pid, g in said.items()}
+    table = format_placement(listed)
+    assert "GANG (RANK/SIZE)" in table and all(f"{g} {rank}/8" in table
+                                               for g in gangs for rank in range(8))
 
     # One rank dies: Serve restarts its whole gang (a vLLM data-parallel group cannot lose a
     # rank) while the other gang keeps its replicas and answers all along.
