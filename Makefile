@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability chaos bench bench-routing bench-peers demo-model clean help
+.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability chaos bench bench-routing rehearse-multi-gpu bench-peers demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
@@ -22,6 +22,7 @@ help:
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
 	@echo "make test-reliability - only the fault/overload/fuzz tests"
 	@echo "make chaos  - 10 minutes of load on a local 2-node cluster with a fault every 60 s (bench/chaos.py)"
+	@echo "make rehearse-multi-gpu - bench/multi_gpu_run.py's multi-GPU run rehearsed on CPU (about 10 minutes; CI runs it)"
 	@echo "make bench-routing - --routing spread vs session vs prefix on multi-turn chats, local 2-node cluster"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 	@echo "make bench-peers - CPU: vllm serve, this project and Ray's ray.serve.llm side by side"
@@ -100,6 +101,14 @@ CHAOS_JSON ?= .cache/chaos.json
 CHAOS_REPORT ?= .cache/chaos.html
 chaos: setup
 	$(LOOPBACK) $(PY) bench/chaos.py --minutes $(CHAOS_MINUTES) --json $(CHAOS_JSON) --report $(CHAOS_REPORT)
+
+# The multi-GPU run (bench/multi_gpu_run.py: every topology on one raylet and on two `ray start`
+# raylets) rehearsed with CPU engines and logical GPUs, so a run on GPUs finds no script bug; the
+# table goes to stdout and to $(REHEARSAL_OUT)/summary.md. .ci/run runs it after the tests.
+REHEARSAL_OUT ?= .cache/multi-gpu-rehearsal
+rehearse-multi-gpu: setup
+	$(LOOPBACK) $(PY) bench/multi_gpu_run.py --device cpu --requests 16 --concurrency 4 \
+	  --max-tokens 8 --cpus-per-node 4 --deploy-timeout 420 --scale-timeout 240 --out $(REHEARSAL_OUT)
 
 # --routing spread vs session on a local 2-node cluster, multi-turn conversations and independent
 # prompts, interleaved repetitions (about 15 minutes); results in bench/results/routing-cpu-*.

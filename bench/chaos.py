@@ -8,8 +8,6 @@ import itertools
 import json
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from common import cli  # noqa: E402 - after the path setup above
+from local_cluster import LocalCluster  # noqa: E402 - bench/ is the script's folder
 
 EPILOG = """the run (CPU engines, the demo model, two raylets on this machine with token auth):
   1. `ray start --head` and `ray start --address` in a temp dir of their own (HOME, RAY_TMPDIR),
@@ -313,99 +312,6 @@ def schedule(minutes: float, every_s: float, first_s: float,
 # The cluster: two raylets of this machine, ended by their own processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalCluster:
-    """A head and a second node started with `ray start` in a temp dir of their own (HOME holds
-    the auth token, RAY_TMPDIR the sessions), so nothing outside it is touched."""
-
-    def __init__(self, base: Path, cpus: int, second_ip: str = "127.0.0.1",
-                 redis: tuple[str, str] | None = None):
-        self.base = base
-        # (host:port, password) of a Redis that keeps the GCS's state: the head can then die and
-        # be started again while node 2 keeps running (Ray's GCS fault tolerance).
-        self.redis = redis
-        # The second node on an address of its own (any 127.x is this machine's loopback) has
-        # an IP of its own, which pins that survive a restart key on.
-        self.second_ip = second_ip
-        self.home = base / "home"
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.address = f"127.0.0.1:{free_port()}"
-        self.http_port = free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.cpus = cpus
-        self.ray = str(Path(sys.executable).parent / "ray")
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-                "HOME": str(self.home), "LANG": "C.UTF-8", "RAY_TMPDIR": str(self.base),
-                "TMPDIR": str(self.base), "RAY_USAGE_STATS_ENABLED": "0", **extra}
-
-    def run(self, *cmd: str, timeout: float = 900, check: bool = True,
-            **extra_env: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), env=self.env(**extra_env), cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:3])}... exited {proc.returncode}: "
-                               f"{(proc.stderr or proc.stdout)[-2000:]}")
-        return proc
-
-    def _common(self, ip: str = "127.0.0.1") -> list[str]:
-        return [f"--node-ip-address={ip}", f"--num-cpus={self.cpus}", "--num-gpus=0",
-                "--object-store-memory=300000000", "--disable-usage-stats"]
-
-    def start(self) -> None:
-        self.run(self.ray, "get-auth-token", "--generate")
-        (self.home / ".ray" / "auth_token").chmod(0o600)
-        self.start_head()
-        self.start_second_node()
-
-    def start_head(self, again: bool = False) -> None:
-        """`ray start --head`; with a Redis, as Ray's GCS fault tolerance has it (the same
-        command starts the head again after it died)."""
-        if again:
-            # `ray start --head` refuses an address that a raylet on this machine names as its
-            # GCS while this machine's record says it started that cluster: both hold here only
-            # because node 2 runs on the head's machine. A head on a machine of its own (as
-            # operators run it) has no such raylet beside it.
-            for record in self.base.rglob("ray_current_cluster"):
-                record.unlink()
-        port = self.address.rsplit(":", 1)[1]
-        redis_flags, redis_env = [], {}
-        if self.redis:
-            redis_flags = [f"--redis-password={self.redis[1]}", "--redis-username=default"]
-            redis_env = {"RAY_REDIS_ADDRESS": self.redis[0]}
-        self.run(self.ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={free_port()}", *self._common(), *redis_flags, **redis_env)
-
-    def start_second_node(self) -> None:
-        # With GCS fault tolerance the node waits this long for a head that died to come back.
-        wait = {"RAY_gcs_rpc_server_reconnect_timeout_s": "600"} if self.redis else {}
-        self.run(self.ray, "start", f"--address={self.address}",
-                 f"--dashboard-agent-listen-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", *self._common(self.second_ip),
-                 RAY_AUTH_MODE="token", **wait)
-
-    def script(self, name: str, *args: str, timeout: float = 900,
-               check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, name, "--address", self.address, *args,
-                        timeout=timeout, check=check)
-
-    def report(self, app: str = APP) -> dict:
-        """check_cluster.py --json's report of `app` (its output may follow log lines)."""
-        out = self.script("check_cluster.py", "--json", "--app", app, check=False).stdout
-        return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
-
-    def stop(self) -> None:
-        from common.demo import end_processes_of_session
-
-        end_processes_of_session(str(self.base))
-
-
 # ---------------------------------------------------------------------------------------------
 # Faults
 
@@ -434,7 +340,7 @@ class Faults:
         """A RUNNING engine replica of the app, on the head or not where there is a choice."""
         from replica.server import ROUTER_DEPLOYMENT
 
-        report = self.cluster.report()
+        report = self.cluster.report(APP)
         replicas = [r for r in report.get("replicas", [])
                     if r.get("app") == APP and r.get("state") == "RUNNING" and r.get("pid")
                     and r.get("deployment") != ROUTER_DEPLOYMENT]
@@ -476,7 +382,7 @@ class Faults:
 
         from common.demo import node_processes
 
-        report = self.cluster.report()
+        report = self.cluster.report(APP)
         head = head_node(report)
         node = next(n["node_id"] for n in report["nodes"] if n["alive"] and n["node_id"] != head)
         procs = node_processes(node)
