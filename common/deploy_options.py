@@ -45,7 +45,12 @@ def replica_resources(engine: EngineConfig, serve_config: ServeConfig,
                                                           engine.pipeline_parallel_size, cpus),
         "placement_group_strategy": "STRICT_PACK",
     }
-    if layout is not None:
+    if engine.data_parallel_size > 1:
+        # A rank's bundles go into its gang's group (Serve's gang scheduling, which refuses a
+        # strategy of the replica's own); the rank keeps its workers on one node itself
+        # (replica/data_parallel.rank_bundles).
+        del options["placement_group_strategy"]
+    elif layout is not None:
         options["placement_group_strategy"] = "PACK"
         options["placement_group_bundles"] = layout.bundles(cpus)
         selectors = layout.bundle_label_selectors()

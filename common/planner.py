@@ -837,7 +837,8 @@ def _refusal(model: ModelFootprint, plan: Plan, nodes: Sequence[GpuNode], memory
 @dataclass
 class WideEpComparison:
     """The `auto` tensor x pipeline layout (its replicas over the cluster) against one gang of
-    data-parallel ranks with expert parallelism over every GPU (tp 1 in each rank)."""
+    data-parallel ranks with expert parallelism over every GPU (each rank on the fewest GPUs
+    that hold it: tensor parallel 1, else 2, 4, ...)."""
 
     gpus: int
     tp_plan: Plan | None          # None: no TP x PP layout holds the model
@@ -907,6 +908,13 @@ def compare_wide_ep(model: ModelFootprint, nodes: Sequence[GpuNode], settings: S
         tp_plan: Plan | None = plan_layout(model, nodes, settings)
     except PlanningError:
         tp_plan = None
-    ep_plan = evaluate(model, 1, 1, memory, settings, dp=gpus, expert_parallel=True)
+    # One gang over every GPU; each rank on the fewest GPUs of one node that hold it (tensor
+    # parallel inside a rank splits its attention and dense layers; MLA's KV cache stays whole).
+    per_node = min(n.gpus for n in nodes)
+    ranks = [tp for tp in range(1, per_node + 1)
+             if per_node % tp == 0 and gpus % tp == 0 and model.valid_tp(tp)]
+    plans = [evaluate(model, tp, 1, memory, settings, dp=gpus // tp, expert_parallel=True)
+             for tp in ranks]
+    ep_plan = next((plan for plan in plans if plan.fits), plans[0])
     ep_plan.replicas = 1 if ep_plan.fits else 0
     return WideEpComparison(gpus, tp_plan, ep_plan, multi_node=len(nodes) > 1)

@@ -80,9 +80,10 @@ class EngineConfig:
     data_parallel_size: int = option(
         1,
         help="data-parallel ranks per gang (wide expert parallelism for MoE models such as R1): "
-             "each rank is a Serve replica with an engine of its own on one GPU, the ranks of "
-             "a gang are one vLLM data-parallel group, placed together and restarted together "
-             "(Serve's gang scheduling); --num-replicas then counts gangs. MoE models only")
+             "each rank is a Serve replica with an engine of its own on --tensor-parallel-size "
+             "GPUs of one node (default then 1), the ranks of a gang are one vLLM "
+             "data-parallel group, placed together and restarted together (Serve's gang "
+             "scheduling); --num-replicas then counts gangs. MoE models only")
     enable_expert_parallel: bool = option(
         False,
         help="split each MoE layer's routed experts over the GPUs of all data-parallel ranks "
@@ -189,15 +190,12 @@ class EngineConfig:
                             "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
         if self.data_parallel_size < 1:
             problems.append("--data-parallel-size must be >= 1")
-        elif self.data_parallel_size > 1 and self.gpus_per_replica > 1:
+        elif self.data_parallel_size > 1 and self.pipeline_parallel_size > 1:
             problems.append(
-                f"--data-parallel-size {self.data_parallel_size} with "
-                f"{self.gpus_per_replica} GPUs per rank (--tensor-parallel-size "
-                f"{self.tensor_parallel_size}, --pipeline-parallel-size "
-                f"{self.pipeline_parallel_size}): data-parallel ranks here are one GPU each "
-                "(the wide-EP layout); give --tensor-parallel-size 1 "
-                "--pipeline-parallel-size 1, or drop --data-parallel-size for tensor x "
-                "pipeline parallel replicas")
+                f"--data-parallel-size {self.data_parallel_size} with --pipeline-parallel-size "
+                f"{self.pipeline_parallel_size}: a data-parallel rank is tensor parallel on one "
+                "node at most (--tensor-parallel-size); give --pipeline-parallel-size 1, or "
+                "drop --data-parallel-size for tensor x pipeline parallel replicas")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             problems.append("--gpu-memory-utilization must be in (0, 1]")
         if self.max_model_len is not None and self.max_model_len < 16:

@@ -6,7 +6,8 @@ import json
 import logging
 import socket
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from replica import ray_compat
 
@@ -38,6 +39,44 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass
+class RankGroup:
+    """A rank's place in its data-parallel group: vLLM's rank kwargs (rank_engine_kwargs), the
+    node of rank 0 (which hosts the group's rendezvous), and the keys this rank published (to
+    remove when it stops)."""
+    kwargs: dict[str, Any]
+    first_node: str | None
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return int(self.kwargs["data_parallel_rank"])
+
+
+def rank_bundles(rank: int, per_rank: int, bundle_nodes: Sequence[str | None],
+                 first_node: str | None) -> list[int]:
+    """The bundles of the gang's placement group that a rank's tensor-parallel workers take.
+    Serve's gang group holds every rank's bundles in a row, but PACK may put a rank's bundles on
+    different nodes: the bundles are ordered by node, rank 0's node first (vLLM's global rank 0,
+    which hosts the group's rendezvous, must sit where rank 0 advertised), and each rank takes
+    the next `per_rank` of them, so a tensor-parallel group stays on one node wherever the
+    nodes' bundle counts allow. A slice over two nodes is an error (RuntimeError: Serve then
+    restarts the gang) rather than a tensor-parallel group across a slow link."""
+    order = sorted(range(len(bundle_nodes)),
+                   key=lambda i: (bundle_nodes[i] != first_node, bundle_nodes[i] or "", i))
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    if len(mine) != per_rank:
+        raise RuntimeError(f"data-parallel rank {rank}: the gang's placement group has "
+                           f"{len(bundle_nodes)} bundles, not {per_rank} per rank")
+    nodes = {bundle_nodes[i] for i in mine}
+    if len(nodes) != 1 or None in nodes:
+        raise RuntimeError(
+            f"data-parallel rank {rank}: its {per_rank} tensor-parallel GPUs (bundles "
+            f"{mine}) are not on one node ({sorted(str(n)[:12] for n in nodes)}); the gang is "
+            "restarted for a placement that keeps each rank on one node")
+    return mine
+
+
 def rank_engine_kwargs(rank: int, address: str, port: int) -> dict[str, Any]:
     """vLLM's engine arguments for one rank of an externally balanced data-parallel group: each
     rank an engine of its own, requests spread over the ranks by Serve's ingress."""
@@ -46,10 +85,10 @@ def rank_engine_kwargs(rank: int, address: str, port: int) -> dict[str, Any]:
 
 
 async def join_group(data_parallel_size: int, timeout_s: float = RENDEZVOUS_TIMEOUT_S
-                     ) -> tuple[dict[str, Any], list[str]]:
-    """This replica's rank kwargs (rank_engine_kwargs) and the keys it published (to remove
-    when the replica stops): its membership record and, on rank 0, the group's address. Errors
-    say what is wrong: no gang, a gang of another size, or rank 0 that never published."""
+                     ) -> RankGroup:
+    """This replica's place in its group (RankGroup); the keys it published are its membership
+    record and, on rank 0, the group's address. Errors say what is wrong: no gang, a gang of
+    another size, or rank 0 that never published."""
     import ray
     from ray import serve
 
@@ -68,10 +107,12 @@ async def join_group(data_parallel_size: int, timeout_s: float = RENDEZVOUS_TIME
     if gang.rank == 0:
         address = ray.util.get_node_ip_address()
         port = free_port(address)
-        ray_compat.kv_put(key, json.dumps({"address": address, "port": port}).encode())
+        node = ray.get_runtime_context().get_node_id()
+        ray_compat.kv_put(key, json.dumps({"address": address, "port": port,
+                                           "node": node}).encode())
         logger.info("data-parallel rank 0 of gang %s: group address %s:%d", gang.gang_id,
                     address, port)
-        return rank_engine_kwargs(0, address, port), [member, key]
+        return RankGroup(rank_engine_kwargs(0, address, port), node, [member, key])
     started = time.monotonic()
     while (value := ray_compat.kv_get(key)) is None:
         waited = time.monotonic() - started
@@ -83,7 +124,8 @@ async def join_group(data_parallel_size: int, timeout_s: float = RENDEZVOUS_TIME
     group = json.loads(value)
     logger.info("data-parallel rank %d of gang %s: group address %s:%d", gang.rank,
                 gang.gang_id, group["address"], group["port"])
-    return rank_engine_kwargs(gang.rank, group["address"], int(group["port"])), [member]
+    return RankGroup(rank_engine_kwargs(gang.rank, group["address"], int(group["port"])),
+                     group.get("node"), [member])
 
 
 def members() -> dict[str, dict[str, Any]]:

@@ -8,11 +8,12 @@ from typing import Any
 
 from replica import vllm_compat
 from replica.config import EngineConfig
+from replica.data_parallel import RankGroup
 
 logger = logging.getLogger("ray.serve")
 
 
-def build_engine(config: EngineConfig, args: Any):
+def build_engine(config: EngineConfig, args: Any, group: RankGroup | None = None):
     """Create vLLM's AsyncLLM from `vllm serve`'s arguments (replica.vllm_app.serve_args), inside
     the current (replica) process.
 
@@ -22,6 +23,8 @@ def build_engine(config: EngineConfig, args: Any):
     those GPUs; a group whose tensor-parallel ranks would span nodes is refused first. Without this, the replica would reserve GPUs
     for itself and vLLM would create a second placement group for its workers: the same GPUs
     booked twice, which is why a second TP=8 replica could never be placed on a 2 x 8 GPU cluster.
+    A data-parallel rank (`group`) of tensor parallel size > 1 sits in its gang's group instead,
+    and its workers take only its own bundles of it (worker_bundles).
     """
     engine_args = vllm_compat.engine_args_from_cli(args)
     apply_offline_batch_limits(engine_args, config)
@@ -34,7 +37,7 @@ def build_engine(config: EngineConfig, args: Any):
             raise RuntimeError(
                 "tensor/pipeline parallelism needs the replica to run in its own placement group "
                 "(placement_group_bundles); deploy it through common.deploy")
-        check_stage_placement(placement_group, config)
+        worker_bundles(placement_group, config, group)
         vllm_compat.set_placement_group(vllm_config, placement_group)
     logger.info("starting vLLM engine: model=%s tp=%d pp=%d device=%s pid=%d",
                 config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
@@ -48,6 +51,29 @@ async def first_generation(engine: Any) -> None:
     start, and the deploy reports it, instead of a RUNNING replica answering every request 503."""
     await vllm_compat.generate_greedy(engine, [0], max_tokens=1,
                                       request_id=f"first-generation-{os.getpid()}")
+
+
+def worker_bundles(placement_group: Any, config: EngineConfig,
+                   group: RankGroup | None = None) -> list[int]:
+    """The bundles of `placement_group` whose GPUs vLLM's Ray workers take, checked. A replica's
+    own group: all of them (check_stage_placement). A data-parallel rank in its gang's group:
+    its own slice (data_parallel.rank_bundles), handed to vLLM's Ray executor
+    (vllm_compat.set_worker_bundles), as ray.serve.llm's data-parallel server does."""
+    if group is None:
+        check_stage_placement(placement_group, config)
+        return [i for i, bundle in enumerate(placement_group.bundle_specs)
+                if bundle.get("GPU", 0) > 0]
+    from ray.util.placement_group import placement_group_table
+
+    from replica.data_parallel import rank_bundles
+
+    table = placement_group_table(placement_group).get("bundles_to_node_id") or {}
+    nodes = [table.get(i) for i in range(len(placement_group.bundle_specs))]
+    mine = rank_bundles(group.rank, config.gpus_per_replica, nodes, group.first_node)
+    vllm_compat.set_worker_bundles(mine)
+    logger.info("data-parallel rank %d: tensor-parallel workers in bundles %s on node %s",
+                group.rank, mine, str(nodes[mine[0]])[:12])
+    return mine
 
 
 def check_stage_placement(placement_group: Any, config: EngineConfig) -> None:

@@ -134,11 +134,12 @@ class LLMServer:
             # Inside: the first import of vLLM reconfigures logging (serve_log_handlers_kept).
             warn_if_untested(ray.__version__, vllm_compat.vllm_version(), self.node_id)
             engine_kwargs = engine_config.engine_kwargs()
+            group = None
             if engine_config.data_parallel_size > 1:
-                rank_kwargs, self._group_keys = await data_parallel.join_group(
-                    engine_config.data_parallel_size)
-                engine_kwargs.update(rank_kwargs)
-                self.data_parallel_rank = rank_kwargs["data_parallel_rank"]
+                group = await data_parallel.join_group(engine_config.data_parallel_size)
+                self._group_keys = group.keys
+                engine_kwargs.update(group.kwargs)
+                self.data_parallel_rank = group.rank
             args = vllm_app.serve_args(engine_kwargs, engine_config.vllm_args,
                                        extra=engine_config.extra_engine_kwargs)
             # vLLM's own request log carries the prompt text: only when the operator asks.
@@ -146,7 +147,7 @@ class LLMServer:
             parser = reasoning_parser_for(serve_config.reasoning_parser, engine_config.model)
             if parser:
                 vllm_compat.set_reasoning_parser(args, parser)
-            self.engine = build_engine(engine_config, args)
+            self.engine = build_engine(engine_config, args, group)
             try:
                 await first_generation(self.engine)
             except Exception as exc:  # any failure (re-raised): the replica must not start

@@ -334,6 +334,22 @@ def create_engine_config(engine_args: Any) -> Any:
     return engine_args.create_engine_config(usage_context=resolve(USAGE_CONTEXT).OPENAI_API_SERVER)
 
 
+ENV_VARIABLES = Need("vllm.envs", "environment_variables",
+                     use="VLLM_RAY_BUNDLE_INDICES: a data-parallel rank's bundles of its gang")
+BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"
+
+
+def set_worker_bundles(indices: list[int]) -> None:
+    """vLLM's Ray executor places this process's workers in these bundles of the placement
+    group, in this order (vLLM reads the variable when it starts its workers)."""
+    import os
+
+    if BUNDLE_INDICES_ENV not in resolve(ENV_VARIABLES):
+        raise _incompatible(f"vllm.envs.{BUNDLE_INDICES_ENV} ({ENV_VARIABLES.use})", "",
+                            BUNDLE_INDICES_ENV)
+    os.environ[BUNDLE_INDICES_ENV] = ",".join(map(str, indices))
+
+
 def set_placement_group(vllm_config: Any, placement_group: Any) -> None:
     """vLLM's Ray executor places its workers in this group instead of creating its own."""
     resolve(PARALLEL_CONFIG)

@@ -33,24 +33,27 @@ class PlacementProbe:
         self.workers = []
         # A data-parallel rank joins its group as the real replica does (replica/server.py).
         self.gang = None
+        rank_group = None
         if engine_config.data_parallel_size > 1:
             from replica import data_parallel, ray_compat
 
-            group, _ = await data_parallel.join_group(engine_config.data_parallel_size)
+            rank_group = await data_parallel.join_group(engine_config.data_parallel_size)
             context = ray_compat.gang_context()
-            self.gang = {"id": context.gang_id, "rank": group["data_parallel_rank"],
-                         "address": group["data_parallel_address"],
-                         "port": group["data_parallel_rpc_port"]}
+            self.gang = {"id": context.gang_id, "rank": rank_group.rank,
+                         "address": rank_group.kwargs["data_parallel_address"],
+                         "port": rank_group.kwargs["data_parallel_rpc_port"],
+                         "first_node": rank_group.first_node}
         group = ray.util.get_current_placement_group()
+        self.bundles: list[int] = []
         if group is not None and engine_config.uses_ray_workers:  # as replica/engine.py
-            from replica.engine import check_stage_placement
+            from replica.engine import worker_bundles
 
-            check_stage_placement(group, engine_config)  # as the real engine does first
-            for index, bundle in enumerate(group.bundle_specs):
-                if bundle.get("GPU", 0) > 0:
-                    self.workers.append(GpuWorker.options(
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(
-                            group, placement_group_bundle_index=index)).remote())
+            # The bundles the real engine checks and hands to vLLM's Ray executor.
+            self.bundles = worker_bundles(group, engine_config, rank_group)
+            for index in self.bundles:
+                self.workers.append(GpuWorker.options(
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=index)).remote())
         worker_places = ray.get([w.where.remote() for w in self.workers])
         self.own_gpus = ray.get_gpu_ids()
         self.worker_nodes = [node for node, _, _ in worker_places]
@@ -69,6 +72,7 @@ class PlacementProbe:
         return {"node": self.node_id, "own_gpus": self.own_gpus,
                 "worker_nodes": self.worker_nodes, "worker_gpus": self.worker_gpus,
                 "worker_nccl_ifname": self.worker_nccl_ifname, "gang": self.gang,
+                "bundles": self.bundles,
                 "pid": os.getpid()}
 
     async def endpoint(self) -> str:

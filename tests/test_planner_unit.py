@@ -339,6 +339,16 @@ def test_r1_wide_ep_against_tp_on_the_guides_clusters(r1):
     assert (small.tp_plan.tp, small.tp_plan.pp) == (8, 2)
     assert planner.compare_wide_ep(planner.read_checkpoint(QWEN7B), cluster(2, 8, 80),
                                    Settings()) is None  # dense: nothing to compare
+    # 2 x 8 x 80 GiB at a 32k context: one GPU per rank leaves no room for 4 sequences, two
+    # do (tensor parallel 2 inside each of 8 ranks), and 8 ranks cache 2.5x the tokens of TP 8
+    # x PP 2.
+    mid = planner.compare_wide_ep(r1, cluster(2, 8, 80),
+                                  Settings(gpu_memory_utilization=0.9, max_model_len=32768))
+    assert mid is not None and mid.pick == "dp-ep"
+    assert (mid.ep_plan.tp, mid.ep_plan.dp) == (2, 8) and mid.ep_plan.fits
+    assert "--tensor-parallel-size 2 --pipeline-parallel-size 1 --data-parallel-size 8" in \
+        mid.ep_plan.flags()
+    assert mid.cluster_tokens(mid.ep_plan) > 2.4 * mid.cluster_tokens(mid.tp_plan)
 
 
 def test_r1_data_parallel_ranks_are_planned_per_rank_with_experts_split(r1):

@@ -345,7 +345,8 @@ def test_wide_ep_autoscaling_counts_gangs(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data-parallel-size", "2", "--tensor-parallel-size", "8"], "one GPU each"),
+    (["--data-parallel-size", "2", "--pipeline-parallel-size", "2"],
+     "tensor parallel on one node at most"),
     (["--data-parallel-size", "2", "--data-parallel-rank", "1"], "--data-parallel-rank"),
     (["-dp", "2"], "--data-parallel-size is this script's flag"),
 ])
@@ -353,6 +354,19 @@ def test_data_parallel_flags_the_gang_owns_are_refused(argv, message, capsys):
     module = builders.load_script("ray-force-multi.py")
     assert module.main(["--print-config", *argv]) == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_wide_ep_ranks_of_tensor_parallel_2_take_their_bundles_into_the_gang(capsys):
+    config = config_of("ray-force-multi.py", ["--data-parallel-size", "8",
+                                              "--tensor-parallel-size", "2",
+                                              "--enable-expert-parallel"], capsys)
+    serve_config.validate_document(config)
+    [deployment] = config["applications"][0]["deployments"]
+    assert deployment["num_replicas"] == 8
+    assert deployment["gang_scheduling_config"]["gang_size"] == 8
+    # two GPU bundles per rank, no strategy of the rank's own (Serve's gang group places them)
+    assert [b.get("GPU") for b in deployment["placement_group_bundles"]] == [1, 1]
+    assert "placement_group_strategy" not in deployment
 
 
 def test_placement_group_backends_are_no_data_parallel_gangs(capsys):

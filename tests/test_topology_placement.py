@@ -235,6 +235,32 @@ def test_force_multi_wide_ep_gangs_each_on_one_node_a_dead_rank_restarts_its_gan
     serve.delete("wide")
 
 
+def test_force_multi_wide_ep_ranks_of_tp2_keep_their_gpus_on_one_node_16_gpus_not_more(sim):
+    """DP 8 x TP 2 (the wide-EP layout that fits R1 on 80 GB GPUs): one gang of 8 ranks over
+    both nodes, each rank's two tensor-parallel workers on one node in bundles of the gang's
+    group, no GPU taken twice, 16 GPUs in all."""
+    assert deploy_script("ray-force-multi.py", *gpu_args(
+        "wide2", "--data-parallel-size", "8", "--tensor-parallel-size", "2",
+        "--enable-expert-parallel")) == 0
+    assert len(running("wide2")) == 8 and ray.available_resources().get("GPU", 0) == 0
+    answers, failures = wait_until(lambda: (lambda r: r if len(r[0]) == 8 else None)(
+        ranks_answering("wide2", concurrent=16)), timeout=60, what="every rank answering")
+    assert failures == []
+    [members] = by_gang(answers).values()
+    assert [a["gang"]["rank"] for a in members] == list(range(8))
+    taken = set()
+    for a in members:
+        assert len(a["worker_nodes"]) == 2 and len(set(a["worker_nodes"])) == 1
+        taken |= {(node, gpu) for node, gpus in zip(a["worker_nodes"], a["worker_gpus"])
+                  for gpu in gpus}
+    assert len(taken) == 16                                   # every GPU once
+    assert {a["worker_nodes"][0] for a in members} == gpu_nodes()
+    # rank 0's workers sit on rank 0's node, where the group's rendezvous is
+    assert members[0]["worker_nodes"][0] == members[0]["gang"]["first_node"]
+    assert sorted(i for a in members for i in a["bundles"]) == list(range(16))
+    serve.delete("wide2")
+
+
 R1_CONFIG = os.path.join(os.path.dirname(__file__), "fixtures", "deepseek-r1")
 LLAMA70B_CONFIG = os.path.join(os.path.dirname(__file__), "fixtures", "llama-3.3-70b-instruct")
 
