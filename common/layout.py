@@ -290,6 +290,30 @@ def kv_cache_dtype(vllm_args: Sequence[str]) -> str | None:
     return None
 
 
+def redundant_experts(engine: EngineConfig) -> int:
+    """EPLB's num_redundant_experts from what reaches the engine: --eplb-config JSON,
+    --eplb-config.num_redundant_experts N (vLLM's dotted form) or --engine-kwargs."""
+    import json
+
+    config = engine.extra_engine_kwargs.get("eplb_config") or {}
+    value = config.get("num_redundant_experts") if isinstance(config, dict) else None
+    args = list(engine.vllm_args)
+    for i, arg in enumerate(args):
+        name, _, inline = arg.partition("=")
+        given = inline if inline else (args[i + 1] if i + 1 < len(args) else "")
+        if name == "--eplb-config":
+            try:
+                value = json.loads(given).get("num_redundant_experts", value)
+            except (ValueError, AttributeError):
+                pass  # vLLM's own parser refuses it before deploy (check_vllm_args)
+        elif name == "--eplb-config.num_redundant_experts":
+            value = given
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def settings_for(engine: EngineConfig, min_sequences: int = planner.MIN_SEQUENCES
                  ) -> planner.Settings:
     """The planner's settings from everything that reaches the engine: our flags, the flags
@@ -300,7 +324,8 @@ def settings_for(engine: EngineConfig, min_sequences: int = planner.MIN_SEQUENCE
                             or kv_cache_dtype(engine.vllm_args), min_sequences=min_sequences,
                             max_num_batched_tokens=engine.max_num_batched_tokens
                             or engine.extra_engine_kwargs.get("max_num_batched_tokens"),
-                            offline_batch=engine.batch_limits == "offline")
+                            offline_batch=engine.batch_limits == "offline",
+                            redundant_experts=redundant_experts(engine))
 
 
 def local_footprint(engine: EngineConfig, checkpoint: hub.HubCheckpoint | None = None

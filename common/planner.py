@@ -104,12 +104,14 @@ class LayerBytes:
     def total(self) -> float:
         return self.sharded + self.replicated + self.kv_proj + self.experts
 
-    def per_gpu(self, tp: int, kv_heads: int | None, expert_ranks: int | None = None) -> float:
+    def per_gpu(self, tp: int, kv_heads: int | None, expert_ranks: int | None = None,
+                expert_copies: float = 1.0) -> float:
         """On one GPU of `tp` tensor-parallel ranks; with expert parallelism, each of
-        `expert_ranks` ranks (data-parallel x tensor-parallel) holds whole routed experts."""
+        `expert_ranks` ranks (data-parallel x tensor-parallel) holds whole routed experts,
+        `expert_copies` times as many as the model has (EPLB's redundant experts)."""
         kv_split = min(tp, kv_heads) if kv_heads else tp
         return (self.sharded / tp + self.replicated + self.kv_proj / kv_split
-                + self.experts / (expert_ranks or tp))
+                + self.experts * expert_copies / (expert_ranks or tp))
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class ModelFootprint:
     intermediate_size: int = 0       # the dense MLP's (0: no dense layer)
     moe_intermediate_size: int = 0   # one expert's (0: no MoE layer)
     experts_per_token: int = 0
+    routed_experts: int = 0          # per MoE layer (what EPLB's redundant experts add to)
 
     @property
     def moe(self) -> bool:
@@ -360,7 +363,8 @@ def footprint_from_config(config: dict, name: str = "model", dtype: str = "auto"
         tp_multiples=multiples, tp_block=quant.block[0] if quant.block else 1, mla=mla,
         hidden_size=hidden, intermediate_size=int(config.get("intermediate_size") or 0),
         moe_intermediate_size=int(config.get("moe_intermediate_size") or 0) if mla else 0,
-        experts_per_token=int(config.get("num_experts_per_tok") or 0) if mla else 0)
+        experts_per_token=int(config.get("num_experts_per_tok") or 0) if mla else 0,
+        routed_experts=int(config.get("n_routed_experts") or 0) if mla else 0)
 
 
 def _mtp_prefix(config: dict) -> str | None:
@@ -459,6 +463,7 @@ class Settings:
     max_num_batched_tokens: int | None = None  # None: vLLM's default for the GPU (serve_batch)
     offline_batch: bool = False           # batch_limits "offline": the LLM class's default
     reserve_bytes: float | None = None    # None: modelled (runtime_reserve); a number: that
+    redundant_experts: int = 0            # EPLB's num_redundant_experts (expert parallel only)
 
 
 @dataclass(frozen=True)
@@ -583,6 +588,9 @@ def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
     expert parallelism, only its share of the routed experts; KV room and sequences are per
     rank (each rank caches only its own requests)."""
     expert_ranks = tp * dp if expert_parallel else None
+    # EPLB's redundant experts: every MoE layer holds (routed + redundant) experts over the ranks.
+    copies = ((model.routed_experts + settings.redundant_experts) / model.routed_experts
+              if expert_parallel and model.routed_experts else 1.0)
     max_len = settings.max_model_len or model.max_position_embeddings
     kv_bytes = kv_dtype_bytes(settings.kv_cache_dtype, model.dtype_bytes)
     reserve = runtime_reserve(model, tp, memory_bytes, settings)
@@ -590,7 +598,7 @@ def evaluate(model: ModelFootprint, tp: int, pp: int, memory_bytes: float,
     kv_layer = model.kv_bytes_per_token_layer(tp, kv_bytes)
     worst_weights, worst = 0.0, None
     for index, stage in enumerate(pp_stage_layers(model.num_layers, pp)):
-        weights = sum(model.layers[i].per_gpu(tp, model.num_kv_heads, expert_ranks)
+        weights = sum(model.layers[i].per_gpu(tp, model.num_kv_heads, expert_ranks, copies)
                       for i in stage)
         if index == 0:
             weights += model.embed_bytes / tp

@@ -73,6 +73,17 @@ def test_planner_settings_take_the_kv_cache_dtype_from_engine_kwargs_too():
     assert layout.settings_for(engine).kv_cache_dtype == "fp8_e5m2"
 
 
+def test_planner_settings_take_eplbs_redundant_experts_in_every_form_vllm_takes():
+    def redundant(**kwargs) -> int:
+        return layout.settings_for(EngineConfig(**kwargs)).redundant_experts
+
+    assert redundant(vllm_args=["--eplb-config", '{"num_redundant_experts": 32}']) == 32
+    assert redundant(vllm_args=['--eplb-config={"num_redundant_experts": 16}']) == 16
+    assert redundant(vllm_args=["--eplb-config.num_redundant_experts", "8"]) == 8
+    assert redundant(extra_engine_kwargs={"eplb_config": {"num_redundant_experts": 4}}) == 4
+    assert redundant(vllm_args=["--enable-eplb"]) == 0
+
+
 @pytest.fixture
 def two_nodes(monkeypatch):
     reports = [node(1), node(2)]

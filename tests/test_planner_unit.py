@@ -365,6 +365,24 @@ def test_r1_data_parallel_ranks_are_planned_per_rank_with_experts_split(r1):
         planner.plan_layout(r1, cluster(2, 8, 141), settings, tp=1, pp=1, dp=16)
 
 
+def test_eplbs_redundant_experts_add_their_share_to_every_rank(r1):
+    """32 redundant experts over 16 ranks: each MoE layer holds 288 experts instead of 256, so
+    every rank's routed experts grow by 1/8 (38.1 GiB -> 42.9 GiB) and its KV room shrinks."""
+    plain = planner.evaluate(r1, 1, 1, 141 * GIB, Settings(gpu_memory_utilization=0.9), dp=16,
+                             expert_parallel=True)
+    eplb = planner.evaluate(r1, 1, 1, 141 * GIB, Settings(gpu_memory_utilization=0.9,
+                                                          redundant_experts=32),
+                            dp=16, expert_parallel=True)
+    routed = sum(layer.experts for layer in r1.layers) / 16
+    assert r1.routed_experts == 256
+    assert eplb.weights_per_gpu - plain.weights_per_gpu == pytest.approx(routed * 32 / 256)
+    assert round(eplb.weights_per_gpu / GIB, 1) == 60.6
+    assert eplb.kv_room_per_gpu < plain.kv_room_per_gpu
+    # Without expert parallelism there are no redundant experts to hold.
+    assert planner.evaluate(r1, 8, 1, 141 * GIB, Settings(redundant_experts=32)).weights_per_gpu \
+        == planner.evaluate(r1, 8, 1, 141 * GIB, Settings()).weights_per_gpu
+
+
 def test_data_parallel_needs_a_moe_model_and_a_given_layout(r1):
     with pytest.raises(PlanningError, match="no MoE layers"):
         planner.plan_layout(planner.read_checkpoint(QWEN7B), cluster(2, 8, 80), Settings(),
