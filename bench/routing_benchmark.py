@@ -153,14 +153,14 @@ def markdown(table: list[Row], args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import chaos
+    import local_cluster
 
     from common.demo_model import ensure_demo_model
 
     model = str(ensure_demo_model(quiet=True))
     routings = args.routings.split(",")
     base = Path(tempfile.mkdtemp(prefix="routing-bench-", dir="/tmp"))
-    cluster = chaos.LocalCluster(base, args.cpus_per_node)
+    cluster = local_cluster.LocalCluster(base, args.cpus_per_node)
     samples: list[Sample] = []
     try:
         print(f"cluster in {base}: starting two raylets", file=sys.stderr, flush=True)

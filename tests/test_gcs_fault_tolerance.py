@@ -19,6 +19,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import chaos
+import local_cluster
 
 from _serve_fixtures import demo_model, wait_until
 from common.demo import node_processes, session_processes
@@ -36,7 +37,7 @@ def redis_server_binary() -> Path:
 @contextlib.contextmanager
 def redis_on_loopback(workdir: Path):
     """A Redis with a password on 127.0.0.1, as an operator's external Redis; (address, pw)."""
-    port, password = chaos.free_port(), secrets.token_hex(16)
+    port, password = local_cluster.free_port(), secrets.token_hex(16)
     proc = subprocess.Popen([str(redis_server_binary()), "--port", str(port), "--bind",
                              "127.0.0.1", "--requirepass", password, "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)],
@@ -78,8 +79,8 @@ def test_head_dies_node_2_keeps_answering_and_the_service_comes_back():
     base = Path(tempfile.mkdtemp(prefix="gcs-ft-", dir="/tmp"))
     try:
         with redis_on_loopback(base) as redis:
-            cluster = chaos.LocalCluster(base, cpus=2, second_ip=chaos.SECOND_NODE_IP,
-                                         redis=redis)
+            cluster = local_cluster.LocalCluster(base, cpus=2, second_ip=chaos.SECOND_NODE_IP,
+                                                 redis=redis)
             try:
                 run_scenario(cluster)
             finally:
@@ -88,13 +89,13 @@ def test_head_dies_node_2_keeps_answering_and_the_service_comes_back():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_scenario(cluster: chaos.LocalCluster) -> None:
+def run_scenario(cluster: local_cluster.LocalCluster) -> None:
     cluster.start()
     cluster.script("ray-force-multi.py", "--device", "cpu", "--model", demo_model(),
                    "--max-model-len", "512", "--tensor-parallel-size", "1", "--num-replicas", "2",
                    "--host", "127.0.0.1", "--port", str(cluster.http_port),
                    "--proxy-location", "HeadOnly", "--app-name", chaos.APP, "--timeout", "600")
-    report = cluster.report()
+    report = cluster.report(chaos.APP)
     head = chaos.head_node(report)
     [replica] = [r for r in report["replicas"] if r["app"] == chaos.APP and r["node_id"] != head]
     node2 = replica["node_id"]
@@ -132,7 +133,7 @@ def run_scenario(cluster: chaos.LocalCluster) -> None:
 
     wait_until(both_nodes_again, timeout=300, interval=1, what="both nodes answering again")
     print(f"both nodes answered again {time.monotonic() - killed_at:.0f} s after the head died")
-    report = cluster.report()
+    report = cluster.report(chaos.APP)
     assert node2 in {n["node_id"] for n in report["nodes"] if n["alive"]}
     # check_cluster.py says what happened: the GCS keeps its state in Redis, the head restarted
     # (the old head is DEAD beside the new one), and that alone does not make it unhealthy.

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-import chaos
+import local_cluster
 
 from _serve_fixtures import demo_model
 
@@ -26,7 +26,7 @@ def test_a_conversations_turns_stay_on_one_replica_while_both_nodes_serve(tmp_pa
     """--routing session by the x-session-id header; --routing prefix from the messages alone
     (the turns carry no header), its route deployment consulted by HAProxy for every request."""
     base = Path(tempfile.mkdtemp(prefix="routing-", dir="/tmp"))
-    cluster = chaos.LocalCluster(base, cpus=2)
+    cluster = local_cluster.LocalCluster(base, cpus=2)
     try:
         cluster.start()
         cluster.script("ray-force-multi.py", "--device", "cpu", "--model", demo_model(),
