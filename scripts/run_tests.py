@@ -26,9 +26,12 @@ WEIGHTS_S = {
     "test_r1_architecture.py": 60, "test_chaos.py": 330, "test_gcs_fault_tolerance.py": 120,
     "test_routing.py": 160, "test_pinned_restart.py": 130,
 }
-# Modules that run under a target of their own (and in CI after `make test`), not in the default
-# collection: runs too long for `make test`'s time budget.
-OWN_TARGET = {"test_chaos.py": "make test-chaos"}
+# The fault, overload and chaos modules (pytest's `reliability` mark): their own suite,
+# `make test-reliability`, which CI runs after `make test` (together they are longer than
+# `make test`'s time budget).
+RELIABILITY = ("test_chaos.py", "test_gcs_fault_tolerance.py", "test_reliability.py",
+               "test_routing.py")
+SUITES = ("main", "reliability")
 DEFAULT_WEIGHT_S = 30
 UNIT_WEIGHT_S = 1
 PROGRESS_EVERY_S = 120
@@ -38,6 +41,11 @@ PROGRESS_TAIL_BYTES = 4000
 def module_weight(path: str) -> float:
     name = Path(path).name
     return WEIGHTS_S.get(name, UNIT_WEIGHT_S if name.endswith("_unit.py") else DEFAULT_WEIGHT_S)
+
+
+def suite_modules(tests: Path, suite: str) -> list[Path]:
+    """The test modules of a suite (see RELIABILITY)."""
+    return [p for p in tests.glob("test_*.py") if (p.name in RELIABILITY) == (suite == "reliability")]
 
 
 def split(files: list[str], shards: int) -> list[list[str]]:
@@ -71,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=int(os.environ.get("TEST_SHARDS", "2")),
                         help="shards run at once (env TEST_SHARDS); 1: a single pytest run")
     parser.add_argument("--tests", default=str(ROOT / "tests"), help="the tests folder")
+    parser.add_argument("--suite", choices=SUITES, default="main",
+                        help="without modules: main = every test_*.py but the reliability "
+                             "modules; reliability = those (make test-reliability)")
     parser.add_argument("modules", nargs="*",
                         help="test modules to run (default: every test_*.py in --tests)")
     return parser
@@ -80,11 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    found = [Path(m) for m in args.modules] or [
-        p for p in Path(args.tests).glob("test_*.py") if p.name not in OWN_TARGET]
-    if not args.modules:
-        print("not run here (own targets): " + ", ".join(
-            f"{name} ({target})" for name, target in OWN_TARGET.items()), flush=True)
+    found = [Path(m) for m in args.modules] or suite_modules(Path(args.tests), args.suite)
+    if not args.modules and args.suite == "main":
+        print(f"not in this suite: {', '.join(RELIABILITY)} (make test-reliability)", flush=True)
     files = sorted(str(p.resolve().relative_to(ROOT)) for p in found)
     shards = max(1, args.shards)
     if shards > 1 and not can_isolate():

@@ -1,6 +1,7 @@
 """scripts/run_tests.py: how the modules are split into shards, and a shard's progress line."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -30,3 +31,15 @@ def test_progress_is_the_last_percentage_pytest_printed(tmp_path):
     assert run_tests.progress(log) == "starting"
     log.write_text("....   [ 12%]\n..F.   [ 40%]\n..")
     assert run_tests.progress(log) == "40%"
+
+
+def test_the_reliability_suite_is_exactly_the_modules_marked_reliability():
+    tests = Path(__file__).resolve().parent
+    mark = re.compile(r"^(pytestmark = pytest\.mark\.reliability|@pytest\.mark\.reliability)$",
+                      re.M)
+    marked = {p.name for p in tests.glob("test_*.py") if mark.search(p.read_text())}
+    assert marked == set(run_tests.RELIABILITY)
+    main = {p.name for p in run_tests.suite_modules(tests, "main")}
+    reliability = {p.name for p in run_tests.suite_modules(tests, "reliability")}
+    assert reliability == marked and not main & reliability
+    assert main | reliability == {p.name for p in tests.glob("test_*.py")}
