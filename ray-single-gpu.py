@@ -29,7 +29,8 @@ def add_topology_args(group) -> None:
                  help="the share of one GPU each replica takes: below 1, several replicas share "
                       "a GPU (0.5: two per GPU; a small model, e.g. an R1 distill), each with "
                       "--gpu-memory-utilization at most this share; raise --replicas-per-node "
-                      "and --max-replicas to match")
+                      "and --max-replicas to match. Replicas on one GPU start their engines one "
+                      "at a time, unless --kv-cache-memory-bytes fixes their caches")
 
 
 def topology(args, engine: EngineConfig, serve_config: ServeConfig) -> Topology:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,8 +23,13 @@ class LocalCluster:
 
     def __init__(self, base: Path, cpus: int, second_ip: str = "127.0.0.1",
                  redis: tuple[str, str] | None = None, gpus: tuple[int, int] = (0, 0),
-                 cuda_devices: tuple[str | None, str | None] = (None, None)):
+                 cuda_devices: tuple[str | None, str | None] = (None, None),
+                 inherit_env: bool = False):
         self.base = base
+        # GPU runs keep the caller's PYTHONPATH and VLLM_* settings (where its packages live,
+        # the engine's switches); CPU runs start from a clean environment.
+        self.inherited = ({k: v for k, v in os.environ.items()
+                           if k == "PYTHONPATH" or k.startswith("VLLM_")} if inherit_env else {})
         # GPUs each raylet declares (head, node 2), and the CUDA devices each sees (None: all the
         # machine's): one host's GPUs split between two raylets stand for two nodes.
         self.gpus = gpus
@@ -45,7 +51,8 @@ class LocalCluster:
     def env(self, **extra: str) -> dict[str, str]:
         return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
                 "HOME": str(self.home), "LANG": "C.UTF-8", "RAY_TMPDIR": str(self.base),
-                "TMPDIR": str(self.base), "RAY_USAGE_STATS_ENABLED": "0", **extra}
+                "TMPDIR": str(self.base), "RAY_USAGE_STATS_ENABLED": "0", **self.inherited,
+                **extra}
 
     def run(self, *cmd: str, timeout: float = 900, check: bool = True,
             **extra_env: str) -> subprocess.CompletedProcess:

@@ -189,9 +189,11 @@ class Run:
         if two_nodes:
             split = (None, None) if self.args.device == "cpu" else (
                 ",".join(map(str, range(half))), ",".join(map(str, range(half, 2 * half))))
-            c = LocalCluster(base, self.args.cpus_per_node, gpus=(half, half), cuda_devices=split)
+            c = LocalCluster(base, self.args.cpus_per_node, gpus=(half, half), cuda_devices=split,
+                             inherit_env=self.args.device == "cuda")
         else:
-            c = LocalCluster(base, self.args.cpus_per_node, gpus=(gpus, 0))
+            c = LocalCluster(base, self.args.cpus_per_node, gpus=(gpus, 0),
+                             inherit_env=self.args.device == "cuda")
         c.start(nodes=2 if two_nodes else 1)
         return c
 

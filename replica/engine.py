@@ -42,7 +42,43 @@ def build_engine(config: EngineConfig, args: Any, group: RankGroup | None = None
     logger.info("starting vLLM engine: model=%s tp=%d pp=%d device=%s pid=%d",
                 config.model, config.tensor_parallel_size, config.pipeline_parallel_size,
                 config.device, os.getpid())
-    return vllm_compat.start_engine(vllm_config, engine_args, engine_stat_loggers(config))
+    with shared_gpu_start_turn(config, assigned_gpu_share()):
+        return vllm_compat.start_engine(vllm_config, engine_args, engine_stat_loggers(config))
+
+
+def assigned_gpu_share() -> float:
+    """The GPUs Ray gave this replica (below 1: a share of one GPU)."""
+    import ray
+
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+
+
+@contextlib.contextmanager
+def shared_gpu_start_turn(config: EngineConfig, share: float, lock_dir: str | None = None):
+    """Replicas that share a GPU (--gpus-per-replica below 1) start their engines one at a time.
+    vLLM sizes the KV cache from the GPU's free memory while it starts, assuming no other process
+    on the GPU frees memory meanwhile (else it fails: "Error in memory profiling") and counting
+    what another allocates as its own: two engines starting side by side can fail or get unequal
+    caches. A fixed --kv-cache-memory-bytes skips that measurement, so those start together."""
+    if config.device != "cuda" or not 0.0 < share < 1.0 or config.kv_cache_memory_bytes:
+        yield
+        return
+    import fcntl
+    import tempfile
+
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-")
+    path = os.path.join(lock_dir or tempfile.gettempdir(), f"deepseek-serve-gpu-{devices}.start")
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("GPU %s is shared: waiting for the replica starting on it to finish "
+                        "(vLLM measures free GPU memory while it starts)", devices)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 async def first_generation(engine: Any) -> None:

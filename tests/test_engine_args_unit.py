@@ -37,3 +37,41 @@ def test_engine_kwargs_must_be_a_json_object(monkeypatch, capsys):
 def test_flag_of_engine_field():
     assert flag_of_engine_field("max_num_seqs") == "--max-num-seqs"
     assert flag_of_engine_field("kv_cache_dtype") is None
+
+
+def test_replicas_sharing_a_gpu_start_one_at_a_time(tmp_path, monkeypatch):
+    """A second replica on the same shared GPU waits for the first's engine start; a fixed KV
+    cache, a whole GPU or a CPU engine do not wait."""
+    import threading
+
+    from replica.config import EngineConfig
+    from replica.engine import shared_gpu_start_turn
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    gpu = EngineConfig(model="m", device="cuda")
+    order: list[str] = []
+    first_in = threading.Event()
+    release = threading.Event()
+
+    def first():
+        with shared_gpu_start_turn(gpu, 0.5, str(tmp_path)):
+            order.append("first in")
+            first_in.set()
+            release.wait(10)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(10)
+    for free in (EngineConfig(model="m", device="cuda", kv_cache_memory_bytes=1 << 30),
+                 EngineConfig(model="m", device="cpu")):
+        with shared_gpu_start_turn(free, 0.5, str(tmp_path)):
+            order.append("free")
+    with shared_gpu_start_turn(gpu, 1.0, str(tmp_path)):
+        order.append("whole GPU")
+    threading.Timer(0.2, release.set).start()
+    with shared_gpu_start_turn(gpu, 0.5, str(tmp_path)):
+        order.append("second in")
+    thread.join(10)
+    assert order == ["first in", "free", "free", "whole GPU", "first out", "second in"]
+    assert (tmp_path / "deepseek-serve-gpu-3.start").exists()

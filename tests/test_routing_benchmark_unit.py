@@ -53,3 +53,45 @@ def test_rows_are_medians_with_ratios_to_the_first_routing():
     assert "| conversations | session | 200 | 150 | 110.0 | 100% | 90% | 0 | 0.400 | 0.250 |" \
         in text
     assert "| independent | session | 300 | - | 198.0 | - | 20% | 1 | 1.000 | - | 0.990 |" in text
+
+
+def test_vllm_serve_prefix_counters_are_summed_over_engines():
+    metrics = "\n".join([
+        "# HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of tokens.",
+        "# TYPE vllm:prefix_cache_queries counter",
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1200.0',
+        'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 800.0',
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 640.0',
+        'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9'])
+    assert rb.prefix_counters(metrics) == {"prefix_queries": 2000.0, "prefix_hits": 640.0}
+
+
+def test_the_plain_proxy_takes_the_servers_in_turn():
+    config = rb.haproxy_config(8100, [9001, 9002])
+    assert "bind 127.0.0.1:8100" in config and "balance roundrobin" in config
+    assert "server s0 127.0.0.1:9001" in config and "server s1 127.0.0.1:9002" in config
+
+
+def test_every_turn_gets_a_document_of_its_own(tmp_path):
+    lines = rb._distinct_prompts(tmp_path, 3, words=20).read_text().splitlines()
+    assert len(lines) == 3 and len(set(line.split(" Question")[0] for line in lines)) == 3
+    assert all(len(line.split()) == 20 + 7 for line in lines)
+    assert rb._distinct_prompts(tmp_path, 2).read_text().startswith("Question 0:")
+
+
+def test_runs_kept_apart_are_reported_as_one(tmp_path):
+    args = vars(rb.build_parser().parse_args(["--device", "cuda", "--model", "m"]))
+    for run, ttfts in enumerate(([0.4, 0.2], [0.6, 0.3])):
+        with open(tmp_path / f"run{run}.jsonl", "w") as out:
+            for routing, ttft in zip(("spread", "prefix"), ttfts):
+                sample = rb.Sample(routing, "conversations", 0, ttft, None, 100.0, 0, None,
+                                   None, 1)
+                out.write(rb.json.dumps({"args": args, "sample": rb.asdict(sample)}) + "\n")
+    namespace = rb.argparse.Namespace(out=str(tmp_path))
+    assert rb.from_partial([str(tmp_path / "run0.jsonl"), str(tmp_path / "run1.jsonl")],
+                           namespace) == 0
+    written = rb.json.loads(next(tmp_path.glob("routing-cuda-*.json")).read_text())
+    assert [s["repetition"] for s in written["samples"]] == [0, 0, 1, 1]
+    prefix = [r for r in written["rows"] if r["routing"] == "prefix"][0]
+    assert prefix["ttft_p50_s"] == 0.25 and abs(prefix["ratios"]["ttft_p50"] - 0.5) < 1e-9
+    assert "2 repetitions" in next(tmp_path.glob("routing-cuda-*.md")).read_text()
