@@ -247,7 +247,8 @@ def _keep(args: argparse.Namespace, sample: Sample) -> None:
 def from_partial(paths: list[str], args: argparse.Namespace) -> int:
     """The report of samples kept by --partial-copy: one file per run, run after run (each
     numbers its repetitions from 0; here they follow on)."""
-    kept_args, samples = None, []
+    kept_args: dict = {}
+    samples: list[Sample] = []
     for path in paths:
         records = [json.loads(line) for line in Path(path).read_text().splitlines()
                    if line.strip()]
@@ -338,8 +339,8 @@ class PlainServers:
             try:
                 wait_http(f"http://127.0.0.1:{port}/health", process, 900)
             except RuntimeError as exc:
-                log = (self.base / f"vllm-serve-{index}.log").read_text(errors="replace")
-                raise RuntimeError(f"vllm serve {index}: {exc}; its log ends:\n{log[-3000:]}") \
+                text = (self.base / f"vllm-serve-{index}.log").read_text(errors="replace")
+                raise RuntimeError(f"vllm serve {index}: {exc}; its log ends:\n{text[-3000:]}") \
                     from None
         print(f"  two vllm serve ready in {time.monotonic() - started:.0f} s",
               file=sys.stderr, flush=True)
