@@ -387,15 +387,13 @@ def haproxy_config(port: int, backends: list[int]) -> str:
 
 
 def prefix_counters(metrics: str) -> dict[str, float]:
-    """vLLM's prefix-cache counters in a /metrics text (summed over its engines)."""
-    names = {"vllm:prefix_cache_queries_total": "prefix_queries",
-             "vllm:prefix_cache_hits_total": "prefix_hits"}
-    out = {"prefix_queries": 0.0, "prefix_hits": 0.0}
-    for line in metrics.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in names:
-            out[names[name]] += float(line.rsplit(" ", 1)[1])
-    return out
+    """vLLM's prefix-cache counters in `vllm serve`'s /metrics text (summed over its engines):
+    the names Ray exports, without Ray's prefix."""
+    from ops.metrics_scrape import PREFIX_HITS, PREFIX_QUERIES, parse, total
+
+    samples = parse(metrics)
+    return {"prefix_queries": total(samples, PREFIX_QUERIES.replace("ray_vllm_", "vllm:")),
+            "prefix_hits": total(samples, PREFIX_HITS.replace("ray_vllm_", "vllm:"))}
 
 
 def _wait_gpu_free(timeout_s: float = 180.0) -> None:
