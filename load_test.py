@@ -8,6 +8,7 @@ from typing import Sequence
 
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
                         make_parser, non_negative_int, positive_int)
+from loadgen import prefix_cache
 from loadgen.client import (CHAT_ENDPOINT, DEFAULT_PROMPT, ENDPOINTS, ROOT_ENDPOINT,
                             SESSION_HEADER, LoadConfig, format_report, load_prompts,
                             run_load_sync, summarize, system_prompt_text, write_json)
@@ -104,6 +105,12 @@ def build_parser():
              metavar="FILE.html",
              help="also write a self-contained HTML report (charts of latency, throughput and "
                   "requests in flight over time, answers per node, errors; opens offline)")
+    add_flag(output, "--metrics-url", env="LOAD_METRICS_URL", default=None,
+             metavar="URL[,URL...]",
+             help="Prometheus endpoints to read vLLM's prefix-cache counters from, before and "
+                  "after the run: each Ray node's metrics endpoint (ray start "
+                  "--metrics-export-port) or vllm serve's /metrics; the report then gives each "
+                  "replica's prefix-cache hit rate for this run")
     output.add_argument("--json-requests", action="store_true",
                         help="also write every request's record into the --json file")
     output.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -157,20 +164,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         turns=args.turns, system_prompt=system_prompt_text(args.system_prompt_words),
         session_header=not args.no_session_header)
 
+    metrics_urls = [u.strip() for u in (args.metrics_url or "").split(",") if u.strip()]
+    before: prefix_cache.Counters = {}
+    if metrics_urls:
+        before, errors = prefix_cache.read(metrics_urls)
+        if errors:
+            print("error: --metrics-url: " + "; ".join(errors), file=sys.stderr)
+            return EXIT_USAGE
     try:
         result = run_load_sync(config, describe_server=bool(args.report_file))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
     summary = summarize(result)
+    text = format_report(summary, config)
+    extra = {}
+    if metrics_urls:
+        hits, errors = prefix_cache.read_after(metrics_urls, before)
+        text += "\n" + "\n".join(prefix_cache.format_rows(hits, errors))
+        extra["prefix_cache"] = [h.to_dict() for h in hits]
 
     if args.json_file:
         try:
-            write_json(args.json_file, result, summary, include_requests=args.json_requests)
+            write_json(args.json_file, result, summary, include_requests=args.json_requests,
+                       extra=extra)
         except OSError as exc:
             print(f"error: cannot write {args.json_file}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    text = format_report(summary, config)
     if args.report_file:
         try:
             write_html_report(args.report_file, result, summary, text)

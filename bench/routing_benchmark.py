@@ -30,7 +30,7 @@ EPILOG = """the run (two replicas of one model; a local `ray start` cluster with
   independent prompts (the same count of single requests); each replica's prefix-cache hit
   rate from check_cluster.py --json after each workload.
   vllm-rr: what an operator would otherwise run: two `vllm serve` with the same engine settings
-  (a fixed KV cache each) behind HAProxy's round robin; hit rates from their /metrics.
+  (a fixed KV cache each) behind HAProxy's round robin; hit rates from their /metrics (load_test.py --metrics-url).
   Reported: medians over the repetitions, and each routing's ratio to the first.
 
 run it inside a loopback-only network namespace:
@@ -359,15 +359,8 @@ class PlainServers:
             raise RuntimeError(f"haproxy: {exc}: " + (self.base / "haproxy.log").read_text()) from None
         return f"http://127.0.0.1:{port}"
 
-    def counters(self) -> dict[str, dict[str, float]]:
-        """Each server's prefix-cache counters, from its /metrics."""
-        import urllib.request
-
-        out = {}
-        for port in self.ports:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-                out[f"vllm-serve:{port}"] = prefix_counters(r.read().decode())
-        return out
+    def metrics_urls(self) -> str:
+        return ",".join(f"http://127.0.0.1:{port}/metrics" for port in self.ports)
 
     def stop(self) -> None:
         from serving_benchmark import stop_group
@@ -384,16 +377,6 @@ def haproxy_config(port: int, backends: list[int]) -> str:
             "    timeout server 1h\n"
             f"frontend front\n    bind 127.0.0.1:{port}\n    default_backend servers\n"
             f"backend servers\n    balance roundrobin\n{servers}")
-
-
-def prefix_counters(metrics: str) -> dict[str, float]:
-    """vLLM's prefix-cache counters in `vllm serve`'s /metrics text (summed over its engines):
-    the names Ray exports, without Ray's prefix."""
-    from ops.metrics_scrape import PREFIX_HITS, PREFIX_QUERIES, parse, total
-
-    samples = parse(metrics)
-    return {"prefix_queries": total(samples, PREFIX_QUERIES.replace("ray_vllm_", "vllm:")),
-            "prefix_hits": total(samples, PREFIX_HITS.replace("ray_vllm_", "vllm:"))}
 
 
 def _wait_gpu_free(timeout_s: float = 180.0) -> None:
@@ -421,10 +404,7 @@ def _gpu_name() -> str | None:
 
 def _one(cluster, args: argparse.Namespace, routing: str, workload: str, repetition: int,
          base: Path, prompts: Path, url: str, plain: PlainServers | None) -> Sample:
-    def counters() -> dict:
-        return plain.counters() if plain else _engine(cluster)
-
-    before = counters()
+    before = {} if plain else _engine(cluster)
     out = base / f"{routing}-{workload}-{repetition}.json"
     shape = (["--conversations", str(args.conversations), "--turns", str(args.turns)]
              if workload == "conversations" else
@@ -437,18 +417,24 @@ def _one(cluster, args: argparse.Namespace, routing: str, workload: str, repetit
          # Only session routing reads the conversation's header; the others get none.
          *([] if routing == "session" else ["--no-session-header"]),
          *(["--expected-nodes", "2"] if args.device == "cpu" and not plain else []),
+         # vllm serve's counters: load_test.py reads them from each server's /metrics.
+         *(["--metrics-url", plain.metrics_urls()] if plain else []),
          "--no-progress", "--json", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     if not out.exists():
         raise RuntimeError(f"load_test.py wrote no result: {proc.stdout[-2000:]}"
                            f"{proc.stderr[-2000:]}")
-    # vllm serve's counters are its own, read directly; the replicas' come through Ray's
-    # metrics agents, every few seconds.
-    after = counters() if plain else _settled_engine(cluster, before)
-    # The counters grow over the app's life: this workload's share is the difference.
-    engine = {replica: {key: after[replica].get(key, 0.0) - before.get(replica, {}).get(key, 0.0)
-                        for key in ("prefix_queries", "prefix_hits")} for replica in after}
-    sample = sample_from(routing, workload, repetition, json.loads(out.read_text()), engine)
+    load = json.loads(out.read_text())
+    if plain:
+        engine = {h["replica"]: {"prefix_queries": h["queries"], "prefix_hits": h["hits"]}
+                  for h in load.get("prefix_cache", [])}
+    else:   # the replicas' counters, through Ray's metrics agents (every few seconds)
+        after = _settled_engine(cluster, before)
+        # The counters grow over the app's life: this workload's share is the difference.
+        engine = {replica: {key: after[replica].get(key, 0.0)
+                            - before.get(replica, {}).get(key, 0.0)
+                            for key in ("prefix_queries", "prefix_hits")} for replica in after}
+    sample = sample_from(routing, workload, repetition, load, engine)
     if plain or args.device == "cuda":
         sample.one_node_share = None   # one node, or servers that name none: nothing to tell
     return sample

@@ -971,8 +971,8 @@ def result_to_json(result: LoadResult, summary: Summary,
 
 
 def write_json(path: str, result: LoadResult, summary: Summary,
-               include_requests: bool = False) -> None:
-    data = result_to_json(result, summary, include_requests)
+               include_requests: bool = False, extra: dict[str, Any] | None = None) -> None:
+    data = {**result_to_json(result, summary, include_requests), **(extra or {})}
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, ensure_ascii=False, indent=2)
         handle.write("\n")

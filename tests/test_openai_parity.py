@@ -690,6 +690,28 @@ def test_health_status(servers):
                                                 got.status_code, got.text[:300])
 
 
+def test_load_test_reports_the_runs_prefix_cache_hits(reference, tmp_path):
+    """load_test.py --metrics-url reads vllm serve's own counters before and after its run: the
+    second of two identical prompts finds the first's blocks in the prefix cache."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "load_test.py"),
+         "--url", reference, "-n", "2", "-c", "1", "--endpoint", "/v1/completions",
+         "--max-tokens", "2", "-p", " ".join(f"word{i}" for i in range(100)),
+         "--model", NAME, "--metrics-url", f"{reference}/metrics", "--no-progress",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [replica] = json.loads(out.read_text())["prefix_cache"]
+    assert replica["replica"] == f"{reference}/metrics"
+    assert replica["queries"] > 100 and 0 < replica["hits"] < replica["queries"]
+    assert "Prefix cache (this run" in proc.stdout and "All replicas:" in proc.stdout
+
+
 # ---- only against our deployment: the OpenAI SDK -------------------------------------------------
 
 @pytest.fixture(scope="module")

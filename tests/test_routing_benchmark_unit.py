@@ -55,17 +55,6 @@ def test_rows_are_medians_with_ratios_to_the_first_routing():
     assert "| independent | session | 300 | - | 198.0 | - | 20% | 1 | 1.000 | - | 0.990 |" in text
 
 
-def test_vllm_serve_prefix_counters_are_summed_over_engines():
-    metrics = "\n".join([
-        "# HELP vllm:prefix_cache_queries Prefix cache queries, in terms of number of tokens.",
-        "# TYPE vllm:prefix_cache_queries counter",
-        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1200.0',
-        'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 800.0',
-        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 640.0',
-        'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9'])
-    assert rb.prefix_counters(metrics) == {"prefix_queries": 2000.0, "prefix_hits": 640.0}
-
-
 def test_the_plain_proxy_takes_the_servers_in_turn():
     config = rb.haproxy_config(8100, [9001, 9002])
     assert "bind 127.0.0.1:8100" in config and "balance roundrobin" in config
