@@ -23,7 +23,7 @@ help:
 	@echo "make test-reliability - the fault/overload/fuzz/chaos tests (not in make test; CI runs both)"
 	@echo "make chaos  - 10 minutes of load on a local 2-node cluster with a fault every 60 s (bench/chaos.py)"
 	@echo "make rehearse-multi-gpu - bench/multi_gpu_run.py's multi-GPU run rehearsed on CPU (about 10 minutes; CI runs it)"
-	@echo "make bench-routing - --routing spread vs session vs prefix on multi-turn chats, local 2-node cluster"
+	@echo "make bench-routing - --routing spread vs session vs prefix vs two vllm serve behind round robin, multi-turn chats, local 2-node cluster"
 	@echo "make bench  - CPU benchmarks (serving-path overhead, router hop, load_test capacity)"
 	@echo "make bench-peers - CPU: vllm serve, this project and Ray's ray.serve.llm side by side"
 

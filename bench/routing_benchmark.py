@@ -485,12 +485,12 @@ _NUMBER_FLAGS = (
                                  "conversations x turns single requests)"),
     ("--turns", int, 4, "turns per conversation"),
     ("--system-prompt-words", int, 300, "words of the system prompt every request shares"),
-    ("--turn-words", int, 0, "words of a document of its own in every turn and independent "
+    ("--turn-words", int, 100, "words of a document of its own in every turn and independent "
                              "request (0: a short question alone)"),
     ("--max-tokens", int, 32, "tokens per answer (ignore_eos: exactly this many)"),
     ("--concurrency", int, 4, "requests in flight"),
-    ("--repetitions", int, 2, "repetitions; the routings are interleaved in each"),
-    ("--max-model-len", int, 2048, "context length of the replicas"),
+    ("--repetitions", int, 3, "repetitions; the routings are interleaved in each"),
+    ("--max-model-len", int, 4096, "context length of the replicas"),
     ("--cpus-per-node", int, 2, "logical CPUs each raylet offers"),
     ("--kv-cache-gib", int, 12, "--device cuda: each replica's KV cache, fixed (equal caches; "
                                 "replicas sharing a GPU then start side by side)"),
@@ -502,7 +502,7 @@ _NUMBER_FLAGS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routings", default="spread,session,prefix",
+    parser.add_argument("--routings", default=",".join(ROUTINGS),
                         help="targets to compare, the first is the base of the ratios: "
                              f"{', '.join(ROUTINGS)} (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
