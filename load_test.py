@@ -8,7 +8,7 @@ from typing import Sequence
 
 from common.cli import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, add_flag, exits_with_codes,
                         make_parser, non_negative_int, positive_int)
-from loadgen import prefix_cache
+from ops import prefix_cache
 from loadgen.client import (CHAT_ENDPOINT, DEFAULT_PROMPT, ENDPOINTS, ROOT_ENDPOINT,
                             SESSION_HEADER, LoadConfig, format_report, load_prompts,
                             run_load_sync, summarize, system_prompt_text, write_json)

@@ -1,7 +1,7 @@
 """Unit tests of load_test.py's per-replica prefix-cache hit rate: counters from Ray's and vllm serve's metrics, the run's share, the report lines."""
 from __future__ import annotations
 
-from loadgen import prefix_cache
+from ops import prefix_cache
 from ops.metrics_scrape import Sample, parse
 
 
