@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -11,10 +12,25 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Ports for the servers a run starts: below the kernel's ephemeral range (32768 and up, where
+# connections take their source ports: a port the kernel hands out as free can be taken that way
+# before the server binds it), above Ray's worker ports (10002-19999), below the replicas' direct
+# ingress ports (30000-31000).
+PORT_RANGE = (20000, 30000)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port in PORT_RANGE that binds on `host` now."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1} on {host}")
 
 
 class LocalCluster:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import machine
+from local_cluster import free_port
 from machine import version_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -129,12 +130,6 @@ def ray_token_env(workdir: Path) -> dict[str, str]:
         path.write_text(secrets.token_hex(32))
         path.chmod(0o600)
     return {"RAY_AUTH_TOKEN_PATH": str(path)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def gpu_info() -> dict[str, Any] | None:

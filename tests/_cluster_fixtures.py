@@ -14,6 +14,8 @@ from ray.cluster_utils import Cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_IP = "127.0.0.1"
+# bench/local_cluster.py's helpers (free_port) serve the tests too.
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 T = TypeVar("T")
 
 

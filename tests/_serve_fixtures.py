@@ -12,6 +12,7 @@ import threading
 
 from _cluster_fixtures import (LOCAL_IP, ended_after, ended_on_error, started_with_retry,
                                wait_until)
+import local_cluster  # bench/ on the path: _cluster_fixtures puts it there
 
 import ray
 import requests
@@ -21,9 +22,7 @@ from common.demo_model import ensure_demo_model
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCAL_IP, 0))
-        return sock.getsockname()[1]
+    return local_cluster.free_port(LOCAL_IP)
 
 
 def clean_env(home, temp_dir, **extra: str) -> dict[str, str]:

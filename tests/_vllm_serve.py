@@ -24,7 +24,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from pathlib import Path
 
 # Run as a script (the CPU build's `vllm` command) this folder, not the project's, is on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import local_cluster
 from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES
 
 LOCAL_IP = "127.0.0.1"
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCAL_IP, 0))
-        return sock.getsockname()[1]
+    return local_cluster.free_port(LOCAL_IP)
 
 
 @dataclass

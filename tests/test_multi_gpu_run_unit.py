@@ -90,3 +90,16 @@ def test_the_summary_names_failures_and_ratios():
                          "concurrency": 1, "requests": 4, "max_tokens": 8}, [ok, bad])
     assert "| a | OK | 3.0 | 8 | 1 | 4/0 | 10.0 | 20.0 | b: tok/s x1.1, TTFT x0.9 |" in text
     assert "FAILED: deploy exited 5" in text and "why" in text
+
+
+def test_free_ports_are_outside_the_kernels_ephemeral_range():
+    """A server's port comes from below the range where connections take their source ports,
+    and above Ray's worker ports: no other process can take it between the pick and the bind."""
+    import socket
+
+    import local_cluster
+
+    ports = {local_cluster.free_port() for _ in range(20)}
+    assert all(20000 <= port < 30000 for port in ports) and len(ports) > 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
