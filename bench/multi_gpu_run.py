@@ -16,7 +16,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from local_cluster import LocalCluster, free_port  # noqa: E402 - bench/ is the script's folder
+# bench/ is the script's folder
+from local_cluster import (LocalCluster, cpu_serve_settings, free_port,  # noqa: E402
+                           vllm_serve_head)
 
 EPILOG = """phases (each on a fresh local cluster, token auth on, everything on 127.0.0.1):
   one-node   one raylet with all G GPUs: ray-force-multi.py 1 replica x TP G (G GPUs reserved,
@@ -352,23 +354,19 @@ class Run:
 
     def vllm_serve(self, c: LocalCluster, step: Step) -> StepResult:
         """`vllm serve` on the same GPUs (no Ray application holds them now), same load."""
-        from bench.machine import version_of
         from bench.serving_benchmark import stop_group, wait_http
 
         port = free_port()
-        head = ([PY, "-m", "vllm.entrypoints.cli.main"] if version_of("vllm") else
-                [PY, str(REPO_ROOT / "bench" / "serving_benchmark.py"), "_vllm"])
+        head = vllm_serve_head()
         flags = self.engine_flags(step)
         model = flags[flags.index("--model") + 1]
         # The model is vllm serve's argument; the device is the installed vLLM's own.
         flags = without(without(flags, "--model"), "--device")
         env = c.env()
         if self.args.device == "cpu":  # the settings the project's CPU replicas run with
-            from replica.config import (CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES,
-                                        CPU_ENGINE_ENV)
-            flags += ["--enforce-eager", "--dtype", CPU_DEFAULT_DTYPE,
-                      "--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES)]
-            env.update(CPU_ENGINE_ENV)
+            cpu_flags, cpu_env = cpu_serve_settings()
+            flags += cpu_flags
+            env.update(cpu_env)
         command = [*head, "serve", model, "--host", "127.0.0.1", "--port", str(port),
                    *flags, *step.flags]
         result = StepResult(step.name, " ".join(["vllm", *command[len(head):]]))

@@ -28,7 +28,7 @@ EPILOG = """the run (two replicas of one model; a local `ray start` cluster with
   --system-prompt-words system prompt, --turn-words of a document of its own in every turn,
   streamed; the x-session-id header only under session routing, which needs it) and on
   independent prompts (the same count of single requests); each replica's prefix-cache hit
-  rate from check_cluster.py --json after each workload.
+  rate for each workload (load_test.py --metrics-url: the counters before and after).
   vllm-rr: what an operator would otherwise run: two `vllm serve` with the same engine settings
   (a fixed KV cache each) behind HAProxy's round robin; hit rates from their /metrics (load_test.py --metrics-url).
   Reported: medians over the repetitions, and each routing's ratio to the first.
@@ -110,7 +110,7 @@ def rows(samples: list[Sample], routings: list[str]) -> list[Row]:
 
 def sample_from(routing: str, workload: str, repetition: int, load: dict,
                 engine: dict) -> Sample:
-    """A Sample from load_test.py's --json and check_cluster.py --json's engine section."""
+    """A Sample from load_test.py's --json, and the run's prefix-cache counters per replica."""
     summary = load["summary"]
     conversation = summary.get("conversation")
     later = None
@@ -301,30 +301,25 @@ class PlainServers:
         self.ports: list[int] = []
 
     def command(self, port: int) -> list[str]:
-        from machine import version_of
+        from local_cluster import cpu_serve_settings, vllm_serve_head
 
         from replica.server import reasoning_parser_for
 
-        head = ([sys.executable, "-m", "vllm.entrypoints.cli.main"] if version_of("vllm") else
-                [sys.executable, str(REPO_ROOT / "bench" / "serving_benchmark.py"), "_vllm"])
         flags = _engine_flags(self.args)
-        if self.args.device == "cpu":  # the settings the project's CPU replicas run with
-            from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES
-            flags += ["--enforce-eager", "--dtype", CPU_DEFAULT_DTYPE,
-                      "--kv-cache-memory-bytes", str(CPU_DEFAULT_KV_CACHE_BYTES)]
+        if self.args.device == "cpu":
+            flags += cpu_serve_settings()[0]
         parser = reasoning_parser_for("auto", self.args.model)
-        return [*head, "serve", self.args.model, "--host", "127.0.0.1", "--port", str(port),
-                "--disable-uvicorn-access-log", *flags,
+        return [*vllm_serve_head(), "serve", self.args.model, "--host", "127.0.0.1", "--port",
+                str(port), "--disable-uvicorn-access-log", *flags,
                 *(["--reasoning-parser", parser] if parser else [])]
 
     def start(self) -> str:
-        from local_cluster import free_port
+        from local_cluster import cpu_serve_settings, free_port
         from serving_benchmark import wait_http
 
         env = self.cluster.env()
         if self.args.device == "cpu":
-            from replica.config import CPU_ENGINE_ENV
-            env.update(CPU_ENGINE_ENV)
+            env.update(cpu_serve_settings()[1])
         # Both at once: a fixed KV cache each, so neither sizes memory from what the other
         # holds (as the project's replicas sharing a GPU, with the same settings).
         started = time.monotonic()
@@ -404,7 +399,6 @@ def _gpu_name() -> str | None:
 
 def _one(cluster, args: argparse.Namespace, routing: str, workload: str, repetition: int,
          base: Path, prompts: Path, url: str, plain: PlainServers | None) -> Sample:
-    before = {} if plain else _engine(cluster)
     out = base / f"{routing}-{workload}-{repetition}.json"
     shape = (["--conversations", str(args.conversations), "--turns", str(args.turns)]
              if workload == "conversations" else
@@ -417,50 +411,21 @@ def _one(cluster, args: argparse.Namespace, routing: str, workload: str, repetit
          # Only session routing reads the conversation's header; the others get none.
          *([] if routing == "session" else ["--no-session-header"]),
          *(["--expected-nodes", "2"] if args.device == "cpu" and not plain else []),
-         # vllm serve's counters: load_test.py reads them from each server's /metrics.
-         *(["--metrics-url", plain.metrics_urls()] if plain else []),
+         # Each replica's prefix-cache counters before and after: the raylets' metrics
+         # endpoints, or each vllm serve's /metrics.
+         "--metrics-url", plain.metrics_urls() if plain else cluster.metrics_urls(),
          "--no-progress", "--json", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     if not out.exists():
         raise RuntimeError(f"load_test.py wrote no result: {proc.stdout[-2000:]}"
                            f"{proc.stderr[-2000:]}")
     load = json.loads(out.read_text())
-    if plain:
-        engine = {h["replica"]: {"prefix_queries": h["queries"], "prefix_hits": h["hits"]}
-                  for h in load.get("prefix_cache", [])}
-    else:   # the replicas' counters, through Ray's metrics agents (every few seconds)
-        after = _settled_engine(cluster, before)
-        # The counters grow over the app's life: this workload's share is the difference.
-        engine = {replica: {key: after[replica].get(key, 0.0)
-                            - before.get(replica, {}).get(key, 0.0)
-                            for key in ("prefix_queries", "prefix_hits")} for replica in after}
+    engine = {h["replica"]: {"prefix_queries": h["queries"], "prefix_hits": h["hits"]}
+              for h in load.get("prefix_cache", [])}
     sample = sample_from(routing, workload, repetition, load, engine)
     if plain or args.device == "cuda":
         sample.one_node_share = None   # one node, or servers that name none: nothing to tell
     return sample
-
-
-def _settled_engine(cluster, before: dict, timeout_s: float = 60.0) -> dict:
-    """The engine counters once the workload's have arrived: Ray's metrics agents export
-    every few seconds, so read until two reads agree and the prefix-cache queries moved."""
-    def queries(engine: dict) -> float:
-        return sum(e.get("prefix_queries", 0.0) for e in engine.values())
-
-    deadline = time.monotonic() + timeout_s
-    last = _engine(cluster)
-    while time.monotonic() < deadline:
-        time.sleep(3.0)
-        now = _engine(cluster)
-        if now == last and queries(now) > queries(before):
-            return now
-        last = now
-    print("  warning: the engine counters did not settle; prefix-cache hits may be short",
-          file=sys.stderr, flush=True)
-    return last
-
-
-def _engine(cluster) -> dict:
-    return cluster.report(APP).get("engine_metrics") or {}
 
 
 def _distinct_prompts(base: Path, count: int, words: int = 0) -> Path:

@@ -12,17 +12,13 @@ import threading
 
 from _cluster_fixtures import (LOCAL_IP, ended_after, ended_on_error, started_with_retry,
                                wait_until)
-import local_cluster  # bench/ on the path: _cluster_fixtures puts it there
+from local_cluster import free_port  # noqa: F401 - the tests' port picker (bench/ is on the path)
 
 import ray
 import requests
 
 from common.demo import load_script
 from common.demo_model import ensure_demo_model
-
-
-def free_port() -> int:
-    return local_cluster.free_port(LOCAL_IP)
 
 
 def clean_env(home, temp_dir, **extra: str) -> dict[str, str]:

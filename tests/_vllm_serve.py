@@ -36,7 +36,7 @@ from pathlib import Path
 # Run as a script (the CPU build's `vllm` command) this folder, not the project's, is on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import local_cluster
+from local_cluster import free_port
 from replica.config import CPU_DEFAULT_DTYPE, CPU_DEFAULT_KV_CACHE_BYTES
 
 LOCAL_IP = "127.0.0.1"
@@ -96,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]
     result = vllm_main()
     return int(result or 0)
-
-
-def free_port() -> int:
-    return local_cluster.free_port(LOCAL_IP)
 
 
 @dataclass
