@@ -169,7 +169,15 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
     assert_totals_move_by(ops, before, want)
 
     # Labels: each engine series names its application, deployment, replica and node.
-    samples, _ = metrics_scrape.scrape([ops.metrics_url])
+    # Ray's agent drops a gauge not re-exported within two report intervals (2 s here), which
+    # a busy machine can miss; the next export brings it back, so wait for one scrape with all.
+    gauges = (metrics_scrape.RUNNING, metrics_scrape.WAITING, metrics_scrape.KV_CACHE_USAGE)
+
+    def scrape_with_gauges():
+        scraped, _ = metrics_scrape.scrape([ops.metrics_url])
+        return scraped if set(gauges) <= {s.name for s in scraped} else None
+
+    samples = wait_until(scrape_with_gauges, timeout=30, what="the engine's gauges exported")
     [replica] = running_replicas()
     [info] = [r for r in cluster.list_replicas(APP) if r.replica_id == replica]
     series = [s for s in samples if s.name == metrics_scrape.REQUEST_SUCCESS
@@ -179,9 +187,6 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
                           s.labels["NodeId"] == info.node_id and
                           s.labels["NodeAddress"] == LOCAL_IP and
                           s.labels["model_name"] == "DeepSeek-R1" for s in series)
-    names = {s.name for s in samples}
-    for gauge in (metrics_scrape.RUNNING, metrics_scrape.WAITING, metrics_scrape.KV_CACHE_USAGE):
-        assert gauge in names
 
     # check_cluster.py shows the same numbers per replica.
     from common.demo import load_script
