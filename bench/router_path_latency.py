@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -18,9 +19,14 @@ EPILOG = """rows (sequential requests, the same small JSON answer from every pat
   plain    HAProxy -> a Serve ingress replica answering from the same ASGI app itself
   router   HAProxy -> the RoundRobinRouter replica -> the backend's own server (the
            placement-group path, the real router deployment with common.deploy_options.router_options)
-Derived: router - plain (what the router adds to a deployment that answers HTTP itself) and
-plain - backend (HAProxy plus Serve's request handling in a replica). Rows alternate round by
-round; medians of all requests.
+  prefix   HAProxy asks the PrefixRoute deployment (--routing prefix: the real route deployment,
+           request router and shared prefix index) with the body, then sends the request to the
+           replica it names: a replica answering from the same ASGI app as plain
+Derived: router - plain (what the router adds to a deployment that answers HTTP itself),
+prefix - plain (what consulting the route deployment adds) and plain - backend (HAProxy plus
+Serve's request handling in a replica). Every row sends the same chat request (--body-chars);
+rows alternate round by round; medians of all requests. --busy N keeps N processes spinning
+meanwhile, as engines on a CPU machine do, to show what the hops cost when cores are taken.
 
 run it inside a loopback-only network namespace:
   scripts/loopback.sh .venv/bin/python bench/router_path_latency.py
@@ -43,9 +49,11 @@ async def answer_app(scope, receive, send) -> None:
 def build_apps():
     from ray import serve
 
-    from common.deploy_options import router_options
+    from common.deploy_options import route_options, router_options
+    from replica import ray_compat
     from replica.config import ServeConfig, replica_env
     from replica.ingress import RoundRobinRouter
+    from replica.prefix_routing import DEFAULT_IMBALANCE, PrefixRoute, request_router_config
 
     actor = {"num_cpus": 0, "runtime_env": {"env_vars": replica_env(None)}}
 
@@ -73,13 +81,30 @@ def build_apps():
     serve_config = ServeConfig()
     router = RoundRobinRouter.options(**router_options(serve_config, 1, 1)).bind(
         serve_config, StandInBackend.bind())
-    return router, Plain.bind()
+    routed = Plain.options(name="RoutedPlain",
+                           request_router_config=request_router_config(DEFAULT_IMBALANCE)).bind()
+    prefix = ray_compat.with_ingress_request_router(
+        routed, PrefixRoute.options(**route_options(serve_config)).bind(routed))
+    return router, Plain.bind(), prefix
 
 
-async def measure(urls: dict[str, str], n: int, rounds: int) -> dict[str, list[float]]:
+def chat_payload(chars: int) -> bytes:
+    """A chat request of about `chars` characters of text (a system prompt and one turn)."""
+    words = " ".join(f"w{i}" for i in range(chars // 5 + 1))
+    messages = [{"role": "system", "content": words[: chars // 2]},
+                {"role": "user", "content": words[chars // 2: chars]}]
+    return json.dumps({"model": "m", "messages": messages, "max_tokens": 1}).encode()
+
+
+def spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+async def measure(urls: dict[str, str], n: int, rounds: int, payload: bytes
+                  ) -> dict[str, list[float]]:
     import aiohttp
 
-    payload = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
     headers = {"content-type": "application/json"}
     times: dict[str, list[float]] = {row: [] for row in urls}
     async with aiohttp.ClientSession() as session:
@@ -109,12 +134,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternating rounds (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000,
                         help="HAProxy's port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--body-chars", type=int, default=8000,
+                        help="characters of text in each request (default: %(default)s)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="processes kept spinning while measuring (default: %(default)s)")
     args = parser.parse_args(argv)
     from common.deploy import start_serve
     from common.deploy_options import controller_env, replica_code_runtime_env
 
-    # The project's default ingress; the local cluster inherits this environment.
-    os.environ.update(controller_env("haproxy"))
+    # The project's default ingress, with the body forwarded to a consulted route deployment
+    # (--routing prefix; it changes nothing for apps without one); the local cluster inherits it.
+    os.environ.update(controller_env("haproxy", "prefix"))
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     import ray
     from ray import serve
@@ -123,25 +153,39 @@ def main(argv: list[str] | None = None) -> int:
              log_to_driver=False, runtime_env=replica_code_runtime_env())
     try:
         start_serve("127.0.0.1", args.port, "HeadOnly", "haproxy")
-        router, plain = build_apps()
+        router, plain, prefix = build_apps()
         serve.run(router, name="router", route_prefix="/")
         serve.run(plain, name="plain", route_prefix="/plain")
+        serve.run(prefix, name="prefix", route_prefix="/prefix")
         backend = serve.get_deployment_handle("StandInBackend", "router")
 
         async def run() -> dict[str, list[float]]:
             base = f"http://127.0.0.1:{args.port}"
             urls = {"backend": await backend.endpoint.remote() + "/",
-                    "plain": base + "/plain", "router": base + "/"}
-            return await measure(urls, args.num_requests, args.rounds)
+                    "plain": base + "/plain", "router": base + "/", "prefix": base + "/prefix"}
+            return await measure(urls, args.num_requests, args.rounds,
+                                 chat_payload(args.body_chars))
 
-        times = asyncio.run(run())
+        stop = multiprocessing.Event()
+        spinners = [multiprocessing.Process(target=spin, args=(stop,), daemon=True)
+                    for _ in range(args.busy)]
+        for process in spinners:
+            process.start()
+        try:
+            times = asyncio.run(run())
+        finally:
+            stop.set()
+            for process in spinners:
+                process.join(timeout=10)
     finally:
         ray.shutdown()
     p50 = {row: 1000 * statistics.median(values) for row, values in times.items()}
-    print(f"{args.rounds} rounds x {args.num_requests} sequential requests per row; p50 / mean ms")
+    print(f"{args.rounds} rounds x {args.num_requests} sequential requests per row "
+          f"({args.body_chars} characters each, {args.busy} spinning processes); p50 / mean ms")
     for row, values in times.items():
         print(f"  {row:8s} {p50[row]:.3f} / {1000 * statistics.fmean(values):.3f}")
     print(f"  router - plain   {p50['router'] - p50['plain']:.3f} (the router's own hop)")
+    print(f"  prefix - plain   {p50['prefix'] - p50['plain']:.3f} (consulting the route deployment)")
     print(f"  plain - backend  {p50['plain'] - p50['backend']:.3f} (HAProxy + Serve's replica)")
     return 0
 
