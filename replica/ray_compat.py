@@ -51,6 +51,7 @@ _SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray.experimental.internal_kv", "_internal_kv_list"),
     ("ray._common.usage.usage_constants", "EXTRA_USAGE_TAG_PREFIX"),
     ("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE"),
+    ("ray", "_config"),
 )
 
 
@@ -101,6 +102,16 @@ def gcs_storage() -> str | None:
     namespace = _symbol("ray._common.usage.usage_constants", "USAGE_STATS_NAMESPACE")
     value = kv_get(f"{prefix}gcs_storage", namespace=namespace)
     return value.decode() if value else None
+
+
+def metrics_export_interval_s() -> float:
+    """How often this process's metrics reach its node's metrics agent: Ray's
+    metrics_report_interval_ms, which Ray's exporter floors at one second. The agent drops a
+    gauge series that was not exported again within two of these."""
+    config = _symbol("ray", "_config")
+    if not hasattr(config, "metrics_report_interval_ms"):
+        raise _incompatible("ray._config.metrics_report_interval_ms")
+    return max(int(config.metrics_report_interval_ms()), 1000) / 1000
 
 
 def recorded_cluster_address() -> str | None:

@@ -462,9 +462,11 @@ def ray_stat_logger() -> type:
     return base
 
 
-def labelled_stat_logger(base: type, extra: dict[str, str]) -> type:
+def labelled_stat_logger(base: type, extra: dict[str, str],
+                         gauge_set: Callable[[Any, dict, float], None] | None = None) -> type:
     """A subclass of `base` (a vLLM Prometheus stat logger) whose gauges, counters and histograms
-    declare and fill the `extra` labels. A class
+    declare and fill the `extra` labels; with `gauge_set`, its gauges record through
+    gauge_set(metric, tags, value) instead of metric.set. A class
     without metric wrappers has nothing to label and comes back as it is; one whose wrappers lack
     the hooks is VllmIncompatible."""
     present = [name for name in METRIC_WRAPPERS if hasattr(base, name)]
@@ -477,7 +479,8 @@ def labelled_stat_logger(base: type, extra: dict[str, str]) -> type:
         if missing:
             raise _incompatible(", ".join(f"{base.__name__}.{name}.{m}" for m in missing)
                                 + f" ({need.use})", ENGINE_METRICS_OFF)
-        wrappers[name] = _labelled_wrapper(wrapper, extra)
+        wrappers[name] = _labelled_wrapper(wrapper, extra,
+                                           gauge_set if name == "_gauge_cls" else None)
     return type("Labelled" + base.__name__, (base,), wrappers)
 
 
@@ -485,7 +488,8 @@ def labelled_stat_logger(base: type, extra: dict[str, str]) -> type:
 _VLLM_OWN_TAG = "ReplicaId"
 
 
-def _labelled_wrapper(wrapper: Any, extra: dict[str, str]) -> type:
+def _labelled_wrapper(wrapper: Any, extra: dict[str, str],
+                      gauge_set: Callable[[Any, dict, float], None] | None = None) -> type:
     """A subclass of one of vLLM's Ray metric wrappers that declares and fills `extra`'s keys.
 
     Ray drops tags that were not declared when the metric was created, so the keys must go in
@@ -522,6 +526,14 @@ def _labelled_wrapper(wrapper: Any, extra: dict[str, str]) -> type:
             tags.update(extra)
             return tags
 
+    if gauge_set is not None:
+        class Gauge(Labelled):
+            # vLLM's set_to_current_time goes through set too.
+            def set(self, value: float) -> None:
+                gauge_set(self.metric, self._tags, value)
+
+        Gauge.__name__ = Gauge.__qualname__ = "Labelled" + wrapper.__name__
+        return Gauge
     Labelled.__name__ = Labelled.__qualname__ = "Labelled" + wrapper.__name__
     return Labelled
 

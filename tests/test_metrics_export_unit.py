@@ -6,7 +6,8 @@ import pytest
 from ops import metrics_scrape
 from common.cluster import ReplicaInfo
 from replica import vllm_compat
-from replica.metrics_export import EXTRA_TAG_KEYS, labelled_stat_logger
+from replica import ray_compat
+from replica.metrics_export import EXTRA_TAG_KEYS, GaugeRefresher, labelled_stat_logger
 
 TEXT = """\
 # HELP ray_vllm_num_requests_running Number of requests in model execution batches.
@@ -125,3 +126,48 @@ def test_labelled_wrappers_record_with_the_extra_labels():
     assert set(histogram.metric.points[0][2]) >= set(EXTRA_TAG_KEYS)
     assert counter.metric.points == [("inc", 3, counter._tags, counter.metric.points[0][3])]
     assert gauge.metric.points[0][:2] == ("set", 7)
+
+
+def test_gauges_are_set_again_at_their_last_value_while_the_engine_idles():
+    refresher = GaugeRefresher(period_s=3600)
+    logger_cls = vllm_compat.labelled_stat_logger(vllm_compat.ray_stat_logger(),
+                                                  {"application": "a"}, refresher.set)
+    gauge = logger_cls._gauge_cls("ops_unit_gauge3", "doc", labelnames=["engine"])
+    running, other = gauge.labels("0"), gauge.labels("1")
+    fake = FakeMetric()
+    running.metric = other.metric = fake
+    running.set(3)
+    running.set(1)       # the series' last value is what is refreshed
+    other.set(5)
+    running.set_to_current_time()
+    stamp = fake.points[-1][1]
+    fake.points.clear()
+    refresher.refresh()
+    assert sorted((p[1], p[2]["engine"], p[2]["application"]) for p in fake.points) == \
+        sorted([(stamp, "0", "a"), (5, "1", "a")])
+    assert refresher._thread is not None and refresher._thread.daemon
+
+
+def test_a_gauge_that_failed_to_record_is_not_refreshed():
+    refresher = GaugeRefresher(period_s=3600)
+    fake = FakeMetric()
+    with pytest.raises(TypeError):
+        refresher.set(fake, {"k": "v"}, None)
+    refresher.refresh()
+    assert fake.points == []
+
+
+@pytest.mark.parametrize("configured_ms, seconds", [(200, 1.0), (1000, 1.0), (15000, 15.0)])
+def test_metrics_export_interval_is_rays_floored_at_a_second(monkeypatch, configured_ms, seconds):
+    import ray
+
+    class Config:
+        @staticmethod
+        def metrics_report_interval_ms():
+            return configured_ms
+
+    monkeypatch.setattr(ray, "_config", Config())
+    assert ray_compat.metrics_export_interval_s() == seconds
+    monkeypatch.setattr(ray, "_config", object())
+    with pytest.raises(ray_compat.RayIncompatible, match="metrics_report_interval_ms"):
+        ray_compat.metrics_export_interval_s()

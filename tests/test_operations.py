@@ -169,15 +169,21 @@ def test_engine_and_serve_metrics_match_what_load_test_sent(ops, capsys):
     assert_totals_move_by(ops, before, want)
 
     # Labels: each engine series names its application, deployment, replica and node.
-    # Ray's agent drops a gauge not re-exported within two report intervals (2 s here), which
-    # a busy machine can miss; the next export brings it back, so wait for one scrape with all.
+    # The engine's gauges stay exported while it idles: Ray's agent drops a gauge series not
+    # exported again within two report intervals (2 s here) and vLLM sets them only as the
+    # engine steps, so without the replica's refresher they would not come back after this
+    # sleep. A late export on a busy machine can still drop them for a moment: wait for one
+    # scrape with all of them.
+    time.sleep(5)
     gauges = (metrics_scrape.RUNNING, metrics_scrape.WAITING, metrics_scrape.KV_CACHE_USAGE)
 
     def scrape_with_gauges():
         scraped, _ = metrics_scrape.scrape([ops.metrics_url])
         return scraped if set(gauges) <= {s.name for s in scraped} else None
 
-    samples = wait_until(scrape_with_gauges, timeout=30, what="the engine's gauges exported")
+    samples = wait_until(scrape_with_gauges, timeout=30, what="the idle engine's gauges exported")
+    idle = metrics_scrape.per_replica(samples)[running_replicas()[0]]
+    assert (idle.running, idle.waiting) == (0, 0)
     [replica] = running_replicas()
     [info] = [r for r in cluster.list_replicas(APP) if r.replica_id == replica]
     series = [s for s in samples if s.name == metrics_scrape.REQUEST_SUCCESS
