@@ -526,14 +526,14 @@ def _labelled_wrapper(wrapper: Any, extra: dict[str, str],
             tags.update(extra)
             return tags
 
+    cls: type = Labelled
     if gauge_set is not None:
         class Gauge(Labelled):
             # vLLM's set_to_current_time goes through set too.
             def set(self, value: float) -> None:
                 gauge_set(self.metric, self._tags, value)
 
-        Gauge.__name__ = Gauge.__qualname__ = "Labelled" + wrapper.__name__
-        return Gauge
-    Labelled.__name__ = Labelled.__qualname__ = "Labelled" + wrapper.__name__
-    return Labelled
+        cls = Gauge
+    cls.__name__ = cls.__qualname__ = "Labelled" + wrapper.__name__
+    return cls
 
