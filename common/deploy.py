@@ -13,11 +13,12 @@ from common.replica_plan import ReplicaPlan, Topology
 from common.deploy_options import (DEFAULT_INGRESS, FORWARD_BODY_ENV, HAPROXY_BALANCE,
                                    HAPROXY_BALANCE_ENV, INGRESSES, controller_env,
                                    deployment_options, deployment_version,
-                                   replica_code_runtime_env, route_options)
+                                   replica_code_runtime_env, resolve_routing,
+                                   route_options)
 from replica import ray_compat
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
-from replica.config import EngineConfig, ServeConfig
+from replica.config import AUTO_ROUTING, EngineConfig, ServeConfig
 
 
 def configure(deployment: Any, name: str, engine: EngineConfig, serve_config: ServeConfig,
@@ -69,14 +70,19 @@ BuildFn = Callable[[argparse.Namespace, EngineConfig, ServeConfig, ReplicaPlan],
 
 
 def plan_and_build(topology: TopologyFn, build: BuildFn | None, args: argparse.Namespace,
-                   engine: EngineConfig, serve_config: ServeConfig, nodes: list[Any]) -> Any:
-    """The script's topology planned against `nodes` (read once), said, then built into the
-    application: the one pass from flags to what is deployed."""
+                   engine: EngineConfig, serve_config: ServeConfig, nodes: list[Any],
+                   serve_refuses_prefix: str | None = None) -> Any:
+    """The script's topology planned against `nodes` (read once), said, --routing auto
+    resolved for it, then built into the application: the one pass from flags to what is
+    deployed."""
     plan = replica_plan.plan_replicas(engine, serve_config, topology(args, engine, serve_config),
                                       nodes)
     print("\n".join(plan.lines()), flush=True)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+    routing_note = resolve_routing(args, engine, serve_config, plan, serve_refuses_prefix)
+    if routing_note:
+        print(routing_note, flush=True)
     return (build or llm_app)(args, engine, serve_config, plan)
 
 
@@ -266,12 +272,16 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
     from common import cluster
     from common.ray_connect import connect
 
-    if serve_config.routing == "prefix":
+    if serve_config.routing == "prefix" or (serve_config.routing == AUTO_ROUTING
+                                            and args.ingress == "haproxy"):
         # Serve builds an app with a route deployment only where its own process runs with
         # HAProxy on (read when ray.serve is first imported, which is below).
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     connect(args.address, runtime_env=replica_code_runtime_env())
     nodes = cluster.list_nodes()
+    refuses = None
+    if serve_config.routing == AUTO_ROUTING and args.ingress == "haproxy":
+        refuses = serve_refuses_prefix(running_serve())
     if engine.device == "cuda" and not any(n.alive and n.gpus_total for n in nodes):
         raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
                               "demo run `make demo`, or add --device cpu --model "
@@ -279,7 +289,7 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
     check_upstreams(args.allow_untested_versions, engine)
     layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
                           args.allow_untested_versions)
-    app = plan_and_build(topology, build, args, engine, serve_config, nodes)
+    app = plan_and_build(topology, build, args, engine, serve_config, nodes, refuses)
     return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress,
                   engine=engine)
 
@@ -298,6 +308,45 @@ def check_upstreams(allow_untested: bool, engine: EngineConfig | None = None) ->
         raise cli.ScriptError("\nerror: ".join(problems), cli.EXIT_UNHEALTHY)
 
 
+RESTART_SERVE = "`python stop_service.py --shutdown` and deploy again"
+
+
+@dataclass
+class RunningServe:
+    """What the Serve already running on the cluster was started with (ingress None: none runs);
+    these settings apply only when Serve starts."""
+
+    ingress: str | None = None
+    spreads: bool | None = None          # Serve's proxy: node-local routing off
+    balance: str | None = None           # HAProxy's balance algorithm
+    forward_body: str | None = None      # HAProxy hands the route deployment the body ("1")
+
+
+def running_serve() -> RunningServe:
+    from common import cluster
+
+    with cluster.state_snapshot():
+        running = cluster.serve_ingress() if cluster.serve_client() is not None else None
+        serve_now = RunningServe(running, cluster.serve_spreads_load() if running == "proxy"
+                                 else None)
+        if running == "haproxy":
+            serve_now.balance = cluster.haproxy_setting(HAPROXY_BALANCE_ENV,
+                                                        HAPROXY_BALANCE["spread"])
+            serve_now.forward_body = cluster.haproxy_setting(FORWARD_BODY_ENV, "0")
+    return serve_now
+
+
+def serve_refuses_prefix(serve_now: RunningServe) -> str | None:
+    """Why the running Serve cannot route by prefix (None: it can, or none runs)."""
+    if serve_now.ingress == "proxy" or serve_now.forward_body not in (None, "1"):
+        started = ("with --ingress proxy" if serve_now.ingress == "proxy"
+                   else f"without {FORWARD_BODY_ENV}=1")
+        return ("routing by prefix needs Serve's HAProxy to hand each request's body to the "
+                f"route deployment, and the running Serve was started {started}: "
+                f"{RESTART_SERVE}")
+    return None
+
+
 def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS,
                 routing: str = "spread") -> None:
     """serve.start with the project's controller settings; a Serve that is already running keeps
@@ -305,33 +354,22 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
     refuse --routing prefix where the running Serve cannot do it."""
     from ray import serve
 
-    from common import cluster
-
-    with cluster.state_snapshot():
-        running = cluster.serve_ingress() if cluster.serve_client() is not None else None
-        spreads = cluster.serve_spreads_load() if running == "proxy" else None
-        balance = forward_body = None
-        if running == "haproxy":
-            balance = cluster.haproxy_setting(HAPROXY_BALANCE_ENV, HAPROXY_BALANCE["spread"])
-            forward_body = cluster.haproxy_setting(FORWARD_BODY_ENV, "0")
-    restart = "`python stop_service.py --shutdown` and deploy again"
-    if routing == "prefix" and (running == "proxy" or forward_body not in (None, "1")):
-        started = "with --ingress proxy" if running == "proxy" else f"without {FORWARD_BODY_ENV}=1"
-        raise cli.ScriptError(
-            "--routing prefix needs Serve's HAProxy to hand each request's body to the route "
-            f"deployment, and the running Serve was started {started}: {restart}",
-            cli.EXIT_USAGE)
+    serve_now = running_serve()
+    running, spreads, balance = serve_now.ingress, serve_now.spreads, serve_now.balance
+    refused = serve_refuses_prefix(serve_now) if routing == "prefix" else None
+    if refused:
+        raise cli.ScriptError(f"--routing prefix: {refused}", cli.EXIT_USAGE)
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
-              f"applies only when Serve starts. {restart} to change it.", file=sys.stderr)
+              f"applies only when Serve starts. {RESTART_SERVE} to change it.", file=sys.stderr)
     if spreads is False:
         print("note: Serve was already running, started without "
               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
-              f"get every request. {restart} to apply it (README: 故障排除).", file=sys.stderr)
+              f"get every request. {RESTART_SERVE} to apply it (README: 故障排除).", file=sys.stderr)
     wanted = controller_env(ingress, routing).get(HAPROXY_BALANCE_ENV)
     if balance is not None and wanted is not None and balance != wanted:
         print(f"note: Serve's HAProxy is already running with `balance {balance}`; --routing "
-              f"{routing} (`balance {wanted}`) applies only when Serve starts. {restart} to "
+              f"{routing} (`balance {wanted}`) applies only when Serve starts. {RESTART_SERVE} to "
               "change it.", file=sys.stderr)
     serve.start(proxy_location=proxy_location,
                 http_options={"host": host, "port": port},

@@ -1,6 +1,7 @@
 """Deployment options (pure): each replica's resources, request limits and version, the router's, the code shipped to replicas and Serve's controller env."""
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,8 @@ from common import replica_layout
 from common.replica_layout import MultiNodeLayout
 from common.replica_plan import ReplicaPlan
 from replica.api import RETRY_AFTER_S
-from replica.config import (SESSION_HEADER, EngineConfig, ServeConfig, operator_env_wins,
-                            replica_env)
+from replica.config import (AUTO_ROUTING, SESSION_HEADER, EngineConfig, ServeConfig,
+                            operator_env_wins, replica_env)
 from replica.parallel_layout import TP_ENV
 
 
@@ -224,6 +225,41 @@ HAPROXY_BALANCE = {"spread": "leastconn", "session": f"hdr({SESSION_HEADER})",
 HAPROXY_BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
 # HAProxy hands the consulted route deployment the request's body (Serve: headers only).
 FORWARD_BODY_ENV = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
+
+
+def auto_routing(engine: EngineConfig, ingress: str, replicas: int,
+                 serve_refuses_prefix: str | None = None) -> tuple[str, str]:
+    """--routing auto: prefix where the side-by-side run measured it ahead of spread (GPU
+    engines, several replicas, HAProxy asking the route deployment: bench/README.md (f)), spread
+    everywhere else; with the reason, which the deploy prints. `replicas`: the most the
+    deployment runs (autoscaling's upper bound); `serve_refuses_prefix`: why an already running
+    Serve cannot route by prefix, if it cannot."""
+    if engine.device != "cuda":
+        return "spread", ("CPU engines: asking the route deployment waits for cores the engines "
+                          "hold, which cost more first-token time than the cache hits saved")
+    if ingress != "haproxy":
+        return "spread", "--ingress proxy routes by load (and x-session-id) only"
+    if replicas < 2:
+        return "spread", "one replica: nothing to choose between"
+    if engine.data_parallel_size > 1:
+        return "spread", "data-parallel ranks: prefix routing among them is not measured"
+    if serve_refuses_prefix:
+        return "spread", serve_refuses_prefix
+    return "prefix", (f"GPU engines, up to {replicas} replicas: each request goes to the replica "
+                      "that served the longest start of it, within --prefix-imbalance")
+
+
+def resolve_routing(args: argparse.Namespace, engine: EngineConfig, serve_config: ServeConfig,
+                    plan: ReplicaPlan, serve_refuses_prefix: str | None = None) -> str | None:
+    """--routing auto made the routing auto_routing() picks for this plan (in the configs and
+    the flags both); the line that says which and why, for the deploy to print."""
+    if serve_config.routing != AUTO_ROUTING:
+        return None
+    serve_config.routing, why = auto_routing(
+        engine, getattr(args, "ingress", DEFAULT_INGRESS), plan.replicas * plan.gang_size,
+        serve_refuses_prefix)
+    args.routing = serve_config.routing
+    return f"--routing auto: {serve_config.routing} ({why})"
 
 
 def controller_env(ingress: str, routing: str = "spread") -> dict[str, str]:

@@ -225,8 +225,19 @@ def serve_config_document(script_file: str, parser: argparse.ArgumentParser,
                           working_dir: str | None = None) -> dict[str, Any]:
     """The Serve config (`serve deploy` / `serveConfigV2`) for a script's parsed flags and its
     topology() (common/replica_plan.py)."""
+    import sys
+
+    from common.deploy_options import resolve_routing
+    from common.replica_plan import offline_plan
+
     script = script_name(script_file)
     _check_no_auto(script, args, engine)
+    # The file says which routing runs (the note goes to stderr: stdout is the config).
+    routing_note = resolve_routing(
+        args, engine, serve_config,
+        offline_plan(engine, serve_config, topology(args, engine, serve_config)))
+    if routing_note:
+        print(routing_note, file=sys.stderr)
     deployments = deployment_entries(script, args, engine, serve_config, topology)
     app = {
         "name": serve_config.app_name,

@@ -8,6 +8,7 @@ from typing import Any
 
 from common import cli
 from common.serve_config import BUILDERS, BUILDERS_MODULE, validate_document
+from replica.config import AUTO_ROUTING
 
 _SCRIPT_OF = {function: script for script, function in BUILDERS.items()}
 
@@ -93,6 +94,17 @@ def check_app(app: dict[str, Any], memory_gib: float | None) -> list[str]:
     return problems
 
 
+def controller_routing(document: dict[str, Any]) -> str:
+    """The routing whose HAProxy settings the applications need (one set per Serve): session's
+    header hash if one asks for it, else prefix's (the body handed to a route deployment, which
+    spread does not mind) wherever one may route by prefix (auto resolves when it is built)."""
+    routings = {str((app.get("args") or {}).get("routing", AUTO_ROUTING))
+                for app in document.get("applications") or []}
+    if "session" in routings:
+        return "session"
+    return "prefix" if routings & {"prefix", AUTO_ROUTING} else "spread"
+
+
 def plan_config(path: str, memory_gib: float | None = None) -> int:
     """Check every application of a Serve config against the connected cluster."""
     from common.deploy_options import controller_env
@@ -101,8 +113,9 @@ def plan_config(path: str, memory_gib: float | None = None) -> int:
     problems: list[str] = []
     for app in document.get("applications") or []:
         problems += check_app(app, memory_gib)
+    env = controller_env("haproxy", controller_routing(document))
     print("note: `serve deploy` starts Serve with the environment of `ray start`: set "
-          + " ".join(f"{k}={shlex.quote(v)}" for k, v in controller_env("haproxy").items())
+          + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
           + " there on every node (README: 从配置文件部署)", file=sys.stderr)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)

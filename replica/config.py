@@ -11,6 +11,9 @@ DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-R1"
 BATCH_LIMITS = ("serve", "offline")
 # How a request picks a replica (the router's choice among backends for ray-placement-group.py).
 ROUTINGS = ("spread", "session", "prefix")
+# --routing's default, resolved to one of ROUTINGS when the deployment is planned
+# (common/deploy_options.py: auto_routing).
+AUTO_ROUTING = "auto"
 # The header that names a conversation for --routing session (Ray Serve's own name for it).
 SESSION_HEADER = "x-session-id"
 
@@ -240,9 +243,12 @@ class ServeConfig:
              "model's chat template opens the answer with <think> (DeepSeek-R1 and its "
              "distills), none otherwise; or any parser name vLLM knows")
     routing: str = option(
-        "spread", choices=ROUTINGS,
-        help=f"how a request picks a replica: spread = by load (HAProxy's least connections; "
-             f"ray-placement-group.py's router: round robin over the backends up); session = "
+        AUTO_ROUTING, choices=(AUTO_ROUTING, *ROUTINGS),
+        help=f"how a request picks a replica: auto = prefix for GPU engines with two or more "
+             f"replicas behind HAProxy (where the side-by-side run measured it ahead: "
+             f"bench/README.md (f)), spread otherwise (CPU engines, one replica, --ingress "
+             f"proxy, --data-parallel-size gangs); the deploy says which. spread = by load "
+             f"(HAProxy's least connections; ray-placement-group.py's router: round robin over the backends up); session = "
              f"every request with the same {SESSION_HEADER} header goes to the same replica, "
              f"whose prefix cache then holds the conversation (requests without it: round "
              f"robin); prefix = the replica that served the longest start of the request's "

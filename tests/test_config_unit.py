@@ -160,7 +160,7 @@ def test_routing_sets_haproxys_balance_and_nothing_for_serves_proxy():
     assert controller_env("haproxy")[HAPROXY_BALANCE_ENV] == "leastconn"
     assert controller_env("haproxy", "session")[HAPROXY_BALANCE_ENV] == "hdr(x-session-id)"
     assert HAPROXY_BALANCE_ENV not in controller_env("proxy", "session")
-    assert ServeConfig().routing == "spread"
+    assert ServeConfig().routing == "auto"   # resolved when planned (test_replica_plan_unit.py)
     with pytest.raises(SystemExit):
         parse(["--routing", "sticky"])
 

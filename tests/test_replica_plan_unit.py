@@ -1,11 +1,13 @@
 """Unit tests: each script's topology planned against a cluster's nodes, without Ray (common/replica_plan.py)."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from common import builders, cli
 from common.cluster import NodeInfo
-from common.deploy_options import deployment_options
+from common.deploy_options import deployment_options, resolve_routing
 from common.replica_plan import Topology, offline_plan, plan_replicas
 from replica.config import EngineConfig, ServeConfig
 
@@ -126,6 +128,52 @@ def test_prefix_routing_asks_the_route_deployment_with_the_body():
         parse_script_args(builders.script_parser_of(module),
                           ["--routing", "prefix", "--ingress", "proxy"])
     assert refused.value.code == cli.EXIT_USAGE
+
+
+def _auto_routing(script: str, argv: list[str], cluster: list[NodeInfo],
+                  refuses: str | None = None) -> tuple[str, str]:
+    from common.deploy import parse_script_args
+
+    module = builders.load_script(script)
+    args, engine, serve_config, _ = parse_script_args(builders.script_parser_of(module), argv)
+    assert serve_config.routing == "auto"
+    plan = plan_replicas(engine, serve_config, module.topology(args, engine, serve_config),
+                         cluster)
+    said = resolve_routing(args, engine, serve_config, plan, refuses)
+    assert args.routing == serve_config.routing and said
+    return serve_config.routing, said
+
+
+def test_auto_routing_is_prefix_only_where_measured_ahead_and_says_why():
+    two = ["--tensor-parallel-size", "8", "--num-replicas", "2"]
+    routing, said = _auto_routing("ray-force-multi.py", two, nodes(8, 8))
+    assert routing == "prefix" and said.startswith("--routing auto: prefix (GPU engines, up to 2")
+    # ray-product's autoscaling: its upper bound counts.
+    routing, _ = _auto_routing("ray-product", ["--tensor-parallel-size", "8", "--min-replicas",
+                                               "1", "--max-replicas", "2"], nodes(8, 8))
+    assert routing == "prefix"
+    assert _auto_routing("ray-placement-group.py", ["--tensor-parallel-size", "8"],
+                         nodes(8, 8))[0] == "prefix"
+    cases = [
+        ("ray-force-multi.py", ["--device", "cpu", "--model", "/m", "--tensor-parallel-size",
+                                "1", "--num-replicas", "2"], nodes(0, 0), None, "CPU engines"),
+        ("ray-force-multi.py", [*two, "--ingress", "proxy"], nodes(8, 8), None,
+         "--ingress proxy"),
+        ("ray-single-gpu.py", [], nodes(1), None, "one replica"),
+        ("ray-force-multi.py", ["--data-parallel-size", "8", "--enable-expert-parallel",
+                                "--num-replicas", "2"], nodes(8, 8), None, "data-parallel"),
+        ("ray-force-multi.py", two, nodes(8, 8), "the running Serve was started without X",
+         "without X"),
+    ]
+    for script, argv, cluster, refuses, why in cases:
+        routing, said = _auto_routing(script, argv, cluster, refuses)
+        assert routing == "spread" and why in said, (argv, said)
+    # A routing given stays, unsaid.
+    topology, engine, serve_config = script_topology("ray-force-multi.py",
+                                                     [*two, "--routing", "session"])
+    said = resolve_routing(argparse.Namespace(), engine, serve_config,
+                           plan_replicas(engine, serve_config, topology, nodes(8, 8)))
+    assert serve_config.routing == "session" and said is None
 
 
 def test_replicas_on_a_share_of_one_gpu():

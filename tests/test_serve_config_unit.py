@@ -97,10 +97,14 @@ def test_bad_flags_keep_the_scripts_messages(capsys):
 
 
 def _deployments(app) -> dict:
-    from ray.serve._private.build_app import build_app
+    from ray.serve._private import build_app as serve_build_app
     from ray.serve.deployment import deployment_to_schema
 
-    built = build_app(app, name="test")
+    # Built as under the default --ingress haproxy, which --routing prefix's route deployment
+    # needs (Serve reads RAY_SERVE_ENABLE_HA_PROXY once, on import).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serve_build_app, "RAY_SERVE_ENABLE_HA_PROXY", True)
+        built = serve_build_app.build_app(app, name="test")
     return {d.name: deployment_to_schema(d).model_dump(exclude_unset=True)
             for d in built.deployments}
 
@@ -127,6 +131,7 @@ def _comparable(options: dict) -> dict:
                            "0.5", "--gpu-memory-utilization", "0.45"]),
     ("ray-product", ["--tensor-parallel-size", "8", "--max-replicas", "2"]),
     ("ray-placement-group.py", [*CPU_ARGS, "--num-backends", "2"]),
+    ("ray-placement-group.py", ["--tensor-parallel-size", "8"]),     # --routing auto: prefix
 ])
 def test_builder_builds_what_the_script_deploys(script, argv, capsys, two_gpu_nodes):
     config = config_of(script, argv, capsys)
@@ -174,6 +179,12 @@ def test_rayservice_holds_the_config(capsys):
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
         assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+        # --routing auto is prefix here (GPU engines, 2 replicas): HAProxy hands the body on.
+        assert env["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"]["value"] == "1"
+    [app] = yaml.safe_load(config_text)["applications"]
+    assert app["args"]["routing"] == "prefix"
+    assert builders.load_script("ray-force-multi.py").main(["--print-config", *argv]) == 0
+    assert "--routing auto: prefix (GPU engines, up to 2 replicas" in capsys.readouterr().err
     [worker] = workers["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
 
@@ -260,6 +271,12 @@ def test_plan_reads_a_config_or_its_rayservice(capsys, tmp_path):
     assert config_check.script_of(app) == "ray-product"
     assert config_check.planned_replicas(app) == 2          # autoscaling's maximum
     assert config_check.read_config(str(manifest))["applications"][0]["args"] == app["args"]
+    # The env `ray start` needs for it: prefix's (auto resolved to it for 2 GPU replicas).
+    assert app["args"]["routing"] == "prefix"
+    assert config_check.controller_routing(document) == "prefix"
+    for args, routing in (({"routing": "spread"}, "spread"), ({}, "prefix"),
+                          ({"routing": "session"}, "session")):
+        assert config_check.controller_routing({"applications": [{"args": args}]}) == routing
     config.write_text("applications: [{name: x, import_path: 3}]")
     with pytest.raises(cli.ScriptError, match="invalid"):
         config_check.read_config(str(config))
