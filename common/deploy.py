@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -272,26 +273,41 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
     from common import cluster
     from common.ray_connect import connect
 
-    if serve_config.routing == "prefix" or (serve_config.routing == AUTO_ROUTING
-                                            and args.ingress == "haproxy"):
-        # Serve builds an app with a route deployment only where its own process runs with
-        # HAProxy on (read when ray.serve is first imported, which is below).
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    connect(args.address, runtime_env=replica_code_runtime_env())
-    nodes = cluster.list_nodes()
-    refuses = None
-    if serve_config.routing == AUTO_ROUTING and args.ingress == "haproxy":
-        refuses = serve_refuses_prefix(running_serve())
-    if engine.device == "cuda" and not any(n.alive and n.gpus_total for n in nodes):
-        raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the CPU "
-                              "demo run `make demo`, or add --device cpu --model "
-                              ".cache/demo-model")
-    check_upstreams(args.allow_untested_versions, engine)
-    layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
-                          args.allow_untested_versions)
-    app = plan_and_build(topology, build, args, engine, serve_config, nodes, refuses)
-    return deploy(app, serve_config, proxy_location=args.proxy_location, ingress=args.ingress,
-                  engine=engine)
+    may_route_by_prefix = serve_config.routing == "prefix" or (
+        serve_config.routing == AUTO_ROUTING and engine.device == "cuda"
+        and args.ingress == "haproxy")
+    with _serve_builds_route_deployments(may_route_by_prefix):
+        connect(args.address, runtime_env=replica_code_runtime_env())
+        nodes = cluster.list_nodes()
+        refuses = None
+        if serve_config.routing == AUTO_ROUTING and args.ingress == "haproxy":
+            refuses = serve_refuses_prefix(running_serve())
+        if engine.device == "cuda" and not any(n.alive and n.gpus_total for n in nodes):
+            raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the "
+                                  "CPU demo run `make demo`, or add --device cpu --model "
+                                  ".cache/demo-model")
+        check_upstreams(args.allow_untested_versions, engine)
+        layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
+                              args.allow_untested_versions)
+        app = plan_and_build(topology, build, args, engine, serve_config, nodes, refuses)
+        return deploy(app, serve_config, proxy_location=args.proxy_location,
+                      ingress=args.ingress, engine=engine)
+
+
+@contextlib.contextmanager
+def _serve_builds_route_deployments(on: bool):
+    """Serve builds an app with a route deployment (--routing prefix) only where its own
+    process runs with HAProxy on, read when ray.serve is first imported (inside this block).
+    Set for the block only: a Ray cluster a caller starts later in this process (tests run the
+    scripts' main()) must not inherit it."""
+    if not on or "RAY_SERVE_ENABLE_HA_PROXY" in os.environ:
+        yield
+        return
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
 
 
 def check_upstreams(allow_untested: bool, engine: EngineConfig | None = None) -> None:

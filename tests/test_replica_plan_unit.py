@@ -193,3 +193,22 @@ def test_replicas_on_a_share_of_one_gpu():
         with pytest.raises(cli.ScriptError, match=words) as refused:
             script_topology("ray-single-gpu.py", argv)
         assert refused.value.code == cli.EXIT_USAGE
+
+
+def test_the_haproxy_switch_for_route_deployments_stays_within_the_deploy(monkeypatch):
+    """Set while a script deploys (Serve reads it on import), gone after: a Ray cluster a test
+    starts later in the same process must not run HAProxy for it."""
+    import os
+
+    from common.deploy import _serve_builds_route_deployments
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    with _serve_builds_route_deployments(True):
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    with _serve_builds_route_deployments(False):
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")   # the operator's own word stays
+    with _serve_builds_route_deployments(True):
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
