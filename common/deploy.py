@@ -12,10 +12,9 @@ from typing import Any, Callable
 from common import cli, layout, replica_plan
 from common.replica_plan import ReplicaPlan, Topology
 from common.deploy_options import (DEFAULT_INGRESS, FORWARD_BODY_ENV, HAPROXY_BALANCE,
-                                   HAPROXY_BALANCE_ENV, INGRESSES, controller_env,
-                                   deployment_options, deployment_version,
-                                   replica_code_runtime_env, resolve_routing,
-                                   route_options)
+                                   HAPROXY_BALANCE_ENV, INGRESSES, auto_routing,
+                                   controller_env, deployment_options, deployment_version,
+                                   replica_code_runtime_env, resolve_routing, route_options)
 from replica import ray_compat
 from common.options import (add_engine_args, add_serve_args, engine_config_from_args,
                             serve_config_from_args)
@@ -273,15 +272,13 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
     from common import cluster
     from common.ray_connect import connect
 
+    # Before the plan: could --routing auto pick prefix for any replica count here?
     may_route_by_prefix = serve_config.routing == "prefix" or (
-        serve_config.routing == AUTO_ROUTING and engine.device == "cuda"
-        and args.ingress == "haproxy")
+        serve_config.routing == AUTO_ROUTING
+        and auto_routing(engine, args.ingress, replicas=2)[0] == "prefix")
     with _serve_builds_route_deployments(may_route_by_prefix):
         connect(args.address, runtime_env=replica_code_runtime_env())
         nodes = cluster.list_nodes()
-        refuses = None
-        if serve_config.routing == AUTO_ROUTING and args.ingress == "haproxy":
-            refuses = serve_refuses_prefix(running_serve())
         if engine.device == "cuda" and not any(n.alive and n.gpus_total for n in nodes):
             raise cli.ScriptError("the Ray cluster has no GPU (`ray status` lists none). For the "
                                   "CPU demo run `make demo`, or add --device cpu --model "
@@ -289,9 +286,11 @@ def script_main(argv: list[str] | None, *, description: str, topology: TopologyF
         check_upstreams(args.allow_untested_versions, engine)
         layout.resolve_layout(requested_layout, engine, serve_config, args.gpu_memory_gib, argv,
                               args.allow_untested_versions)
-        app = plan_and_build(topology, build, args, engine, serve_config, nodes, refuses)
+        serve_now = running_serve()   # read once: the plan's routing and Serve's start
+        app = plan_and_build(topology, build, args, engine, serve_config, nodes,
+                             serve_refuses_prefix(serve_now))
         return deploy(app, serve_config, proxy_location=args.proxy_location,
-                      ingress=args.ingress, engine=engine)
+                      ingress=args.ingress, engine=engine, serve_now=serve_now)
 
 
 @contextlib.contextmanager
@@ -339,6 +338,7 @@ class RunningServe:
 
 
 def running_serve() -> RunningServe:
+    """The running Serve's settings, read from its proxy actors."""
     from common import cluster
 
     with cluster.state_snapshot():
@@ -364,21 +364,21 @@ def serve_refuses_prefix(serve_now: RunningServe) -> str | None:
 
 
 def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAULT_INGRESS,
-                routing: str = "spread") -> None:
-    """serve.start with the project's controller settings; a Serve that is already running keeps
-    its own (they apply only when the controller is created), so say what that means, and
-    refuse --routing prefix where the running Serve cannot do it."""
+                routing: str = "spread", serve_now: RunningServe | None = None) -> None:
+    """serve.start with the project's controller settings; a Serve that is already running
+    (`serve_now`, read here if not given) keeps its own (they apply only when the controller is
+    created), so say what that means, and refuse --routing prefix where it cannot do it."""
     from ray import serve
 
-    serve_now = running_serve()
-    running, spreads, balance = serve_now.ingress, serve_now.spreads, serve_now.balance
+    serve_now = serve_now or running_serve()
     refused = serve_refuses_prefix(serve_now) if routing == "prefix" else None
     if refused:
         raise cli.ScriptError(f"--routing prefix: {refused}", cli.EXIT_USAGE)
+    running, balance = serve_now.ingress, serve_now.balance
     if running is not None and running != ingress:
         print(f"note: Serve is already running with --ingress {running}; --ingress {ingress} "
               f"applies only when Serve starts. {RESTART_SERVE} to change it.", file=sys.stderr)
-    if spreads is False:
+    if serve_now.spreads is False:
         print("note: Serve was already running, started without "
               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0: a replica on the proxy's node may "
               f"get every request. {RESTART_SERVE} to apply it (README: 故障排除).", file=sys.stderr)
@@ -394,13 +394,14 @@ def start_serve(host: str, port: int, proxy_location: str, ingress: str = DEFAUL
 
 
 def deploy(app: Any, serve_config: ServeConfig, proxy_location: str = "EveryNode",
-           ingress: str = DEFAULT_INGRESS, engine: EngineConfig | None = None) -> int:
+           ingress: str = DEFAULT_INGRESS, engine: EngineConfig | None = None,
+           serve_now: RunningServe | None = None) -> int:
     """Start Serve if needed, deploy the app without blocking, wait until it runs or fails."""
     from ray import serve
     from ray.serve.api import RunTarget
 
     start_serve(serve_config.host, serve_config.port, proxy_location, ingress,
-                serve_config.routing)
+                serve_config.routing, serve_now)
     stages = app.stages if isinstance(app, StagedApp) else [("", app)]
     for number, (change, stage) in enumerate(stages, 1):
         step = f" step {number}/{len(stages)}: {change}" if len(stages) > 1 else ""
